@@ -1,0 +1,107 @@
+"""The operator's view: notifications with their status, the outbox and the sent-email
+records (read-only), and actions that retry through the outbox without ever allowing a
+second email for a key that was sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from .conf import settings
+from .models import ClaimState, Notification, OutboxMessage, SentEmail, Status
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+def _requeue(queryset: QuerySet[Notification], from_states: list[str], new_status: str) -> int:
+    """Reopen the claims in ``from_states`` and queue a new outbox row for each; a key
+    whose claim is ``sent`` is never reopened, so this cannot cause a second email."""
+    db = settings.DATABASE
+    with transaction.atomic(using=db):
+        notifications = list(queryset.select_for_update())
+        keys = [n.key for n in notifications]
+        SentEmail.objects.reopen(keys, from_states, db)
+        reopened = set(
+            SentEmail.objects.using(db).filter(key__in=keys, state=ClaimState.RELEASED).values_list("key", flat=True)
+        )
+        never_claimed = set(keys) - set(SentEmail.objects.using(db).filter(key__in=keys).values_list("key", flat=True))
+        chosen = [n for n in notifications if n.key in reopened or n.key in never_claimed]
+        for n in chosen:
+            OutboxMessage.objects.using(db).create(notification=n)
+        Notification.objects.using(db).filter(pk__in=[n.pk for n in chosen]).update(
+            status=new_status, attempts=0, last_error=""
+        )
+    if chosen:
+        from .relay import wake_relay
+
+        transaction.on_commit(wake_relay, using=db)
+    return len(chosen)
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    list_display = (
+        "key", "status", "service", "user_id", "to", "attempts", "ambiguous_count", "created_at", "sent_at",
+    )
+    list_filter = ("status", "service")
+    search_fields = ("=key", "key", "=user_id", "to")
+    date_hierarchy = "created_at"
+    list_per_page = 100
+    show_full_result_count = False
+    readonly_fields = [f.name for f in Notification._meta.fields] + ["message_id"]
+    actions = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Retry failed notifications through the outbox")
+    def retry_failed(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        count = _requeue(queryset.filter(status=Status.FAILED), [ClaimState.FAILED], Status.CREATED)
+        self.message_user(request, f"{count} failed notification(s) queued again.", messages.SUCCESS)
+
+    @admin.action(description="Resend held ambiguous notifications (the recipient may get a second copy)")
+    def resend_ambiguous(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        count = _requeue(queryset.filter(status=Status.AMBIGUOUS), [ClaimState.HELD], Status.CREATED)
+        self.message_user(request, f"{count} ambiguous notification(s) queued for resending.", messages.WARNING)
+
+    @admin.action(description="Mark held ambiguous notifications as sent (no resend)")
+    def mark_ambiguous_sent(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        db = settings.DATABASE
+        with transaction.atomic(using=db):
+            keys = list(queryset.filter(status=Status.AMBIGUOUS).values_list("key", flat=True))
+            SentEmail.objects.using(db).filter(key__in=keys, state=ClaimState.HELD).update(state=ClaimState.SENT)
+            count = Notification.objects.using(db).filter(key__in=keys).update(status=Status.SENT)
+        self.message_user(request, f"{count} notification(s) marked as sent.", messages.SUCCESS)
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin):
+    list_display = ("id", "notification", "created_at", "published_at")
+    list_filter = (("published_at", admin.EmptyFieldListFilter),)
+    search_fields = ("=notification__key",)
+    list_select_related = ("notification",)
+    show_full_result_count = False
+
+
+@admin.register(SentEmail)
+class SentEmailAdmin(ReadOnlyAdmin):
+    list_display = ("key", "state", "token", "attempts", "ambiguous_count", "owner", "lease_expires_at", "sent_at")
+    list_filter = ("state",)
+    search_fields = ("=key", "key", "message_id")
+    show_full_result_count = False

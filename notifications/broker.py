@@ -1,0 +1,127 @@
+"""The only code that knows the broker: the queue topology and the confirmed publish.
+
+Deliveries go to a durable quorum queue with a delivery limit and a dead-letter
+exchange, so a message that kills its worker every time ends in ``notifications.dead``
+instead of looping. Every publish waits for the broker's confirm and is ``mandatory``,
+so an unroutable message raises instead of vanishing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kombu import Exchange, Queue
+
+from .conf import settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+DELIVER_TASK = "notifications.deliver"
+RELAY_TASK = "notifications.relay"
+PURGE_TASK = "notifications.purge"
+CONFIRM_TIMEOUT = 10.0
+
+
+def queues() -> list[Queue]:
+    exchange = Exchange(settings.EXCHANGE, type="topic", durable=True)
+    dead = Exchange(settings.DEAD_LETTER_EXCHANGE, type="topic", durable=True)
+    return [
+        Queue(
+            settings.DELIVER_QUEUE,
+            exchange,
+            routing_key=settings.DELIVER_QUEUE,
+            durable=True,
+            queue_arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": int(settings.DELIVERY_LIMIT),
+                "x-dead-letter-exchange": settings.DEAD_LETTER_EXCHANGE,
+                "x-dead-letter-routing-key": settings.DEAD_LETTER_QUEUE,
+            },
+        ),
+        Queue(
+            settings.RELAY_QUEUE,
+            exchange,
+            routing_key=settings.RELAY_QUEUE,
+            durable=True,
+            queue_arguments={"x-queue-type": "quorum"},
+        ),
+        Queue(
+            settings.DEAD_LETTER_QUEUE,
+            dead,
+            routing_key="#",
+            durable=True,
+            queue_arguments={"x-queue-type": "quorum"},
+        ),
+    ]
+
+
+def configure(app: Celery) -> None:
+    """Give a Celery app the pipeline's queues, routes and relay schedule.
+
+    Call it in your ``celery.py`` after ``config_from_object``. Queue names and the
+    delivery limit come from ``NOTIFICATIONS_*`` settings.
+    """
+    deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
+    relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
+    routes = dict(app.conf.task_routes or {})
+    routes.update({DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay})
+    interval = float(settings.RELAY_INTERVAL)
+    schedule = dict(app.conf.beat_schedule or {})
+    # The safety net: on-commit wake-ups make delivery fast, this pass makes it certain.
+    schedule.setdefault(
+        "notifications-relay",
+        {"task": RELAY_TASK, "schedule": interval, "options": {"expires": max(5 * interval, 5.0)}},
+    )
+    schedule.setdefault(
+        "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}
+    )
+    existing = [q for q in (app.conf.task_queues or []) if q.name not in _names()]
+    app.conf.update(
+        task_queues=[*existing, *queues()],
+        task_default_queue=app.conf.task_default_queue
+        if app.conf.task_default_queue != "celery"
+        else settings.DELIVER_QUEUE,
+        task_default_exchange=settings.EXCHANGE,
+        task_default_exchange_type="topic",
+        task_default_routing_key=settings.DELIVER_QUEUE,
+        task_routes=routes,
+        beat_schedule=schedule,
+    )
+
+
+def _names() -> set[str]:
+    return {settings.DELIVER_QUEUE, settings.RELAY_QUEUE, settings.DEAD_LETTER_QUEUE}
+
+
+def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
+    """Publish one ``deliver`` task per payload; return only after the broker confirmed
+    every one of them. Raises on any failure (unroutable, nack, connection lost), and
+    the caller leaves the rows unpublished."""
+    queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
+    with app.producer_or_acquire() as producer:
+        for payload in payloads:
+            app.send_task(
+                DELIVER_TASK,
+                args=[payload],
+                producer=producer,
+                queue=queue,
+                routing_key=settings.DELIVER_QUEUE,
+                mandatory=True,
+                confirm_timeout=CONFIRM_TIMEOUT,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+
+
+def wake(app: Celery) -> None:
+    """Ask a worker to run a relay pass now (a hint: beat runs one anyway)."""
+    app.send_task(
+        RELAY_TASK,
+        queue=settings.RELAY_QUEUE,
+        routing_key=settings.RELAY_QUEUE,
+        expires=30,
+        retry=False,
+        ignore_result=True,
+    )

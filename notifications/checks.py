@@ -1,0 +1,129 @@
+"""System checks that refuse the settings which would silently break the contract.
+
+They run with ``manage.py check`` (and every management command) and at worker start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.checks import Error, Tags, register
+
+from .conf import settings
+
+TAG = "notifications"
+
+
+def _celery_conf() -> Any:
+    from celery import current_app
+
+    return current_app.conf
+
+
+def _retry_horizon() -> float:
+    """The longest time between a notification's first attempt and its last retry."""
+    factor = float(settings.RETRY_BACKOFF)
+    cap = float(settings.RETRY_BACKOFF_MAX)
+    attempts = int(settings.MAX_ATTEMPTS)
+    return sum(min(cap, factor * 2**i) for i in range(attempts)) + attempts * float(settings.CLAIM_LEASE)
+
+
+@register(TAG, Tags.compatibility)
+def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    errors: list[Error] = []
+    conf = _celery_conf()
+    transport = dict(conf.broker_transport_options or {})
+    if conf.broker_url and str(conf.broker_url).startswith(("amqp", "pyamqp")) and not transport.get("confirm_publish"):
+        errors.append(Error(
+            "Publisher confirms are off: the relay could mark a notification published that the broker never stored.",
+            hint="Set CELERY_BROKER_TRANSPORT_OPTIONS = {'confirm_publish': True}.",
+            id="notifications.E001",
+        ))
+    if conf.task_acks_late and not conf.task_reject_on_worker_lost:
+        errors.append(Error(
+            "task_acks_late without task_reject_on_worker_lost: Celery acks the message of a worker "
+            "child that died mid-delivery, and that notification is lost.",
+            hint="Set CELERY_TASK_REJECT_ON_WORKER_LOST = True.",
+            id="notifications.E002",
+        ))
+    if not conf.task_acks_late:
+        errors.append(Error(
+            "task_acks_late is off: a message is acked before delivery and lost if the worker dies.",
+            hint="Set CELERY_TASK_ACKS_LATE = True.",
+            id="notifications.E003",
+        ))
+    serializers = {conf.task_serializer, conf.result_serializer, *(conf.accept_content or [])}
+    if serializers - {"json", "application/json"}:
+        errors.append(Error(
+            f"Only JSON serialization is allowed, found {sorted(serializers)}.",
+            hint="Set CELERY_TASK_SERIALIZER = CELERY_RESULT_SERIALIZER = 'json' and CELERY_ACCEPT_CONTENT = ['json'].",
+            id="notifications.E004",
+        ))
+    lease = float(settings.CLAIM_LEASE)
+    consumer_timeout = float(settings.CONSUMER_TIMEOUT)
+    timeout = getattr(django_settings, "EMAIL_TIMEOUT", None)
+    if not timeout:
+        errors.append(Error(
+            "EMAIL_TIMEOUT is not set: a stalled mail server would hold a claim for ever.",
+            hint="Set EMAIL_TIMEOUT (seconds), e.g. 30.",
+            id="notifications.E005",
+        ))
+    elif float(timeout) * 3 > lease or float(timeout) * 3 > consumer_timeout:
+        errors.append(Error(
+            f"EMAIL_TIMEOUT={timeout}s is not far below the claim lease ({lease}s) and RabbitMQ's "
+            f"consumer_timeout ({consumer_timeout}s): a slow send could outlive its claim.",
+            hint="Keep EMAIL_TIMEOUT at most a third of NOTIFICATIONS_CLAIM_LEASE and NOTIFICATIONS_CONSUMER_TIMEOUT.",
+            id="notifications.E006",
+        ))
+    hard = conf.task_time_limit
+    if not hard or float(hard) >= lease or float(hard) >= consumer_timeout:
+        errors.append(Error(
+            f"The task hard time limit ({hard}) must be set and below the claim lease ({lease}s) and "
+            f"consumer_timeout ({consumer_timeout}s), so a stuck delivery is killed before its claim expires.",
+            hint="Set CELERY_TASK_TIME_LIMIT below NOTIFICATIONS_CLAIM_LEASE.",
+            id="notifications.E007",
+        ))
+    retention = int(settings.SENT_RETENTION_DAYS) * 86400
+    horizon = _retry_horizon()
+    if retention < horizon * 2:
+        errors.append(Error(
+            f"Sent-email records are kept {retention}s, less than twice the longest retry horizon ({horizon:.0f}s): "
+            "a late redelivery could find no record and send again.",
+            hint="Raise NOTIFICATIONS_SENT_RETENTION_DAYS or lower NOTIFICATIONS_MAX_ATTEMPTS / RETRY_BACKOFF_MAX.",
+            id="notifications.E008",
+        ))
+    if settings.AMBIGUOUS not in ("resend", "hold"):
+        errors.append(Error(
+            f"NOTIFICATIONS_AMBIGUOUS={settings.AMBIGUOUS!r} is not one of 'resend', 'hold'.",
+            id="notifications.E009",
+        ))
+    if (conf.worker_prefetch_multiplier or 0) != 1:
+        errors.append(Error(
+            "worker_prefetch_multiplier must be 1: prefetched messages wait unacked behind a slow send "
+            "and can hit RabbitMQ's consumer_timeout.",
+            hint="Set CELERY_WORKER_PREFETCH_MULTIPLIER = 1.",
+            id="notifications.E010",
+        ))
+    return errors
+
+
+def refuse_unsafe_worker(**kwargs: Any) -> None:
+    """At worker and beat start: refuse to run with settings that break the contract
+    (Celery runs Django's checks there but only logs them)."""
+    from django.core.management.base import SystemCheckError
+
+    errors = [e for e in check_pipeline() if e.is_serious()]
+    if errors:
+        lines = "\n".join(f"{e.id}: {e.msg}\n    HINT: {e.hint}" for e in errors)
+        raise SystemCheckError(f"notifications: unsafe settings, refusing to start:\n{lines}")
+
+
+def _connect_signals() -> None:
+    from celery.signals import beat_init, worker_init
+
+    worker_init.connect(refuse_unsafe_worker, weak=False, dispatch_uid="notifications.checks.worker")
+    beat_init.connect(refuse_unsafe_worker, weak=False, dispatch_uid="notifications.checks.beat")
+
+
+_connect_signals()

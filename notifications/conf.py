@@ -1,0 +1,59 @@
+"""Every setting of the app in one place, with its default.
+
+Lookup order: the Django setting ``NOTIFICATIONS_<NAME>``, else the default here.
+Values are read on each access so that tests and ``override_settings`` work.
+"""
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+DEFAULTS: dict[str, Any] = {
+    # Where the Redis fast-path lock lives. Losing it never causes a second email.
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_KEY_PREFIX": "notifications:",
+    # Domain of the Message-ID header: <sha256(key)@domain>.
+    "MESSAGE_ID_DOMAIN": "notifications.local",
+    # What a redelivery does when the previous holder died mid-send:
+    # "resend" (at-least-once, same Message-ID) or "hold" (at-most-once, a person decides).
+    "AMBIGUOUS": "resend",
+    # Seconds a worker's claim is exclusive. Must exceed the task's hard time limit.
+    "CLAIM_LEASE": 300.0,
+    # Delivery attempts (transient failures) before a notification ends as failed.
+    "MAX_ATTEMPTS": 8,
+    # Exponential backoff: factor seconds, doubled per attempt, capped, full jitter.
+    "RETRY_BACKOFF": 2.0,
+    "RETRY_BACKOFF_MAX": 600.0,
+    # How long sent-email records are kept; they are what makes a late redelivery a no-op.
+    "SENT_RETENTION_DAYS": 30,
+    # Relay: rows per batch, and the beat period of the safety-net pass.
+    "RELAY_BATCH_SIZE": 200,
+    "RELAY_INTERVAL": 1.0,
+    # Wake the relay when a notify() commits, so delivery does not wait for beat.
+    "RELAY_ON_COMMIT": True,
+    # Quorum-queue delivery limit before a message is dead-lettered.
+    "DELIVERY_LIMIT": 10,
+    # RabbitMQ's consumer_timeout in seconds (server default 30 min); checked against our timeouts.
+    "CONSUMER_TIMEOUT": 1800.0,
+    # Input limits.
+    "MAX_BODY_BYTES": 1024 * 1024,
+    "MAX_SUBJECT_LENGTH": 998,
+    # Broker names.
+    "EXCHANGE": "notifications",
+    "DELIVER_QUEUE": "notifications.deliver",
+    "RELAY_QUEUE": "notifications.relay",
+    "DEAD_LETTER_EXCHANGE": "notifications.dead",
+    "DEAD_LETTER_QUEUE": "notifications.dead",
+    # Database alias the app writes to (the caller's outbox and the delivery records).
+    "DATABASE": "default",
+}
+
+
+class Settings:
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"unknown notifications setting {name!r}")
+        return getattr(django_settings, f"NOTIFICATIONS_{name}", DEFAULTS[name])
+
+
+settings = Settings()

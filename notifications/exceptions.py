@@ -1,0 +1,48 @@
+"""The exception tree: one root, and leaves that also carry the standard category."""
+
+
+class NotificationError(Exception):
+    """Root of every error this app raises."""
+
+
+class InvalidNotification(NotificationError, ValueError):
+    """``notify()`` was given a value it cannot send; nothing was written.
+
+    ``field`` names the offending keyword argument so the caller can act on it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class DeliveryError(NotificationError):
+    """Root of the errors a delivery attempt can end with."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """The mail server did not take the message, and trying again later may work
+    (4xx reply, refused connection, timeout before the message was handed over)."""
+
+
+class AmbiguousDeliveryError(TransientDeliveryError):
+    """The connection failed while the message was being handed over: the server
+    may or may not have accepted it. Retrying may produce a second copy."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The mail server rejected the message for good (5xx reply)."""
+
+
+class ClaimLost(NotificationError):
+    """Another worker took over this notification's claim (our fencing token is
+    stale); whatever this worker was about to write is refused."""
+
+
+class ClaimBusy(NotificationError):
+    """Another worker holds a live claim on this notification; try again later."""
+
+    def __init__(self, key: str, retry_in: float) -> None:
+        self.key = key
+        self.retry_in = retry_in
+        super().__init__(f"{key}: claimed by another worker, retry in {retry_in:.1f}s")

@@ -1,0 +1,303 @@
+"""All the SQL of the pipeline, as verbs on the model managers.
+
+Idempotency is decided by constraints, never by check-then-insert: each verb is one
+statement (or a few in the caller's transaction) whose conflict clause says what a
+repeat means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from django.db import connections, models, transaction
+from django.utils import timezone
+
+if TYPE_CHECKING:
+    from .models import Notification
+
+# Columns a notification is created with; the rest take their database defaults.
+NOTIFICATION_COLUMNS = (
+    "key",
+    "service",
+    "notification_id",
+    "user_id",
+    "to",
+    "from_email",
+    "subject",
+    "body",
+    "html_body",
+    "metadata",
+)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class NotificationManager(models.Manager["Notification"]):
+    def _insert_sql(self, rows: int, with_outbox: bool) -> str:
+        from .models import OutboxMessage
+
+        table = _q(self.model._meta.db_table)
+        cols = ", ".join(_q(c) for c in NOTIFICATION_COLUMNS)
+        one = "(" + ", ".join(["%s"] * len(NOTIFICATION_COLUMNS)) + ")"
+        values = ", ".join([one] * rows)
+        insert = (
+            f"INSERT INTO {table} ({cols}) VALUES {values} "
+            f'ON CONFLICT ("key") DO NOTHING RETURNING "id"'
+        )
+        if not with_outbox:
+            return insert
+        outbox = _q(OutboxMessage._meta.db_table)
+        return (
+            f"WITH ins AS ({insert}) "
+            f'INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id" '
+            f'RETURNING "notification_id"'
+        )
+
+    def _params(self, rows: Sequence[dict[str, Any]], using: str) -> list[Any]:
+        conn = connections[using]
+        metadata_field = self.model._meta.get_field("metadata")
+        params: list[Any] = []
+        for row in rows:
+            for col in NOTIFICATION_COLUMNS:
+                value = row.get(col, "")
+                if col == "metadata":
+                    value = metadata_field.get_db_prep_save(row.get("metadata") or {}, conn)
+                params.append(value)
+        return params
+
+    def create_with_outbox(
+        self, rows: Sequence[dict[str, Any]], using: str
+    ) -> tuple[list[Notification], set[int]]:
+        """Insert notifications and their outbox rows, skipping keys that exist.
+
+        Returns the notifications in the order of ``rows`` (existing ones for repeated
+        keys) and the ids of those created by this call. Must run inside the caller's
+        transaction: a concurrent insert of the same key waits for that transaction and
+        then counts as a repeat, so two processes never both create a key.
+        """
+        created: set[int] = set()
+        if not rows:
+            return [], created
+        with connections[using].cursor() as cursor:
+            cursor.execute(self._insert_sql(len(rows), True), self._params(rows, using))
+            created = {r[0] for r in cursor.fetchall()}
+        by_key = {n.key: n for n in self.using(using).filter(key__in=[r["key"] for r in rows])}
+        missing = [r["key"] for r in rows if r["key"] not in by_key]
+        if missing:
+            from .exceptions import NotificationError
+
+            raise NotificationError(
+                f"key {missing[0]!r} exists but this transaction's snapshot cannot see it "
+                "(call notify() under READ COMMITTED)"
+            )
+        return [by_key[r["key"]] for r in rows], created
+
+    def record(self, row: dict[str, Any], using: str) -> int:
+        """Delivery side: make sure the notification is stored here, by key; return its id.
+
+        The broker message carries the whole notification, so the service's database
+        learns of notifications created in other services' databases.
+        """
+        with connections[using].cursor() as cursor:
+            cursor.execute(self._insert_sql(1, False), self._params([row], using))
+            got = cursor.fetchone()
+            if got:
+                return int(got[0])
+            cursor.execute(
+                f'SELECT "id" FROM {_q(self.model._meta.db_table)} WHERE "key" = %s', [row["key"]]
+            )
+            return int(cursor.fetchone()[0])
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    outbox_id: int
+    notification_id: int
+    payload: dict[str, Any]
+
+
+class OutboxMessageManager(models.Manager[Any]):
+    def claim_pending(self, limit: int, using: str) -> list[PendingMessage]:
+        """Lock up to ``limit`` unpublished rows, oldest first, skipping rows another
+        relay holds. Must run inside a transaction, which keeps the locks until it
+        marks the rows published (or rolls back and leaves them for the next pass)."""
+        from .models import Notification
+
+        outbox = _q(self.model._meta.db_table)
+        notif = _q(Notification._meta.db_table)
+        cols = ", ".join(f"n.{_q(c)}" for c in NOTIFICATION_COLUMNS)
+        sql = (
+            f'SELECT o."id", n."id", n."created_at", {cols} FROM {outbox} o '
+            f'JOIN {notif} n ON n."id" = o."notification_id" '
+            f'WHERE o."published_at" IS NULL ORDER BY o."id" LIMIT %s '
+            f"FOR UPDATE OF o SKIP LOCKED"
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [limit])
+            rows = cursor.fetchall()
+        out = []
+        for row in rows:
+            payload = dict(zip(NOTIFICATION_COLUMNS, row[3:], strict=True))
+            payload["created_at"] = row[2].isoformat()
+            out.append(PendingMessage(outbox_id=row[0], notification_id=row[1], payload=payload))
+        return out
+
+    def mark_published(self, outbox_ids: Sequence[int], using: str) -> None:
+        """Mark rows published and their notifications ``published`` (unless a worker
+        already moved them further), in the relay's transaction."""
+        from .models import Notification
+
+        outbox = _q(self.model._meta.db_table)
+        notif = _q(Notification._meta.db_table)
+        sql = (
+            f"WITH pub AS (UPDATE {outbox} SET \"published_at\" = now() "
+            f'WHERE "id" = ANY(%s) RETURNING "notification_id") '
+            f'UPDATE {notif} n SET "published_at" = COALESCE(n."published_at", now()), '
+            f"\"status\" = CASE WHEN n.\"status\" = 'created' THEN 'published' ELSE n.\"status\" END, "
+            f'"updated_at" = now() '
+            f'FROM pub WHERE n."id" = pub."notification_id"'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [list(outbox_ids)])
+
+    def backlog(self, using: str = "default") -> int:
+        return self.using(using).filter(published_at__isnull=True).count()
+
+    def purge_published(self, before: datetime, using: str, batch: int = 5000) -> int:
+        """Delete published rows older than ``before`` in id-ordered batches."""
+        deleted = 0
+        while True:
+            ids = list(
+                self.using(using)
+                .filter(published_at__lt=before)
+                .order_by("id")
+                .values_list("id", flat=True)[:batch]
+            )
+            if not ids:
+                return deleted
+            deleted += self.using(using).filter(id__in=ids).delete()[0]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to claim a key for sending."""
+
+    outcome: str  # "claimed" | "done" | "busy"
+    token: int = 0
+    attempts: int = 0
+    ambiguous: bool = False  # the previous holder may have handed the message over
+    retry_in: float = 0.0
+    state: str = ""
+
+
+class SentEmailManager(models.Manager[Any]):
+    def _table(self) -> str:
+        return _q(self.model._meta.db_table)
+
+    def claim(self, key: str, notification_pk: int, owner: str, lease: float, using: str) -> Claim:
+        """Take the exclusive right to send ``key`` for ``lease`` seconds.
+
+        The unique key decides between racing workers. A row that is released, or
+        claimed with an expired lease, is taken over with a larger fencing token; if
+        its holder had started the SMTP transaction, the claim is ``ambiguous``.
+        """
+        t = self._table()
+        sql = (
+            f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", '
+            f'"lease_expires_at", "attempts", "ambiguous_count", "message_id", "response") '
+            f"VALUES (%s, %s, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '') "
+            f'ON CONFLICT ("key") DO UPDATE SET "token" = {t}."token" + 1, '
+            f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
+            f"\"state\" = 'claimed', \"updated_at\" = now(), "
+            f'"notification_id" = COALESCE({t}."notification_id", EXCLUDED."notification_id") '
+            f"WHERE {t}.\"state\" = 'released' OR ({t}.\"state\" = 'claimed' "
+            f'AND {t}."lease_expires_at" < now()) '
+            f'RETURNING "token", "attempts", "send_started_at"'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [key, notification_pk, owner, lease])
+            got = cursor.fetchone()
+            if got:
+                return Claim("claimed", token=got[0], attempts=got[1], ambiguous=got[2] is not None)
+            cursor.execute(
+                f'SELECT "state", GREATEST(0, EXTRACT(EPOCH FROM "lease_expires_at" - now())) '
+                f'FROM {t} WHERE "key" = %s',
+                [key],
+            )
+            row = cursor.fetchone()
+        if row is None:  # deleted between the statements (purge); try again later
+            return Claim("busy", retry_in=1.0)
+        state, remaining = row
+        if state == "claimed":
+            return Claim("busy", retry_in=float(remaining or 0) + 0.5, state=state)
+        return Claim("done", state=state)
+
+    def _fenced_update(self, key: str, token: int, sets: str, params: Iterable[Any], using: str) -> bool:
+        sql = (
+            f'UPDATE {self._table()} SET {sets}, "updated_at" = now() '
+            f"WHERE \"key\" = %s AND \"token\" = %s AND \"state\" = 'claimed'"
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [*params, key, token])
+            return cursor.rowcount == 1
+
+    def start_send(self, key: str, token: int, lease: float, message_id: str, using: str) -> bool:
+        """Record that the SMTP transaction is about to start, renewing the lease.
+        False if the token is stale (another worker took over): do not send."""
+        return self._fenced_update(
+            key,
+            token,
+            '"send_started_at" = now(), "attempts" = "attempts" + 1, '
+            '"lease_expires_at" = now() + make_interval(secs => %s), "message_id" = %s',
+            [lease, message_id],
+            using,
+        )
+
+    def finish(self, key: str, token: int, state: str, response: str, using: str, ambiguous: bool = False) -> bool:
+        """Record the outcome under the fencing token: ``sent``, ``failed``, ``held``
+        or ``released`` (to be retried). False if the token is stale."""
+        sent_at = ", \"sent_at\" = now()" if state == "sent" else ""
+        return self._fenced_update(
+            key,
+            token,
+            '"state" = %s, "send_started_at" = NULL, "response" = %s, '
+            '"lease_expires_at" = NULL, "ambiguous_count" = "ambiguous_count" + %s' + sent_at,
+            [state, response[:2000], 1 if ambiguous else 0],
+            using,
+        )
+
+    def reopen(self, keys: Sequence[str], from_states: Sequence[str], using: str) -> int:
+        """Make finished keys claimable again (admin retry); never a sent one."""
+        assert "sent" not in from_states
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {self._table()} SET \"state\" = 'released', \"send_started_at\" = NULL, "
+                f'"updated_at" = now() WHERE "key" = ANY(%s) AND "state" = ANY(%s)',
+                [list(keys), list(from_states)],
+            )
+            return cursor.rowcount
+
+    def stuck(self, using: str = "default") -> models.QuerySet[Any]:
+        """Claims whose lease has run out: their worker died or is paused."""
+        return self.using(using).filter(state="claimed", lease_expires_at__lt=timezone.now())
+
+    def purge(self, older_than: timedelta, using: str, batch: int = 5000) -> int:
+        """Delete finished records past retention, in id-ordered batches."""
+        before = timezone.now() - older_than
+        deleted = 0
+        while True:
+            with transaction.atomic(using=using):
+                ids = list(
+                    self.using(using)
+                    .filter(state__in=["sent", "failed"], updated_at__lt=before)
+                    .order_by("id")
+                    .values_list("id", flat=True)[:batch]
+                )
+                if not ids:
+                    return deleted
+                deleted += self.using(using).filter(id__in=ids).delete()[0]

@@ -1,0 +1,148 @@
+"""The three tables a notification passes through.
+
+``Notification`` is what the caller asked for and its visible status; ``OutboxMessage``
+is the transactional outbox row written beside it; ``SentEmail`` is the idempotent
+consumer's record, one row per key, that makes a second email impossible.
+"""
+
+import hashlib
+
+from django.db import models
+
+from .conf import settings
+from .managers import NotificationManager, OutboxMessageManager, SentEmailManager
+
+
+class Status(models.TextChoices):
+    CREATED = "created", "created"
+    PUBLISHED = "published", "published"
+    SENDING = "sending", "sending"
+    RETRYING = "retrying", "retrying"
+    SENT = "sent", "sent"
+    FAILED = "failed", "failed"
+    AMBIGUOUS = "ambiguous", "ambiguous (held)"
+
+
+def message_id_for(key: str) -> str:
+    """The Message-ID every send of ``key`` carries, so a resend is recognisable."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return f"<{digest}@{settings.MESSAGE_ID_DOMAIN}>"
+
+
+class Notification(models.Model):
+    key = models.CharField(max_length=512, help_text="{service}:{notification_id}:{user_id}")
+    service = models.CharField(max_length=100)
+    notification_id = models.CharField(max_length=200)
+    user_id = models.CharField(max_length=200)
+    to = models.CharField(max_length=320)
+    from_email = models.CharField(max_length=320, blank=True, default="")
+    subject = models.TextField()
+    body = models.TextField()
+    html_body = models.TextField(blank=True, default="")
+    metadata = models.JSONField(blank=True, default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, db_default=Status.CREATED)
+    attempts = models.PositiveIntegerField(db_default=0)
+    ambiguous_count = models.PositiveIntegerField(
+        db_default=0, help_text="Redeliveries that found the previous send's outcome unknown."
+    )
+    last_error = models.TextField(blank=True, db_default="")
+    created_at = models.DateTimeField(db_default=models.functions.Now())
+    published_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(db_default=models.functions.Now())
+
+    objects = NotificationManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["key"], name="notifications_notification_key_uniq"),
+        ]
+        indexes = [
+            models.Index(fields=["status", "created_at"], name="notifications_status_idx"),
+            models.Index(fields=["service", "created_at"], name="notifications_service_idx"),
+            models.Index(fields=["user_id"], name="notifications_user_idx"),
+        ]
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.key
+
+    @property
+    def message_id(self) -> str:
+        return message_id_for(self.key)
+
+
+class OutboxMessage(models.Model):
+    notification = models.ForeignKey(
+        Notification, on_delete=models.CASCADE, related_name="outbox_messages"
+    )
+    created_at = models.DateTimeField(db_default=models.functions.Now())
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    objects = OutboxMessageManager()
+
+    class Meta:
+        indexes = [
+            # Only unpublished rows are indexed, so the relay's claim stays as cheap
+            # with a million published rows behind it as with none.
+            models.Index(
+                fields=["id"],
+                name="notifications_outbox_pending",
+                condition=models.Q(published_at__isnull=True),
+            ),
+            models.Index(fields=["published_at"], name="notifications_outbox_pub_idx"),
+        ]
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"outbox #{self.pk} ({self.notification_id})"
+
+
+class ClaimState(models.TextChoices):
+    CLAIMED = "claimed", "claimed"
+    RELEASED = "released", "released (will retry)"
+    SENT = "sent", "sent"
+    FAILED = "failed", "failed"
+    HELD = "held", "held (ambiguous)"
+
+
+class SentEmail(models.Model):
+    """One row per idempotency key: the claim, its lease and fencing token, and the outcome.
+
+    The unique key decides which worker may send; the token increases on every
+    takeover, and every write a worker makes is conditional on still holding it.
+    """
+
+    key = models.CharField(max_length=512)
+    notification = models.ForeignKey(
+        Notification, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    state = models.CharField(max_length=16, choices=ClaimState.choices, default=ClaimState.CLAIMED)
+    token = models.BigIntegerField(default=1, help_text="Fencing token; grows on every takeover.")
+    owner = models.CharField(max_length=200, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    send_started_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set just before the SMTP transaction; cleared when its outcome is known."
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    ambiguous_count = models.PositiveIntegerField(default=0)
+    message_id = models.CharField(max_length=200, blank=True, default="")
+    response = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_default=models.functions.Now())
+    updated_at = models.DateTimeField(db_default=models.functions.Now())
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SentEmailManager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["key"], name="notifications_sentemail_key_uniq"),
+        ]
+        indexes = [
+            models.Index(fields=["state", "lease_expires_at"], name="notifications_claim_state_idx"),
+            models.Index(fields=["updated_at"], name="notifications_sent_updated_idx"),
+        ]
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.state})"
