@@ -24,9 +24,22 @@ PURGE_TASK = "notifications.purge"
 CONFIRM_TIMEOUT = 10.0
 
 
-def queues() -> list[Queue]:
-    exchange = Exchange(settings.EXCHANGE, type="topic", durable=True)
+def dead_letter_queue() -> Queue:
+    """Where poison messages end. Declared by the publisher, never consumed by workers:
+    it is for people to inspect (and to re-publish by hand)."""
     dead = Exchange(settings.DEAD_LETTER_EXCHANGE, type="topic", durable=True)
+    return Queue(
+        settings.DEAD_LETTER_QUEUE,
+        dead,
+        routing_key="#",
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"},
+    )
+
+
+def queues() -> list[Queue]:
+    """The queues workers consume: deliveries and relay wake-ups."""
+    exchange = Exchange(settings.EXCHANGE, type="topic", durable=True)
     return [
         Queue(
             settings.DELIVER_QUEUE,
@@ -44,13 +57,6 @@ def queues() -> list[Queue]:
             settings.RELAY_QUEUE,
             exchange,
             routing_key=settings.RELAY_QUEUE,
-            durable=True,
-            queue_arguments={"x-queue-type": "quorum"},
-        ),
-        Queue(
-            settings.DEAD_LETTER_QUEUE,
-            dead,
-            routing_key="#",
             durable=True,
             queue_arguments={"x-queue-type": "quorum"},
         ),
@@ -100,6 +106,7 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
     every one of them. Raises on any failure (unroutable, nack, connection lost), and
     the caller leaves the rows unpublished."""
     queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
+    declare = [queue, dead_letter_queue()]  # cached per connection after the first publish
     with app.producer_or_acquire() as producer:
         for payload in payloads:
             app.send_task(
@@ -108,6 +115,7 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
                 producer=producer,
                 queue=queue,
                 routing_key=settings.DELIVER_QUEUE,
+                declare=declare,
                 mandatory=True,
                 confirm_timeout=CONFIRM_TIMEOUT,
                 retry=True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import smtplib
 import socket
 import time
@@ -26,6 +27,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 
 from . import locks
+from .faults import crash_point
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
@@ -113,16 +115,10 @@ def _classify_reply(code: int, reply: bytes | str) -> Exception:
 
 
 def _retry_delay(attempts: int) -> float:
-    from celery.utils.time import get_exponential_backoff_interval
-
-    return float(
-        get_exponential_backoff_interval(
-            factor=float(settings.RETRY_BACKOFF),
-            retries=max(attempts - 1, 0),
-            maximum=float(settings.RETRY_BACKOFF_MAX),
-            full_jitter=True,
-        )
-    ) or 0.05
+    """Exponential backoff with full jitter (as Celery's ``retry_jitter``), in seconds:
+    uniform in [0, min(max, factor * 2**(attempts-1))], never quite zero."""
+    ceiling = min(float(settings.RETRY_BACKOFF_MAX), float(settings.RETRY_BACKOFF) * 2 ** max(attempts - 1, 0))
+    return max(random.uniform(0, ceiling), ceiling / 20)
 
 
 def _notify_update(pk: int, **fields: Any) -> None:
@@ -139,6 +135,7 @@ def deliver(payload: dict[str, Any]) -> Outcome:
     key = payload["key"]
     db = settings.DATABASE
     lease = float(settings.CLAIM_LEASE)
+    crash_point("before_claim", key)
     with locks.fast_path(key, ttl=lease) as mine:
         if not mine:
             raise ClaimBusy(key, retry_in=1.0)
@@ -149,6 +146,12 @@ def deliver(payload: dict[str, Any]) -> Outcome:
                 raise ClaimBusy(key, claim.retry_in)
             if claim.outcome == "done":
                 return Outcome(key, "duplicate", detail=claim.state)
+            if claim.attempts >= int(settings.MAX_ATTEMPTS):
+                # Every attempt so far ended with its worker dying mid-send: stop here.
+                reason = f"gave up after {claim.attempts} attempts; the last ended without a recorded outcome"
+                SentEmail.objects.finish(key, claim.token, ClaimState.FAILED, reason, db, ambiguous=claim.ambiguous)
+                _notify_update(pk, status=Status.FAILED, last_error=reason)
+                return Outcome(key, "failed", detail=reason, attempts=claim.attempts)
             if claim.ambiguous:
                 logger.warning("%s: previous holder died mid-send; outcome unknown", key)
                 if settings.AMBIGUOUS == "hold":
@@ -172,7 +175,9 @@ def deliver(payload: dict[str, Any]) -> Outcome:
             return _after_transient(key, claim.token, pk, exc, attempts, ambiguous=True)
         except TransientDeliveryError as exc:
             return _after_transient(key, claim.token, pk, exc, attempts, ambiguous=False)
+        crash_point("after_reply", key)
         _record(key, claim.token, pk, ClaimState.SENT, response, attempts)
+        crash_point("after_record", key)
         return Outcome(key, "sent", detail=response, attempts=attempts)
 
 

@@ -14,6 +14,7 @@ import time
 from django.db import transaction
 
 from .conf import settings
+from .faults import crash_point
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,10 @@ def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
         pending = OutboxMessage.objects.claim_pending(batch_size or int(settings.RELAY_BATCH_SIZE), db)
         if not pending:
             return 0
+        first = pending[0].payload["key"]
+        crash_point("relay_after_claim", first)
         broker.publish_deliveries(current_app, [m.payload for m in pending])
+        crash_point("relay_after_confirm", first)
         # Confirms are in: only now may the rows count as published. A crash before
         # this commit republishes them, and the worker's claim makes that harmless.
         OutboxMessage.objects.mark_published([m.outbox_id for m in pending], db)

@@ -6,6 +6,7 @@ Names are fixed strings so that moving a module never strands messages in flight
 from __future__ import annotations
 
 import logging
+import math
 import random
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,11 @@ from .conf import settings
 from .exceptions import ClaimBusy
 
 logger = logging.getLogger(__name__)
+
+
+def _countdown(seconds: float) -> int:
+    """RabbitMQ native delayed delivery (quorum queues) counts whole seconds, from 1."""
+    return max(1, math.ceil(seconds))
 
 # Errors that say nothing about the email itself (infrastructure hiccups): retry the
 # message. They happen before the SMTP transaction or are recorded after it.
@@ -38,15 +44,15 @@ def deliver(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         outcome = delivery.deliver(payload)
     except ClaimBusy as exc:
-        raise self.retry(countdown=exc.retry_in + random.uniform(0, 0.5), exc=exc) from None
+        raise self.retry(countdown=_countdown(exc.retry_in + random.uniform(0, 0.5)), exc=exc) from None
     except INFRASTRUCTURE_ERRORS as exc:
         if self.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
             raise
         delay = min(30.0, 0.5 * 2 ** min(self.request.retries, 6)) * random.uniform(0.5, 1.0)
         logger.warning("%s: %r, retrying in %.1fs", payload.get("key"), exc, delay)
-        raise self.retry(countdown=delay, exc=exc) from None
+        raise self.retry(countdown=_countdown(delay), exc=exc) from None
     if outcome.status == "retry":
-        raise self.retry(countdown=outcome.retry_in)
+        raise self.retry(countdown=_countdown(outcome.retry_in))
     return {"key": outcome.key, "status": outcome.status, "detail": outcome.detail, "attempts": outcome.attempts}
 
 

@@ -1,0 +1,183 @@
+"""Fixtures: this run's RabbitMQ vhost and Redis db, a real SMTP server, and real
+Celery worker processes pointed at the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from django.conf import settings
+
+from tests import smtp
+from tests.settings import RUN_ID, VHOST
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_vhost() -> Iterator[str]:
+    rabbitmqctl("add_vhost", VHOST)
+    rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    yield VHOST
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", VHOST], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(settings.NOTIFICATIONS_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[smtp.SMTPServer]:
+    server = smtp.start(int(settings.EMAIL_PORT))
+    yield server
+    server.controller.stop()
+
+
+def unique(prefix: str = "n") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def notification_kwargs(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "service": "tests",
+        "notification_id": unique(),
+        "user_id": "42",
+        "to": "ann@example.com",
+        "subject": "Your invoice",
+        "body": "Hello Ann",
+    }
+    values.update(overrides)
+    return values
+
+
+def test_database_url() -> str:
+    name = settings.DATABASES["default"]["NAME"]
+    return f"postgres://postgres@127.0.0.1:5432/{name}"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        DATABASE_URL=test_database_url(),
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``celery -A project worker`` (prefork) started by a test."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    name: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the main process and its pool children: a crash, no shutdown."""
+        pids = [self.proc.pid, *self.children()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for pid in self.children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass
+class Workers:
+    tmp: Path
+    started: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, concurrency: int = 2, queues: str = "", **env: str) -> WorkerProcess:
+        name = f"w{len(self.started)}-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h"
+        log = self.tmp / f"worker-{len(self.started)}.log"
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "project", "worker", "-l", "info",
+            "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
+        ]
+        if queues:
+            cmd += ["-Q", queues]
+        handle = open(log, "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(**env), stdout=handle, stderr=subprocess.STDOUT)
+        worker = WorkerProcess(proc=proc, log=log, name=name)
+        self.started.append(worker)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited with {proc.returncode}:\n{worker.output()[-4000:]}")
+            return " ready." in worker.output()
+
+        wait_for(ready, timeout=60, what="worker ready")
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(tmp=tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any) -> Iterator[WorkerProcess]:
+    pool = Workers(tmp=tmp_path_factory.mktemp("worker"))
+    worker = pool.start()
+    yield worker
+    pool.stop_all()

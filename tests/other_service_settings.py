@@ -1,0 +1,17 @@
+"""A second Django service that installs the app with its own database: its notify()
+and relay publish to the shared broker, and the project's workers deliver."""
+
+import os
+
+from tests.settings import *  # noqa: F403
+from tests.settings import OTHER_DB
+
+DATABASES = {  # noqa: F405
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": os.environ.get("OTHER_SERVICE_DB", OTHER_DB),
+        "USER": "postgres",
+        "HOST": "127.0.0.1",
+        "PORT": 5432,
+    }
+}
