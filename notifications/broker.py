@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 DELIVER_TASK = "notifications.deliver"
 RELAY_TASK = "notifications.relay"
 PURGE_TASK = "notifications.purge"
+RECOVER_TASK = "notifications.recover"
 CONFIRM_TIMEOUT = 10.0
 
 
@@ -72,13 +73,16 @@ def configure(app: Celery) -> None:
     deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
     routes = dict(app.conf.task_routes or {})
-    routes.update({DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay})
+    routes.update({DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay, RECOVER_TASK: relay})
     interval = float(settings.RELAY_INTERVAL)
     schedule = dict(app.conf.beat_schedule or {})
     # The safety net: on-commit wake-ups make delivery fast, this pass makes it certain.
     schedule.setdefault(
         "notifications-relay",
         {"task": RELAY_TASK, "schedule": interval, "options": {"expires": max(5 * interval, 5.0)}},
+    )
+    schedule.setdefault(
+        "notifications-recover", {"task": RECOVER_TASK, "schedule": 60.0, "options": {"expires": 60.0}}
     )
     schedule.setdefault(
         "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}

@@ -7,6 +7,7 @@ repeat means.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -143,6 +144,8 @@ class OutboxMessageManager(models.Manager[Any]):
         out = []
         for row in rows:
             payload = dict(zip(NOTIFICATION_COLUMNS, row[3:], strict=True))
+            if isinstance(payload["metadata"], str):  # Django's psycopg setup leaves jsonb as text
+                payload["metadata"] = json.loads(payload["metadata"])
             payload["created_at"] = row[2].isoformat()
             out.append(PendingMessage(outbox_id=row[0], notification_id=row[1], payload=payload))
         return out
@@ -285,6 +288,33 @@ class SentEmailManager(models.Manager[Any]):
     def stuck(self, using: str = "default") -> models.QuerySet[Any]:
         """Claims whose lease has run out: their worker died or is paused."""
         return self.using(using).filter(state="claimed", lease_expires_at__lt=timezone.now())
+
+    def requeue_stalled(self, older_than: float, using: str) -> list[str]:
+        """Give stalled keys a new outbox row; return their keys.
+
+        Stalled: released for retry, or claimed with a lease long expired, and untouched
+        for ``older_than`` seconds. That happens only when the message that should carry
+        the next attempt was lost (a retry publish that failed, a dead-lettered message);
+        the new row goes out through the relay, and the claim still guarantees one email.
+        """
+        from .models import OutboxMessage
+
+        t = self._table()
+        outbox = _q(OutboxMessage._meta.db_table)
+        sql = (
+            f'WITH stalled AS (UPDATE {t} SET "updated_at" = now() WHERE "id" IN ('
+            f'SELECT "id" FROM {t} WHERE "notification_id" IS NOT NULL AND "updated_at" < now() - '
+            f"make_interval(secs => %s) AND (\"state\" = 'released' OR (\"state\" = 'claimed' AND "
+            f'"lease_expires_at" < now() - make_interval(secs => %s))) '
+            f'ORDER BY "id" LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING "key", "notification_id"), '
+            f'queued AS (INSERT INTO {outbox} ("notification_id") SELECT "notification_id" FROM stalled '
+            f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = stalled."notification_id" '
+            f'AND o."published_at" IS NULL)) '
+            f'SELECT "key" FROM stalled'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [older_than, older_than])
+            return [row[0] for row in cursor.fetchall()]
 
     def purge(self, older_than: timedelta, using: str, batch: int = 5000) -> int:
         """Delete finished records past retention, in id-ordered batches."""

@@ -63,6 +63,12 @@ def relay_outbox() -> int:
     return relay.drain()
 
 
+@shared_task(name="notifications.recover", ignore_result=True)
+def recover() -> int:
+    """Requeue notifications whose retry message was lost (beat runs this every minute)."""
+    return len(relay.recover_stalled())
+
+
 @shared_task(name="notifications.purge", ignore_result=True)
 def purge() -> dict[str, int]:
     """Delete published outbox rows and finished sent-email records past retention."""

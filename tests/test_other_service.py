@@ -1,0 +1,87 @@
+"""Another Django service with its own database: its notify() and relay publish, and the
+notification service's worker records the notification by key and delivers it once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from notifications.models import Notification, SentEmail
+from tests.conftest import ROOT, child_env, unique, wait_for
+from tests.settings import OTHER_DB
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def run_in_other_service(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=child_env(DJANGO_SETTINGS_MODULE="tests.other_service_settings"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def other_service_db() -> Iterator[str]:
+    _admin(f'DROP DATABASE IF EXISTS "{OTHER_DB}" WITH (FORCE)')
+    _admin(f'CREATE DATABASE "{OTHER_DB}"')
+    run_in_other_service("migrate", "--noinput")
+    yield OTHER_DB
+    _admin(f'DROP DATABASE IF EXISTS "{OTHER_DB}" WITH (FORCE)')
+
+
+def test_other_service_notify_is_delivered_and_recorded_here(other_service_db, smtp_server, workers):
+    workers.start()
+    notification_id = unique("order")
+    key = f"shop:{notification_id}:7"
+    out = run_in_other_service(
+        "shell",
+        "-c",
+        "from django.db import transaction\n"
+        "from notifications import notify\n"
+        "with transaction.atomic():\n"
+        f"    n = notify(service='shop', notification_id='{notification_id}', user_id=7,\n"
+        "               to='Bob <bob@example.com>', subject='Order shipped', body='On its way',\n"
+        "               metadata={'order': 17})\n"
+        "print('KEY', n.key)\n",
+    )
+    assert f"KEY {key}" in out
+    run_in_other_service("relay")  # the caller's relay (its beat, in production)
+
+    [received] = smtp_server.wait_received(key)
+    assert received.to == ["bob@example.com"] and received.message["Subject"] == "Order shipped"
+    here = wait_for(lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30)
+    assert here.service == "shop" and here.user_id == "7" and here.metadata == {"order": 17}
+    assert SentEmail.objects.get(key=key).state == "sent"
+
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={other_service_db}") as conn:
+        status, published = conn.execute(
+            "SELECT status, published_at IS NOT NULL FROM notifications_notification WHERE key = %s", [key]
+        ).fetchone()
+        assert (status, published) == ("published", True)
+        assert conn.execute("SELECT count(*) FROM notifications_sentemail").fetchone()[0] == 0
+
+    # A second relay pass or a repeat notify() in the other service sends nothing more.
+    run_in_other_service("relay")
+    run_in_other_service(
+        "shell", "-c",
+        f"from notifications import notify; notify(service='shop', notification_id='{notification_id}', "
+        "user_id=7, to='bob@example.com', subject='again', body='again')",
+    )
+    run_in_other_service("relay")
+    assert Notification.objects.filter(key=key).count() == 1
+    assert smtp_server.count(key) == 1

@@ -1,0 +1,109 @@
+"""The relay: each committed row is published once, even with several relays at once,
+and a relay that dies at either crash point loses nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from celery import current_app
+
+from notifications import notify
+from notifications.models import Notification, OutboxMessage
+from tests.conftest import ROOT, child_env, notification_kwargs, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_relay(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", "relay"], cwd=ROOT, env=child_env(**env),
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def drain_deliver_queue(prefix: str, expected: int, timeout: float = 20.0) -> Counter[str]:
+    """Consume the delivery queue directly (no worker runs) and count keys under ``prefix``."""
+    seen: Counter[str] = Counter()
+    with current_app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
+        queue.queue.no_declare = True
+        def step() -> bool:
+            try:
+                message = queue.get(block=True, timeout=0.5)
+            except queue.Empty:
+                return sum(seen.values()) >= expected
+            payload = json.loads(message.body)[0][0] if isinstance(message.body, str) else message.payload[0][0]
+            if payload["key"].startswith(prefix):
+                seen[payload["key"]] += 1
+            message.ack()
+            return False
+        try:
+            wait_for(step, timeout=timeout, interval=0, what="queue drained")
+        finally:
+            queue.close()
+    return seen
+
+
+@pytest.fixture
+def no_wakeups(settings):
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+
+
+def test_two_relays_at_once_publish_each_row_once(no_wakeups):
+    service = f"relay{notification_kwargs()['notification_id'][-6:]}"
+    for i in range(300):
+        notify(**notification_kwargs(service=service, notification_id=str(i)))
+    relays = [
+        subprocess.Popen([sys.executable, "manage.py", "relay"], cwd=ROOT, env=child_env(),
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    counts = [int(p.communicate(timeout=120)[0].split()[-1]) for p in relays]
+    assert all(p.returncode == 0 for p in relays)
+    assert sum(counts) >= 300 and not OutboxMessage.objects.filter(published_at__isnull=True).exists()
+    seen = drain_deliver_queue(f"{service}:", expected=300)
+    assert len(seen) == 300 and set(seen.values()) == {1}
+    assert Notification.objects.filter(service=service, status="published").count() == 300
+
+
+def test_relay_killed_after_claim_publishes_nothing_then_everything(no_wakeups):
+    kwargs = notification_kwargs()
+    n = notify(**kwargs)
+    died = run_relay(NOTIFICATIONS_CRASH_POINTS=f"relay_after_claim={n.key}")
+    assert died.returncode == -9
+    assert OutboxMessage.objects.get(notification=n).published_at is None  # rolled back
+    assert run_relay().returncode == 0
+    assert drain_deliver_queue(n.key, expected=1) == {n.key: 1}
+
+
+def test_relay_killed_after_confirm_publishes_again_and_one_email_goes_out(no_wakeups, smtp_server, workers):
+    n = notify(**notification_kwargs())
+    died = run_relay(NOTIFICATIONS_CRASH_POINTS=f"relay_after_confirm={n.key}")
+    assert died.returncode == -9
+    assert OutboxMessage.objects.get(notification=n).published_at is None  # confirmed but not marked
+    assert run_relay().returncode == 0  # publishes the same row a second time
+    workers.start()
+    wait_for(lambda: Notification.objects.filter(key=n.key, status="sent").exists(), timeout=30)
+    from django_celery_results.models import TaskResult
+
+    def outcomes():
+        rows = TaskResult.objects.filter(task_name="notifications.deliver", status="SUCCESS")
+        return sorted(json.loads(r.result)["status"] for r in rows if n.key in (r.result or ""))
+
+    assert wait_for(lambda: len(outcomes()) == 2 and outcomes(), timeout=30) == ["duplicate", "sent"]
+    assert smtp_server.count(n.key) == 1
+
+
+def test_relay_with_broker_down_leaves_rows_for_later(no_wakeups):
+    n = notify(**notification_kwargs())
+    down = run_relay(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
+    assert down.returncode != 0
+    assert OutboxMessage.objects.get(notification=n).published_at is None
+    assert Notification.objects.get(pk=n.pk).status == "created"
+    assert run_relay().returncode == 0
+    assert drain_deliver_queue(n.key, expected=1) == {n.key: 1}
+    assert Notification.objects.get(pk=n.pk).status == "published"
