@@ -68,8 +68,16 @@ def configure(app: Celery) -> None:
     """Give a Celery app the pipeline's queues, routes and relay schedule.
 
     Call it in your ``celery.py`` after ``config_from_object``. Queue names and the
-    delivery limit come from ``NOTIFICATIONS_*`` settings.
+    delivery limit come from ``NOTIFICATIONS_*`` settings, read when Celery loads its
+    configuration (not at import: ``celery.py`` is imported while Django settings load).
     """
+    if app.configured:
+        _apply(app)
+    else:
+        app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender), weak=False)
+
+
+def _apply(app: Celery) -> None:
     deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
     routes = dict(app.conf.task_routes or {})
