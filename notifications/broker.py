@@ -120,19 +120,25 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
     queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
     declare = [queue, dead_letter_queue()]  # cached per connection after the first publish
     with app.producer_or_acquire() as producer:
-        for payload in payloads:
-            app.send_task(
-                DELIVER_TASK,
-                args=[payload],
-                producer=producer,
-                queue=queue,
-                routing_key=settings.DELIVER_QUEUE,
-                declare=declare,
-                mandatory=True,
-                confirm_timeout=CONFIRM_TIMEOUT,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-            )
+        try:
+            for payload in payloads:
+                app.send_task(
+                    DELIVER_TASK,
+                    args=[payload],
+                    producer=producer,
+                    queue=queue,
+                    routing_key=settings.DELIVER_QUEUE,
+                    declare=declare,
+                    mandatory=True,
+                    confirm_timeout=CONFIRM_TIMEOUT,
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                )
+        except Exception:
+            # A returned or unconfirmed publish can leave a late ack on the channel that the
+            # next publish would take for its own confirm: drop the connection instead.
+            producer.connection.collect()
+            raise
 
 
 def wake(app: Celery) -> None:

@@ -72,20 +72,21 @@ def build_message(payload: dict[str, Any]) -> EmailMultiAlternatives:
     return message
 
 
-def smtp_send(message: EmailMultiAlternatives) -> str:
-    """Hand the message to the mail server; classify every failure.
+def send_email(message: EmailMultiAlternatives) -> str:
+    """Hand the message to the mail server through Django's configured email backend,
+    and classify every failure.
 
     Failures while connecting cannot have delivered anything (transient). Once the
     connection is open, an SMTP reply code is definitive (4xx transient, 5xx permanent);
-    anything else (a dropped connection, a timeout waiting for the reply to DATA) leaves
-    the outcome unknown (ambiguous).
+    anything else (a dropped connection, a timeout waiting for the reply to DATA, an
+    error from a provider's backend) leaves the outcome unknown (ambiguous).
     """
     connection = get_connection(fail_silently=False)
     try:
         connection.open()
     except smtplib.SMTPResponseException as exc:
         raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
-    except (OSError, smtplib.SMTPException) as exc:
+    except Exception as exc:
         raise TransientDeliveryError(f"connect: {exc!r}") from exc
     try:
         sent = connection.send_messages([message])
@@ -94,7 +95,7 @@ def smtp_send(message: EmailMultiAlternatives) -> str:
         raise _classify_reply(code, reply) from exc
     except smtplib.SMTPResponseException as exc:
         raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
-    except (OSError, smtplib.SMTPException) as exc:
+    except Exception as exc:
         raise AmbiguousDeliveryError(f"connection lost during the SMTP transaction: {exc!r}") from exc
     finally:
         try:
@@ -162,12 +163,13 @@ def deliver(payload: dict[str, Any]) -> Outcome:
                     )
                     return Outcome(key, "held", detail=reason)
                 _notify_update(pk, ambiguous_count=F("ambiguous_count") + 1)
-            SentEmail.objects.start_send(key, claim.token, lease, message_id_for(key), db)
+            if not SentEmail.objects.start_send(key, claim.token, lease, message_id_for(key), db):
+                raise ClaimBusy(key, retry_in=1.0)  # taken over since the claim: not ours to send
             _notify_update(pk, status=Status.SENDING, attempts=claim.attempts + 1)
         attempts = claim.attempts + 1
         # Committed: send_started_at is set. From here to the outcome record is the window.
         try:
-            response = smtp_send(build_message(payload))
+            response = send_email(build_message(payload))
         except PermanentDeliveryError as exc:
             _record(key, claim.token, pk, ClaimState.FAILED, str(exc), attempts)
             return Outcome(key, "failed", detail=str(exc), attempts=attempts)

@@ -39,12 +39,12 @@ def _q(name: str) -> str:
 
 
 class NotificationManager(models.Manager["Notification"]):
-    def _insert_sql(self, rows: int, with_outbox: bool) -> str:
+    def _insert_sql(self, rows: int, with_outbox: bool, columns: Sequence[str] = NOTIFICATION_COLUMNS) -> str:
         from .models import OutboxMessage
 
         table = _q(self.model._meta.db_table)
-        cols = ", ".join(_q(c) for c in NOTIFICATION_COLUMNS)
-        one = "(" + ", ".join(["%s"] * len(NOTIFICATION_COLUMNS)) + ")"
+        cols = ", ".join(_q(c) for c in columns)
+        one = "(" + ", ".join(["%s"] * len(columns)) + ")"
         values = ", ".join([one] * rows)
         insert = (
             f"INSERT INTO {table} ({cols}) VALUES {values} "
@@ -59,12 +59,14 @@ class NotificationManager(models.Manager["Notification"]):
             f'RETURNING "notification_id"'
         )
 
-    def _params(self, rows: Sequence[dict[str, Any]], using: str) -> list[Any]:
+    def _params(
+        self, rows: Sequence[dict[str, Any]], using: str, columns: Sequence[str] = NOTIFICATION_COLUMNS
+    ) -> list[Any]:
         conn = connections[using]
         metadata_field = self.model._meta.get_field("metadata")
         params: list[Any] = []
         for row in rows:
-            for col in NOTIFICATION_COLUMNS:
+            for col in columns:
                 value = row.get(col, "")
                 if col == "metadata":
                     value = metadata_field.get_db_prep_save(row.get("metadata") or {}, conn)
@@ -102,10 +104,12 @@ class NotificationManager(models.Manager["Notification"]):
         """Delivery side: make sure the notification is stored here, by key; return its id.
 
         The broker message carries the whole notification, so the service's database
-        learns of notifications created in other services' databases.
+        learns of notifications created in other services' databases (with their
+        creation time).
         """
+        columns = (*NOTIFICATION_COLUMNS, "created_at") if row.get("created_at") else NOTIFICATION_COLUMNS
         with connections[using].cursor() as cursor:
-            cursor.execute(self._insert_sql(1, False), self._params([row], using))
+            cursor.execute(self._insert_sql(1, False, columns), self._params([row], using, columns))
             got = cursor.fetchone()
             if got:
                 return int(got[0])
@@ -280,7 +284,7 @@ class SentEmailManager(models.Manager[Any]):
         with connections[using].cursor() as cursor:
             cursor.execute(
                 f"UPDATE {self._table()} SET \"state\" = 'released', \"send_started_at\" = NULL, "
-                f'"updated_at" = now() WHERE "key" = ANY(%s) AND "state" = ANY(%s)',
+                f'"attempts" = 0, "updated_at" = now() WHERE "key" = ANY(%s) AND "state" = ANY(%s)',
                 [list(keys), list(from_states)],
             )
             return cursor.rowcount

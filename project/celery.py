@@ -1,6 +1,7 @@
 """The Celery application: configuration comes from Django settings (CELERY_* names)."""
 
 import os
+import sys
 
 from celery import Celery
 
@@ -13,3 +14,8 @@ from notifications.broker import configure  # noqa: E402  (needs DJANGO_SETTINGS
 
 configure(app)
 app.autodiscover_tasks()
+
+from . import flower  # noqa: E402  (Flower refuses to serve beyond loopback without auth)
+
+if flower.invoked(sys.argv):
+    flower.install_guard()

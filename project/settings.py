@@ -135,7 +135,6 @@ CELERY_BROKER_HEARTBEAT = 30
 CELERY_TASK_SOFT_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_SOFT_TIME_LIMIT", 90.0)
 CELERY_TASK_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_TIME_LIMIT", 120.0)
 CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
 
 # Queues, routes and the relay's beat entries come from notifications.broker.configure(),
 # called in project/celery.py, so every service that installs the app shares one topology.

@@ -66,6 +66,9 @@ def test_other_service_notify_is_delivered_and_recorded_here(other_service_db, s
     assert received.to == ["bob@example.com"] and received.message["Subject"] == "Order shipped"
     here = wait_for(lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30)
     assert here.service == "shop" and here.user_id == "7" and here.metadata == {"order": 17}
+    with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={other_service_db}") as conn:
+        created = conn.execute("SELECT created_at FROM notifications_notification WHERE key = %s", [key]).fetchone()[0]
+    assert here.created_at == created  # the creation time travels with the message
     assert SentEmail.objects.get(key=key).state == "sent"
 
     with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={other_service_db}") as conn:

@@ -411,7 +411,7 @@ class Supervisor:
                     self._say(
                         f"{child.name} exited unexpectedly with code {code}; stopping the others"
                     )
-                    return code or 1
+                    return code if code > 0 else 1
         self._say("stopping")
         return 0
 
