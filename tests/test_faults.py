@@ -175,3 +175,27 @@ def test_mail_server_down_then_up_delivers(smtp_server, workers, settings):
     assert sent.ambiguous_count == 0 and sent.attempts >= 2
     assert smtp_server.count(key) == 1
     assert Notification.objects.filter(key=key, attempts=F("attempts")).count() == 1
+
+
+@pytest.mark.parametrize("mode", ["resend", "hold"])
+def test_reply_slower_than_the_client_timeout_is_ambiguous(smtp_server, workers, mode):
+    """The server takes the message but answers after EMAIL_TIMEOUT (1.5 s in tests): the
+    worker cannot know, so the case is counted, and the setting decides."""
+    workers.start(NOTIFICATIONS_AMBIGUOUS=mode)
+    kwargs = notification_kwargs()
+    key = f"tests:{kwargs['notification_id']}:42"
+    late = threading.Event()
+    smtp_server.plan(key, Plan(hold=late, keep=True))
+    notify(**kwargs)
+    smtp_server.wait_received(key, 1)
+    expected = "retrying" if mode == "resend" else "ambiguous"
+    n = _status(key, expected, timeout=20)
+    late.set()  # the reply the client gave up on
+    assert n.ambiguous_count == 1 and "connection lost during the SMTP transaction" in n.last_error
+    if mode == "resend":
+        sent = _status(key, "sent")
+        copies = smtp_server.messages(key)
+        assert len(copies) == 2 and {c.message_id for c in copies} == {sent.message_id}
+    else:
+        assert SentEmail.objects.get(key=key).state == "held"
+        assert smtp_server.count(key) == 1
