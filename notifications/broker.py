@@ -71,7 +71,7 @@ def configure(app: Celery) -> None:
     delivery limit come from ``NOTIFICATIONS_*`` settings, read when Celery loads its
     configuration (not at import: ``celery.py`` is imported while Django settings load).
     """
-    if app.configured:
+    if getattr(app, "configured", False):
         _apply(app)
     else:
         app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender), weak=False)
@@ -126,7 +126,7 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
                     DELIVER_TASK,
                     args=[payload],
                     producer=producer,
-                    queue=queue,
+                    queue=queue,  # type: ignore[arg-type]  # Celery accepts a Queue too
                     routing_key=settings.DELIVER_QUEUE,
                     declare=declare,
                     mandatory=True,

@@ -196,7 +196,7 @@ def _after_transient(key: str, token: int, pk: int, exc: Exception, attempts: in
     return Outcome(key, "retry", detail=reason, retry_in=_retry_delay(attempts), attempts=attempts)
 
 
-_NOTIFICATION_STATUS = {
+_NOTIFICATION_STATUS: dict[str, Status] = {
     ClaimState.SENT: Status.SENT,
     ClaimState.FAILED: Status.FAILED,
     ClaimState.HELD: Status.AMBIGUOUS,

@@ -8,6 +8,7 @@ consumer's record, one row per key, that makes a second email impossible.
 import hashlib
 
 from django.db import models
+from django.db.models.functions import Now
 
 from .conf import settings
 from .managers import NotificationManager, OutboxMessageManager, SentEmailManager
@@ -46,10 +47,10 @@ class Notification(models.Model):
         db_default=0, help_text="Redeliveries that found the previous send's outcome unknown."
     )
     last_error = models.TextField(blank=True, db_default="")
-    created_at = models.DateTimeField(db_default=models.functions.Now())
+    created_at = models.DateTimeField(db_default=Now())
     published_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(db_default=models.functions.Now())
+    updated_at = models.DateTimeField(db_default=Now())
 
     objects = NotificationManager()
 
@@ -76,7 +77,7 @@ class OutboxMessage(models.Model):
     notification = models.ForeignKey(
         Notification, on_delete=models.CASCADE, related_name="outbox_messages"
     )
-    created_at = models.DateTimeField(db_default=models.functions.Now())
+    created_at = models.DateTimeField(db_default=Now())
     published_at = models.DateTimeField(null=True, blank=True)
 
     objects = OutboxMessageManager()
@@ -128,8 +129,8 @@ class SentEmail(models.Model):
     ambiguous_count = models.PositiveIntegerField(default=0)
     message_id = models.CharField(max_length=200, blank=True, default="")
     response = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(db_default=models.functions.Now())
-    updated_at = models.DateTimeField(db_default=models.functions.Now())
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
     sent_at = models.DateTimeField(null=True, blank=True)
 
     objects = SentEmailManager()
