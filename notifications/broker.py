@@ -22,6 +22,7 @@ DELIVER_TASK = "notifications.deliver"
 RELAY_TASK = "notifications.relay"
 PURGE_TASK = "notifications.purge"
 RECOVER_TASK = "notifications.recover"
+DEAD_LETTERS_TASK = "notifications.dead_letters"
 CONFIRM_TIMEOUT = 10.0
 
 
@@ -64,24 +65,28 @@ def queues() -> list[Queue]:
     ]
 
 
-def configure(app: Celery) -> None:
+def configure(app: Celery, *, maintenance: bool = True) -> None:
     """Give a Celery app the pipeline's queues, routes and relay schedule.
 
     Call it in your ``celery.py`` after ``config_from_object``. Queue names and the
     delivery limit come from ``NOTIFICATIONS_*`` settings, read when Celery loads its
     configuration (not at import: ``celery.py`` is imported while Django settings load).
+    ``maintenance=False`` leaves out the passes that belong to the notification service
+    (recovery of stalled retries, dead letters, purge): a calling service only relays.
     """
     if getattr(app, "configured", False):
-        _apply(app)
+        _apply(app, maintenance)
     else:
-        app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender), weak=False)
+        app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender, maintenance), weak=False)
 
 
-def _apply(app: Celery) -> None:
+def _apply(app: Celery, maintenance: bool) -> None:
     deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
     routes = dict(app.conf.task_routes or {})
-    routes.update({DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay, RECOVER_TASK: relay})
+    routes.update(
+        {DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay, RECOVER_TASK: relay, DEAD_LETTERS_TASK: relay}
+    )
     interval = float(settings.RELAY_INTERVAL)
     schedule = dict(app.conf.beat_schedule or {})
     # The safety net: on-commit wake-ups make delivery fast, this pass makes it certain.
@@ -89,12 +94,17 @@ def _apply(app: Celery) -> None:
         "notifications-relay",
         {"task": RELAY_TASK, "schedule": interval, "options": {"expires": max(5 * interval, 5.0)}},
     )
-    schedule.setdefault(
-        "notifications-recover", {"task": RECOVER_TASK, "schedule": 60.0, "options": {"expires": 60.0}}
-    )
-    schedule.setdefault(
-        "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}
-    )
+    if maintenance:
+        schedule.setdefault(
+            "notifications-recover", {"task": RECOVER_TASK, "schedule": 60.0, "options": {"expires": 60.0}}
+        )
+        schedule.setdefault(
+            "notifications-dead-letters",
+            {"task": DEAD_LETTERS_TASK, "schedule": 10.0, "options": {"expires": 10.0}},
+        )
+        schedule.setdefault(
+            "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}
+        )
     existing = [q for q in (app.conf.task_queues or []) if q.name not in _names()]
     app.conf.update(
         task_queues=[*existing, *queues()],

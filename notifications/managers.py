@@ -278,6 +278,22 @@ class SentEmailManager(models.Manager[Any]):
             using,
         )
 
+    def fail_unless_live(self, key: str, notification_pk: int, reason: str, using: str) -> bool:
+        """Record ``key`` as failed unless it was sent, already finished, or is claimed by a
+        live worker right now. True if this call marked it failed."""
+        t = self._table()
+        sql = (
+            f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", "attempts", '
+            f'"ambiguous_count", "message_id", "response") VALUES (%s, %s, \'failed\', 1, \'\', 0, 0, \'\', %s) '
+            f'ON CONFLICT ("key") DO UPDATE SET "state" = \'failed\', "response" = EXCLUDED."response", '
+            f'"token" = {t}."token" + 1, "send_started_at" = NULL, "updated_at" = now() '
+            f"WHERE {t}.\"state\" = 'released' OR ({t}.\"state\" = 'claimed' AND {t}.\"lease_expires_at\" < now()) "
+            f'RETURNING "id"'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [key, notification_pk, reason])
+            return cursor.fetchone() is not None
+
     def reopen(self, keys: Sequence[str], from_states: Sequence[str], using: str) -> int:
         """Make finished keys claimable again (admin retry); never a sent one."""
         assert "sent" not in from_states

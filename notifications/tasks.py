@@ -69,6 +69,14 @@ def recover() -> int:
     return len(relay.recover_stalled())
 
 
+@shared_task(name="notifications.dead_letters", ignore_result=True)
+def dead_letters() -> int:
+    """Mark the notifications of dead-lettered messages failed (beat runs this every 10 s)."""
+    from . import deadletters
+
+    return len(deadletters.settle())
+
+
 @shared_task(name="notifications.purge", ignore_result=True)
 def purge() -> dict[str, int]:
     """Delete published outbox rows and finished sent-email records past retention."""
