@@ -33,12 +33,14 @@ def _requeue(queryset: QuerySet[Notification], from_states: list[str], new_statu
     with transaction.atomic(using=db):
         notifications = list(queryset.select_for_update())
         keys = [n.key for n in notifications]
-        SentEmail.objects.reopen(keys, from_states, db)
-        reopened = set(
-            SentEmail.objects.using(db).filter(key__in=keys, state=ClaimState.RELEASED).values_list("key", flat=True)
+        # Lock the records and decide from their state now: a key that was already
+        # released (or claimed) is not ours to requeue.
+        records = dict(
+            SentEmail.objects.using(db).select_for_update().filter(key__in=keys).values_list("key", "state")
         )
-        never_claimed = set(keys) - set(SentEmail.objects.using(db).filter(key__in=keys).values_list("key", flat=True))
-        chosen = [n for n in notifications if n.key in reopened or n.key in never_claimed]
+        reopened = {key for key in keys if records.get(key) in from_states}
+        SentEmail.objects.reopen(sorted(reopened), from_states, db)
+        chosen = [n for n in notifications if n.key in reopened or n.key not in records]
         for n in chosen:
             OutboxMessage.objects.using(db).create(notification=n)
         Notification.objects.using(db).filter(pk__in=[n.pk for n in chosen]).update(
@@ -85,8 +87,17 @@ class NotificationAdmin(admin.ModelAdmin):
         db = settings.DATABASE
         with transaction.atomic(using=db):
             keys = list(queryset.filter(status=Status.AMBIGUOUS).values_list("key", flat=True))
-            SentEmail.objects.using(db).filter(key__in=keys, state=ClaimState.HELD).update(state=ClaimState.SENT)
-            count = Notification.objects.using(db).filter(key__in=keys).update(status=Status.SENT)
+            held = list(
+                SentEmail.objects.using(db)
+                .select_for_update()
+                .filter(key__in=keys, state=ClaimState.HELD)
+                .values_list("key", flat=True)
+            )
+            SentEmail.objects.using(db).filter(key__in=held).update(state=ClaimState.SENT)
+            # Only those whose record was held: one being resent must not be called sent.
+            count = Notification.objects.using(db).filter(key__in=held, status=Status.AMBIGUOUS).update(
+                status=Status.SENT
+            )
         self.message_user(request, f"{count} notification(s) marked as sent.", messages.SUCCESS)
 
 

@@ -35,7 +35,7 @@ def _clean(
     from_email: Any = None,
     metadata: Any = None,
 ) -> dict[str, Any]:
-    row = {
+    row: dict[str, Any] = {
         "service": validation.identifier("service", service),
         "notification_id": validation.identifier("notification_id", notification_id),
         "user_id": validation.identifier("user_id", user_id),

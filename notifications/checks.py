@@ -53,11 +53,17 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
             hint="Set CELERY_TASK_ACKS_LATE = True.",
             id="notifications.E003",
         ))
-    serializers = {conf.task_serializer, conf.result_serializer, *(conf.accept_content or [])}
+    serializers = {
+        conf.task_serializer,
+        conf.result_serializer,
+        *(conf.accept_content or []),
+        *(conf.result_accept_content or []),
+    }
     if serializers - {"json", "application/json"}:
         errors.append(Error(
             f"Only JSON serialization is allowed, found {sorted(serializers)}.",
-            hint="Set CELERY_TASK_SERIALIZER = CELERY_RESULT_SERIALIZER = 'json' and CELERY_ACCEPT_CONTENT = ['json'].",
+            hint="Set CELERY_TASK_SERIALIZER = CELERY_RESULT_SERIALIZER = 'json' and CELERY_ACCEPT_CONTENT = ['json'] "
+            "(and CELERY_RESULT_ACCEPT_CONTENT, if set, to ['json']).",
             id="notifications.E004",
         ))
     lease = float(settings.CLAIM_LEASE)
@@ -96,6 +102,7 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     if settings.AMBIGUOUS not in ("resend", "hold"):
         errors.append(Error(
             f"NOTIFICATIONS_AMBIGUOUS={settings.AMBIGUOUS!r} is not one of 'resend', 'hold'.",
+            hint="Set NOTIFICATIONS_AMBIGUOUS = 'resend' (at-least-once) or 'hold' (at-most-once).",
             id="notifications.E009",
         ))
     if (conf.worker_prefetch_multiplier or 0) != 1:
@@ -110,13 +117,15 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
 
 def refuse_unsafe_worker(**kwargs: Any) -> None:
     """At worker and beat start: refuse to run with settings that break the contract
-    (Celery runs Django's checks there but only logs them)."""
-    from django.core.management.base import SystemCheckError
+    (Celery runs Django's checks there but only logs them).
 
+    Raises ``SystemExit``: Celery logs and swallows any ``Exception`` a signal handler
+    raises, and the worker would start anyway.
+    """
     errors = [e for e in check_pipeline() if e.is_serious()]
     if errors:
         lines = "\n".join(f"{e.id}: {e.msg}\n    HINT: {e.hint}" for e in errors)
-        raise SystemCheckError(f"notifications: unsafe settings, refusing to start:\n{lines}")
+        raise SystemExit(f"notifications: unsafe settings, refusing to start:\n{lines}")
 
 
 def _connect_signals() -> None:

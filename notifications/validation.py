@@ -20,6 +20,9 @@ from .exceptions import InvalidNotification
 MAX_LENGTHS = {"service": 100, "notification_id": 200, "user_id": 200}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_BREAK = re.compile(r"[\r\n\u2028\u2029\x85]")
+# An escaped NUL in JSON text: \u0000 after an even number of backslashes (an odd
+# number means the backslash itself was escaped, and the text is a literal "\u0000").
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def identifier(field: str, value: Any) -> str:
@@ -64,7 +67,10 @@ def address(field: str, value: Any, *, required: bool = True) -> str:
         raise InvalidNotification(field, f"{addr!r} is not a valid email address")
     if name:
         local, domain = addr.split("@")
-        return str(Address(display_name=name, username=local, domain=domain))
+        # Normalising may quote the display name, so the stored form can be longer.
+        addr = str(Address(display_name=name, username=local, domain=domain))
+        if len(addr) > 320:
+            raise InvalidNotification(field, "is longer than 320 characters once its display name is quoted")
     return addr
 
 
@@ -109,10 +115,11 @@ def metadata(value: Any) -> dict[str, Any]:
     import json
 
     try:
-        encoded = json.dumps(value)
+        # PostgreSQL's jsonb refuses NaN and Infinity, which json.dumps writes by default.
+        encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidNotification("metadata", f"must be JSON-serializable ({exc})") from None
-    if "\\u0000" in encoded:
+    if _JSON_NUL.search(encoded):
         raise InvalidNotification("metadata", "must not contain NUL characters")
     if len(encoded) > 64 * 1024:
         raise InvalidNotification("metadata", "is larger than 64 KiB as JSON")

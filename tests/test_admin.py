@@ -1,0 +1,329 @@
+"""The operator's admin: finding notifications, read-only outbox and sent-email records,
+and the actions that send again through the outbox without ever sending a key twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import escape
+
+from notifications import notify
+from notifications.models import Notification, OutboxMessage, SentEmail
+from tests.conftest import notification_kwargs, wait_for
+from tests.smtp import Plan
+
+CHANGELIST = "admin:notifications_notification_changelist"
+
+
+def make(status: str, claim: str | None = None, **kwargs: Any) -> Notification:
+    """A notification as the pipeline leaves it: published, with ``status`` and, when
+    ``claim`` is given, a sent-email record in that state."""
+    n = notify(**notification_kwargs(**kwargs))
+    OutboxMessage.objects.filter(notification=n).update(published_at=timezone.now())
+    last_error = {"failed": "550 5.1.1 No such user", "ambiguous": "held: decide in the admin"}.get(
+        status, ""
+    )
+    Notification.objects.filter(pk=n.pk).update(
+        status=status, attempts=1, last_error=last_error, published_at=timezone.now()
+    )
+    if claim is not None:
+        SentEmail.objects.create(
+            key=n.key, notification=n, state=claim, token=1, attempts=1, response=last_error
+        )
+    return Notification.objects.get(pk=n.pk)
+
+
+def shown(client: Client, **query: str) -> list[str]:
+    """Keys on the notification changelist for this query, as the operator sees them."""
+    response = client.get(reverse(CHANGELIST), query)
+    assert response.status_code == 200
+    return sorted(n.key for n in response.context["cl"].result_list)
+
+
+def act(client: Client, action: str, *selected: Notification) -> list[str]:
+    """Run a changelist action on ``selected``; return the messages shown afterwards."""
+    response = client.post(
+        reverse(CHANGELIST),
+        {"action": action, "_selected_action": [n.pk for n in selected]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return [str(m) for m in response.context["messages"]]
+
+
+def state(n: Notification) -> tuple[str, str | None, int]:
+    """(notification status, sent-email state, outbox rows) for ``n``, fresh from the database."""
+    claim = SentEmail.objects.filter(key=n.key).values_list("state", flat=True).first()
+    return (
+        Notification.objects.get(pk=n.pk).status,
+        claim,
+        OutboxMessage.objects.filter(notification=n).count(),
+    )
+
+
+# Access.
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["notification", "outboxmessage", "sentemail"])
+def test_anonymous_users_are_sent_to_login(client: Client, model: str) -> None:
+    url = reverse(f"admin:notifications_{model}_changelist")
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"] == f"{reverse('admin:login')}?next={url}"
+
+
+@pytest.mark.django_db
+def test_staff_without_permissions_cannot_see_notifications(
+    client: Client, django_user_model: Any
+) -> None:
+    user = django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
+    client.force_login(user)
+    assert client.get(reverse(CHANGELIST)).status_code == 403
+
+
+# Finding notifications.
+
+
+@pytest.mark.django_db
+def test_changelist_lists_notifications_with_their_status(admin_client: Client) -> None:
+    n = make("failed", "failed")
+    response = admin_client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert n.key in page and "ann@example.com" in page and "failed" in page
+
+
+@pytest.mark.django_db
+def test_filters_by_status_and_service(admin_client: Client) -> None:
+    failed = make("failed", "failed", service="billing")
+    sent = make("sent", "sent", service="billing")
+    other = make("failed", "failed", service="shipping")
+    assert shown(admin_client, status__exact="failed") == sorted([failed.key, other.key])
+    assert shown(admin_client, status__exact="sent") == [sent.key]
+    assert shown(admin_client, service__exact="billing") == sorted([failed.key, sent.key])
+    assert shown(admin_client, status__exact="failed", service__exact="billing") == [failed.key]
+    assert shown(admin_client, status__exact="ambiguous") == []
+
+
+@pytest.mark.django_db
+def test_search_by_key_user_id_and_address(admin_client: Client) -> None:
+    ann = make("sent", "sent", user_id="user-ann-1", to="Ann Example <ann@example.com>")
+    bob = make("sent", "sent", user_id="user-bob-2", to="bob@example.org")
+    assert shown(admin_client, q=ann.key) == [ann.key]
+    assert shown(admin_client, q=bob.notification_id) == [bob.key]  # part of a key
+    assert shown(admin_client, q="user-bob-2") == [bob.key]
+    assert shown(admin_client, q="ann@example.com") == [ann.key]
+    assert shown(admin_client, q="example.org") == [bob.key]
+    assert shown(admin_client, q="nobody@example.net") == []
+
+
+@pytest.mark.django_db
+def test_notification_page_shows_the_message_id_and_cannot_be_added_or_deleted(
+    admin_client: Client,
+) -> None:
+    n = make("sent", "sent")
+    page = admin_client.get(reverse("admin:notifications_notification_change", args=[n.pk]))
+    assert page.status_code == 200 and escape(n.message_id) in page.content.decode()
+    assert admin_client.get(reverse("admin:notifications_notification_add")).status_code == 403
+    assert (
+        admin_client.get(
+            reverse("admin:notifications_notification_delete", args=[n.pk])
+        ).status_code
+        == 403
+    )
+    assert (
+        admin_client.post(
+            reverse("admin:notifications_notification_delete", args=[n.pk]), {"post": "yes"}
+        ).status_code
+        == 403
+    )
+    assert Notification.objects.filter(pk=n.pk).exists()
+
+
+# The outbox and the sent-email records are read-only.
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["outboxmessage", "sentemail"])
+def test_records_are_read_only(admin_client: Client, model: str) -> None:
+    n = make("sent", "sent")
+    obj = (
+        OutboxMessage.objects.get(notification=n)
+        if model == "outboxmessage"
+        else SentEmail.objects.get(key=n.key)
+    )
+    url = f"admin:notifications_{model}"
+
+    changelist = admin_client.get(reverse(f"{url}_changelist"))
+    assert changelist.status_code == 200
+    assert n.key in changelist.content.decode()
+    assert changelist.context["has_add_permission"] is False
+    assert "delete_selected" not in changelist.context["cl"].model_admin.get_actions(
+        changelist.wsgi_request
+    )
+
+    assert admin_client.get(reverse(f"{url}_add")).status_code == 403
+    assert admin_client.post(reverse(f"{url}_add"), {}).status_code == 403
+    view = admin_client.get(reverse(f"{url}_change", args=[obj.pk]))
+    assert view.status_code == 200 and view.context["has_change_permission"] is False
+    assert (
+        admin_client.post(
+            reverse(f"{url}_change", args=[obj.pk]), {"state": "released"}
+        ).status_code
+        == 403
+    )
+    assert admin_client.get(reverse(f"{url}_delete", args=[obj.pk])).status_code == 403
+    assert (
+        admin_client.post(reverse(f"{url}_delete", args=[obj.pk]), {"post": "yes"}).status_code
+        == 403
+    )
+    bulk = admin_client.post(
+        reverse(f"{url}_changelist"),
+        {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"},
+    )
+    assert bulk.status_code in (200, 302)
+    assert type(obj).objects.filter(pk=obj.pk).exists()
+    assert state(n) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_sent_email_search_by_key_and_message_id(admin_client: Client) -> None:
+    n = make("sent", "sent")
+    SentEmail.objects.filter(key=n.key).update(message_id=n.message_id)
+    make("sent", "sent")
+    for q in (n.key, n.message_id):
+        response = admin_client.get(reverse("admin:notifications_sentemail_changelist"), {"q": q})
+        assert [e.key for e in response.context["cl"].result_list] == [n.key]
+
+
+# Retry failed.
+
+
+@pytest.mark.django_db
+def test_retry_failed_puts_a_failed_notification_back_through_the_outbox(
+    admin_client: Client,
+) -> None:
+    n = make("failed", "failed")
+    messages = act(admin_client, "retry_failed", n)
+    assert messages == ["1 failed notification(s) queued again."]
+    again = Notification.objects.get(pk=n.pk)
+    assert (again.status, again.attempts, again.last_error) == ("created", 0, "")
+    assert SentEmail.objects.get(key=n.key).state == "released"
+    outbox = list(OutboxMessage.objects.filter(notification=n).order_by("id"))
+    assert len(outbox) == 2
+    assert outbox[0].published_at is not None and outbox[1].published_at is None
+
+
+@pytest.mark.django_db
+def test_retry_failed_gives_a_fresh_attempt_budget(admin_client: Client, settings: Any) -> None:
+    n = make("failed", "failed")
+    SentEmail.objects.filter(key=n.key).update(attempts=settings.NOTIFICATIONS_MAX_ATTEMPTS)
+    act(admin_client, "retry_failed", n)
+    claim = SentEmail.objects.get(key=n.key)
+    assert (claim.state, claim.attempts) == ("released", 0)
+
+
+@pytest.mark.django_db
+def test_retry_failed_never_reopens_a_sent_email(admin_client: Client) -> None:
+    # The status says failed but the record says sent (say the status write was lost):
+    # the record wins, since reopening it would send the email a second time.
+    n = make("failed", "sent")
+    assert act(admin_client, "retry_failed", n) == ["0 failed notification(s) queued again."]
+    assert state(n) == ("failed", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_retry_failed_acts_only_on_failed_notifications(admin_client: Client) -> None:
+    failed = make("failed", "failed")
+    never_claimed = make("failed")
+    sent = make("sent", "sent")
+    in_flight = make("failed", "claimed")
+    held = make("ambiguous", "held")
+    messages = act(admin_client, "retry_failed", failed, never_claimed, sent, in_flight, held)
+    assert messages == ["2 failed notification(s) queued again."]
+    assert state(failed) == ("created", "released", 2)
+    assert state(never_claimed) == ("created", None, 2)
+    assert state(sent) == ("sent", "sent", 1)
+    assert state(in_flight) == ("failed", "claimed", 1)
+    assert state(held) == ("ambiguous", "held", 1)
+
+
+# Ambiguous (held) notifications.
+
+
+@pytest.mark.django_db
+def test_resend_ambiguous_acts_only_on_held_ambiguous_notifications(admin_client: Client) -> None:
+    held = make("ambiguous", "held")
+    ambiguous_but_claimed = make("ambiguous", "claimed")
+    ambiguous_but_released = make("ambiguous", "released")
+    failed = make("failed", "failed")
+    sent = make("sent", "sent")
+    messages = act(
+        admin_client,
+        "resend_ambiguous",
+        held,
+        ambiguous_but_claimed,
+        ambiguous_but_released,
+        failed,
+        sent,
+    )
+    assert messages == ["1 ambiguous notification(s) queued for resending."]
+    assert state(held) == ("created", "released", 2)
+    assert state(ambiguous_but_claimed) == ("ambiguous", "claimed", 1)
+    assert state(ambiguous_but_released) == ("ambiguous", "released", 1)
+    assert state(failed) == ("failed", "failed", 1)
+    assert state(sent) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_mark_ambiguous_as_sent_acts_only_on_held_ambiguous_notifications(
+    admin_client: Client,
+) -> None:
+    held = make("ambiguous", "held")
+    ambiguous_but_claimed = make("ambiguous", "claimed")
+    failed_but_held = make("failed", "held")
+    messages = act(
+        admin_client, "mark_ambiguous_sent", held, ambiguous_but_claimed, failed_but_held
+    )
+    assert messages == ["1 notification(s) marked as sent."]
+    assert state(held) == ("sent", "sent", 1)
+    assert state(ambiguous_but_claimed) == ("ambiguous", "claimed", 1)
+    assert state(failed_but_held) == ("failed", "held", 1)
+
+
+# The actions with a real worker and mail server.
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_after_retries_ran_out_delivers_once(
+    admin_client: Client, smtp_server: Any, workers: Any
+) -> None:
+    workers.start()
+    kwargs = notification_kwargs()
+    key = f"tests:{kwargs['notification_id']}:42"
+    smtp_server.plan(key, Plan(reply="421 4.7.0 Try again later", times=-1))
+    n = notify(**kwargs)
+    wait_for(
+        lambda: Notification.objects.filter(key=key, status="failed").exists(),
+        timeout=40,
+        what="failed",
+    )
+    assert "gave up after 4 attempts" in Notification.objects.get(pk=n.pk).last_error
+
+    with smtp_server.handler.lock:  # the mail server recovers
+        smtp_server.handler.plans[key].clear()
+    assert act(admin_client, "retry_failed", n) == ["1 failed notification(s) queued again."]
+    sent = wait_for(
+        lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30, what="sent"
+    )
+    assert sent.attempts == 1 and smtp_server.count(key) == 1
+
+    # Selecting it again does nothing: it is sent, and stays sent once.
+    assert act(admin_client, "retry_failed", sent) == ["0 failed notification(s) queued again."]
+    assert state(sent) == ("sent", "sent", 2)
+    assert smtp_server.count(key) == 1

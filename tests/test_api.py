@@ -1,0 +1,417 @@
+"""notify() and notify_many() in the caller's transaction: what they write, what a
+rollback leaves, and one row per key, also when separate processes race for it."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.contrib.auth.models import User
+from django.db import connection, transaction
+
+import notifications
+from notifications import InvalidNotification, NotificationError, notify, notify_many
+from notifications.models import Notification, OutboxMessage
+from tests.conftest import ROOT, child_env, notification_kwargs, wait_for
+from tests.conftest import test_database_url as database_url
+
+
+def keys() -> list[str]:
+    return sorted(Notification.objects.values_list("key", flat=True))
+
+
+@pytest.mark.django_db
+def test_public_interface() -> None:
+    assert (
+        notifications.notify is notify and notifications.InvalidNotification is InvalidNotification
+    )
+    assert issubclass(InvalidNotification, ValueError) and issubclass(
+        InvalidNotification, NotificationError
+    )
+
+
+@pytest.mark.django_db
+def test_notify_writes_a_notification_and_one_unpublished_outbox_row() -> None:
+    kwargs = notification_kwargs(service="billing", user_id=42)
+    n = notify(**kwargs)
+    stored = Notification.objects.get(pk=n.pk)
+    assert stored.key == f"billing:{kwargs['notification_id']}:42"
+    assert (stored.status, stored.attempts, stored.to, stored.subject) == (
+        "created",
+        0,
+        "ann@example.com",
+        "Your invoice",
+    )
+    [outbox] = OutboxMessage.objects.all()
+    assert outbox.notification_id == n.pk and outbox.published_at is None
+
+
+# The caller's transaction.
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rejected_notify_does_not_poison_the_callers_transaction() -> None:
+    with transaction.atomic():
+        User.objects.create(username="before")
+        with pytest.raises(InvalidNotification):
+            notify(**notification_kwargs(to="ann.example.com"))
+        assert not transaction.get_connection().needs_rollback
+        n = notify(**notification_kwargs())
+        User.objects.create(username="after")
+    assert sorted(User.objects.values_list("username", flat=True)) == ["after", "before"]
+    assert keys() == [n.key]
+    assert OutboxMessage.objects.filter(notification=n).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_repeat_inside_the_callers_transaction_does_not_poison_it() -> None:
+    kwargs = notification_kwargs()
+    with transaction.atomic():
+        first = notify(**kwargs)
+        again = notify(**kwargs)  # the unique key conflicts here
+        User.objects.create(username="after-the-repeat")
+    assert again.pk == first.pk
+    assert User.objects.filter(username="after-the-repeat").exists()
+    assert keys() == [first.key] and OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_transaction_leaves_no_rows() -> None:
+    kwargs = notification_kwargs()
+    with pytest.raises(RuntimeError, match="caller fails"), transaction.atomic():
+        n = notify(**kwargs)
+        assert Notification.objects.filter(pk=n.pk).exists()  # visible inside, until...
+        raise RuntimeError("caller fails")
+    assert not Notification.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    # The key is free again: a later call creates it afresh.
+    assert notify(**kwargs).pk != n.pk
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_savepoint_drops_only_its_own_notification() -> None:
+    with transaction.atomic():
+        kept = notify(**notification_kwargs())
+        with pytest.raises(RuntimeError), transaction.atomic():
+            notify(**notification_kwargs())
+            raise RuntimeError("inner block fails")
+    assert keys() == [kept.key]
+    assert list(OutboxMessage.objects.values_list("notification_id", flat=True)) == [kept.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_notify_outside_a_transaction_commits_on_its_own() -> None:
+    n = notify(**notification_kwargs())
+    assert not connection.in_atomic_block
+    with psycopg.connect(database_url()) as other:  # another session sees it: committed
+        count = other.execute(
+            "SELECT count(*) FROM notifications_outboxmessage o "
+            "JOIN notifications_notification n ON n.id = o.notification_id WHERE n.key = %s",
+            [n.key],
+        ).fetchone()
+    assert count == (1,)
+
+
+# Repeats of a key.
+
+
+@pytest.mark.django_db
+def test_same_key_twice_returns_the_first_notification_and_writes_once() -> None:
+    kwargs = notification_kwargs()
+    first = notify(**kwargs)
+    again = notify(**{**kwargs, "subject": "A different subject", "to": "bob@example.com"})
+    assert again.pk == first.pk
+    assert (again.subject, again.to) == ("Your invoice", "ann@example.com")
+    assert Notification.objects.count() == 1 and OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_int_and_text_ids_are_the_same_key() -> None:
+    kwargs = notification_kwargs(notification_id=7, user_id=42)
+    first = notify(**kwargs)
+    again = notify(**{**kwargs, "notification_id": "7", "user_id": "42"})
+    assert again.pk == first.pk and first.key == "tests:7:42"
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_each_part_of_the_key_tells_notifications_apart() -> None:
+    base = notification_kwargs(service="billing", notification_id="invoice-1", user_id="1")
+    variants = [
+        base,
+        {**base, "service": "shipping"},
+        {**base, "notification_id": "invoice-2"},
+        {**base, "user_id": "2"},
+    ]
+    pks = {notify(**v).pk for v in variants}
+    assert len(pks) == 4
+    assert keys() == [
+        "billing:invoice-1:1",
+        "billing:invoice-1:2",
+        "billing:invoice-2:1",
+        "shipping:invoice-1:1",
+    ]
+    assert OutboxMessage.objects.count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_repeat_after_commit_returns_the_committed_notification() -> None:
+    kwargs = notification_kwargs()
+    first = notify(**kwargs)
+    with transaction.atomic():
+        again = notify(**kwargs)
+    assert again.pk == first.pk
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 1
+
+
+# Separate OS processes calling notify() with the same key.
+
+CHILD = r"""
+import json, sys
+import django
+
+django.setup()
+from django.db import connection, transaction
+from notifications import notify
+
+kwargs, mode = json.loads(sys.argv[1]), sys.argv[2]
+
+
+def say(**message):
+    print(json.dumps(message), flush=True)
+
+
+connection.ensure_connection()
+say(ready=True, backend=connection.connection.info.backend_pid)
+sys.stdin.readline()  # "go"
+if mode == "hold":
+    with transaction.atomic():
+        n = notify(**kwargs)
+        say(inserted=n.pk)
+        outcome = sys.stdin.readline().strip()
+        if outcome == "rollback":
+            transaction.set_rollback(True)
+    say(finished=n.pk, outcome=outcome)
+else:
+    say(returned=notify(**kwargs).pk)
+"""
+
+
+class Child:
+    """A separate Python process with its own database session, driven line by line."""
+
+    def __init__(self, kwargs: dict[str, Any], mode: str, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(kwargs), mode],
+            cwd=ROOT,
+            env=child_env(),
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+        )
+        self.messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.messages.put(json.loads(line))
+        self.messages.put(None)
+
+    def next(self, timeout: float = 30.0) -> dict[str, Any]:
+        try:
+            message = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"no message from child within {timeout}s:\n{self.log.read_text()}"
+            ) from None
+        if message is None:
+            raise AssertionError(f"child exited with {self.proc.wait()}:\n{self.log.read_text()}")
+        return message
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Any:
+    started: list[Child] = []
+
+    def start(kwargs: dict[str, Any], mode: str = "call") -> Child:
+        child = Child(kwargs, mode, tmp_path / f"child-{len(started)}.log")
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.close()
+
+
+def waiting_on_a_lock(backend_pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+            [backend_pid],
+        )
+        row = cursor.fetchone()
+    return row is not None and row[0] == "Lock"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_second_process_waits_for_the_first_and_gets_its_notification(children: Any) -> None:
+    kwargs = notification_kwargs()
+    first, second = children(kwargs, "hold"), children({**kwargs, "subject": "Second caller"})
+    first.next()
+    backend = second.next()["backend"]
+    first.send("go")
+    inserted = first.next()["inserted"]  # first's transaction is open, holding the key
+
+    second.send("go")
+    wait_for(
+        lambda: waiting_on_a_lock(backend),
+        timeout=20,
+        what="second insert blocked on the first's key",
+    )
+    assert second.messages.empty()  # still inside notify()
+    assert not Notification.objects.exists()  # nothing committed yet
+
+    first.send("commit")
+    assert first.next() == {"finished": inserted, "outcome": "commit"}
+    assert second.next() == {"returned": inserted}
+    assert list(Notification.objects.values_list("pk", "subject")) == [(inserted, "Your invoice")]
+    assert list(OutboxMessage.objects.values_list("notification_id", flat=True)) == [inserted]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_second_process_creates_the_key_when_the_first_rolls_back(children: Any) -> None:
+    kwargs = notification_kwargs()
+    first, second = children(kwargs, "hold"), children({**kwargs, "subject": "Second caller"})
+    first.next()
+    backend = second.next()["backend"]
+    first.send("go")
+    inserted = first.next()["inserted"]
+    second.send("go")
+    wait_for(
+        lambda: waiting_on_a_lock(backend),
+        timeout=20,
+        what="second insert blocked on the first's key",
+    )
+
+    first.send("rollback")
+    assert first.next() == {"finished": inserted, "outcome": "rollback"}
+    created = second.next()["returned"]
+    assert created != inserted
+    assert list(Notification.objects.values_list("pk", "subject")) == [(created, "Second caller")]
+    assert list(OutboxMessage.objects.values_list("notification_id", flat=True)) == [created]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_racing_for_one_key_get_one_row(children: Any) -> None:
+    kwargs = notification_kwargs()
+    racers = [children({**kwargs, "subject": f"caller {i}"}) for i in range(6)]
+    for racer in racers:
+        racer.next()  # set up and connected: only the insert is left
+    for racer in racers:
+        racer.send("go")
+    returned = {racer.next()["returned"] for racer in racers}
+    assert len(returned) == 1
+    [pk] = returned
+    assert list(Notification.objects.values_list("pk", flat=True)) == [pk]
+    assert list(OutboxMessage.objects.values_list("notification_id", flat=True)) == [pk]
+
+
+# notify_many()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_notify_many_writes_every_item_in_one_transaction() -> None:
+    items = [notification_kwargs(user_id=i) for i in range(20)]
+    result = notify_many(items)
+    assert [n.key for n in result] == [
+        f"tests:{item['notification_id']}:{i}" for i, item in enumerate(items)
+    ]
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 20
+    # PostgreSQL's now() is the transaction's start time: one value means one transaction.
+    assert Notification.objects.values("created_at").distinct().count() == 1
+    assert OutboxMessage.objects.values("created_at").distinct().count() == 1
+
+
+@pytest.mark.django_db
+def test_notify_many_collapses_repeats_inside_and_across_calls() -> None:
+    a, b, c = (notification_kwargs() for _ in range(3))
+    first = notify_many([a, b, {**a, "subject": "repeat of a"}])
+    assert [n.pk for n in first] == [first[0].pk, first[1].pk, first[0].pk]
+    assert first[2].subject == "Your invoice"
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 2
+
+    second = notify_many(iter([c, b]))  # any iterable
+    assert second[1].pk == first[1].pk and second[0].pk not in {first[0].pk, first[1].pk}
+    assert notify(**a).pk == first[0].pk
+    assert Notification.objects.count() == OutboxMessage.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_notify_many_of_nothing_writes_nothing() -> None:
+    assert notify_many([]) == []
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
+def test_notify_many_names_the_bad_item_and_writes_nothing() -> None:
+    items = [notification_kwargs() for _ in range(5)]
+    items[3]["to"] = "ann.example.com"
+    with pytest.raises(InvalidNotification) as caught:
+        notify_many(items)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.field == "items[3].to"
+    assert str(caught.value) == "items[3].to: 'ann.example.com' is not a valid email address"
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [
+        pytest.param({"subject": "Hi\r\nBcc: x@y.com"}, "items[1].subject", id="header-injection"),
+        pytest.param({"service": "a:b"}, "items[1].service", id="colon"),
+        pytest.param({"metadata": []}, "items[1].metadata", id="metadata"),
+    ],
+)
+def test_notify_many_error_names_index_and_field(bad: dict[str, Any], problem: str) -> None:
+    items = [notification_kwargs(), notification_kwargs(**bad), notification_kwargs()]
+    with pytest.raises(InvalidNotification) as caught:
+        notify_many(items)
+    assert caught.value.field == problem and str(caught.value).startswith(f"{problem}: ")
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
+def test_notify_many_item_missing_a_field_or_not_a_mapping() -> None:
+    missing = notification_kwargs()
+    del missing["body"]
+    with pytest.raises(InvalidNotification) as caught:
+        notify_many([notification_kwargs(), missing])
+    assert caught.value.field == "items[1]" and "'body'" in str(caught.value)
+
+    with pytest.raises(InvalidNotification) as caught:
+        notify_many([notification_kwargs(), notification_kwargs(), "ann@example.com"])  # type: ignore[list-item]
+    assert caught.value.field == "items[2]" and "mapping" in str(caught.value)
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()

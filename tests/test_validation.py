@@ -1,0 +1,291 @@
+"""Bad input to notify(): an InvalidNotification (a ValueError) that names the field and
+says what is wrong, and nothing written. Valid edge cases go through unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from notifications import InvalidNotification, NotificationError, notify
+from notifications.models import Notification, OutboxMessage
+from notifications.validation import MAX_LENGTHS
+from tests.conftest import notification_kwargs
+
+pytestmark = pytest.mark.django_db
+
+MIB = 1024 * 1024
+INJECTION = "Ann\r\nBcc: x@y.com <ann@example.com>"
+
+
+def rejected(field: str, **overrides: Any) -> str:
+    """Call notify() with ``overrides``; return the error message after checking that
+    it names ``field`` and that no row was written."""
+    with pytest.raises(InvalidNotification) as caught:
+        notify(**notification_kwargs(**overrides))
+    error = caught.value
+    assert isinstance(error, ValueError) and isinstance(error, NotificationError)
+    assert error.field == field
+    message = str(error)
+    assert message.startswith(f"{field}: ")
+    assert not Notification.objects.exists()
+    assert not OutboxMessage.objects.exists()
+    return message
+
+
+BAD_ADDRESSES = [
+    pytest.param("ann.example.com", "not a valid email address", id="no-at"),
+    pytest.param("@example.com", "not a valid email address", id="no-local-part"),
+    pytest.param("a@x.com, b@x.com", "not a single email address", id="two-comma"),
+    pytest.param("a@x.com; b@x.com", "not a single email address", id="two-semicolon"),
+    pytest.param("ann@example.com <bob@example.com>", "not a single email address", id="two-angle"),
+    pytest.param("a@b@example.com", "not a single email address", id="two-at"),
+    pytest.param("", "an email address is required", id="empty"),
+    pytest.param(None, "an email address is required", id="none"),
+    pytest.param(42, "must be a string, got int", id="int"),
+    pytest.param(["ann@example.com"], "must be a string, got list", id="list"),
+    pytest.param(b"ann@example.com", "must be a string, got bytes", id="bytes"),
+    pytest.param(INJECTION, "must not contain CR, LF", id="crlf-in-display-name"),
+    pytest.param("ann@example.com\nBcc: x@y.com", "must not contain CR, LF", id="lf-after-address"),
+    pytest.param("ann@example.com\rBcc: x@y.com", "must not contain CR, LF", id="cr-after-address"),
+    pytest.param("Ann\x00 <ann@example.com>", "control characters", id="nul"),
+    pytest.param(
+        "Ann\u2028 <ann@example.com>", "must not contain CR, LF", id="unicode-line-separator"
+    ),
+    pytest.param("a" * 310 + "@example.com", "longer than 320 characters", id="too-long"),
+]
+
+
+@pytest.mark.parametrize(("value", "problem"), BAD_ADDRESSES)
+def test_bad_to_address(value: Any, problem: str) -> None:
+    assert problem in rejected("to", to=value)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [p for p in BAD_ADDRESSES if p.id not in ("empty", "none")],
+)
+def test_bad_from_email(value: Any, problem: str) -> None:
+    assert problem in rejected("from_email", from_email=value)
+
+
+def test_address_whose_quoted_display_name_grows_past_the_column_is_rejected() -> None:
+    # A display name with parentheses is quoted when normalised, two characters longer
+    # than what the caller passed: the limit applies to what would be stored.
+    name = "Ann (billing) " + "x" * 288
+    value = f"{name} <ann@example.com>"
+    assert len(value) == 320
+    assert "longer than 320 characters" in rejected("to", to=value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("Hello\r\nBcc: x@y.com", id="crlf"),
+        pytest.param("Hello\nworld", id="lf"),
+        pytest.param("Hello\rworld", id="cr"),
+        pytest.param("Hello\x00", id="nul"),
+        pytest.param("Hello\x1b[31m", id="escape"),
+        pytest.param("Hello\x7f", id="del"),
+        pytest.param("Hello\u2028world", id="unicode-line-separator"),
+        pytest.param("Hello\x85world", id="next-line"),
+    ],
+)
+def test_control_characters_in_subject(value: str) -> None:
+    assert "must not contain CR, LF or other control characters" in rejected(
+        "subject", subject=value
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param("", "must not be empty", id="empty"),
+        pytest.param("   ", "must not be empty", id="blank"),
+        pytest.param(None, "must be a string, got NoneType", id="none"),
+        pytest.param(7, "must be a string, got int", id="int"),
+        pytest.param("x" * 999, "is 999 characters long, the limit is 998", id="too-long"),
+    ],
+)
+def test_bad_subject(value: Any, problem: str) -> None:
+    assert problem in rejected("subject", subject=value)
+
+
+@pytest.mark.parametrize("field", ["service", "notification_id", "user_id"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param("", "must not be empty", id="empty"),
+        pytest.param("  ", "must not be empty", id="blank"),
+        pytest.param(None, "must be a string, got NoneType", id="none"),
+        pytest.param(1.5, "must be a string, got float", id="float"),
+        pytest.param(True, "must be a string, got bool", id="bool"),
+        pytest.param("a\r\nb", "must not contain control characters or line breaks", id="crlf"),
+        pytest.param("a\tb", "must not contain control characters or line breaks", id="tab"),
+        pytest.param("a\x00b", "must not contain control characters or line breaks", id="nul"),
+    ],
+)
+def test_bad_identifier(field: str, value: Any, problem: str) -> None:
+    assert problem in rejected(field, **{field: value})
+
+
+@pytest.mark.parametrize("field", ["service", "notification_id", "user_id"])
+def test_identifier_over_its_limit(field: str) -> None:
+    limit = MAX_LENGTHS[field]
+    assert limit == {"service": 100, "notification_id": 200, "user_id": 200}[field]
+    message = rejected(field, **{field: "x" * (limit + 1)})
+    assert f"is {limit + 1} characters long, the limit is {limit}" in message
+
+
+def test_identifiers_at_their_limits_are_accepted() -> None:
+    n = notify(
+        **notification_kwargs(
+            service="s" * MAX_LENGTHS["service"],
+            notification_id="n" * MAX_LENGTHS["notification_id"],
+            user_id="u" * MAX_LENGTHS["user_id"],
+        )
+    )
+    stored = Notification.objects.get(pk=n.pk)
+    assert stored.key == f"{'s' * 100}:{'n' * 200}:{'u' * 200}"
+
+
+@pytest.mark.parametrize("field", ["service", "notification_id"])
+def test_colon_in_service_or_notification_id(field: str) -> None:
+    message = rejected(field, **{field: "billing:invoice"})
+    assert "must not contain ':'" in message
+
+
+def test_body_over_the_default_limit_of_one_mib() -> None:
+    message = rejected("body", body="x" * (MIB + 1))
+    assert f"is {MIB + 1} bytes, the limit is {MIB} (NOTIFICATIONS_MAX_BODY_BYTES)" in message
+
+
+def test_body_of_exactly_one_mib_is_stored_whole() -> None:
+    n = notify(**notification_kwargs(body="x" * MIB))
+    assert len(Notification.objects.get(pk=n.pk).body) == MIB
+
+
+def test_body_limit_is_configurable(settings: Any) -> None:
+    settings.NOTIFICATIONS_MAX_BODY_BYTES = 100
+    message = rejected("body", body="x" * 101)
+    assert "is 101 bytes, the limit is 100 (NOTIFICATIONS_MAX_BODY_BYTES)" in message
+    # The limit counts UTF-8 bytes, not characters: 51 characters, 102 bytes.
+    assert "is 102 bytes, the limit is 100" in rejected("body", body="é" * 51)
+    n = notify(**notification_kwargs(body="x" * 100))
+    assert Notification.objects.get(pk=n.pk).body == "x" * 100
+
+
+def test_html_body_over_the_limit(settings: Any) -> None:
+    settings.NOTIFICATIONS_MAX_BODY_BYTES = 100
+    message = rejected("html_body", html_body="<p>" + "x" * 100 + "</p>")
+    assert "is 107 bytes, the limit is 100 (NOTIFICATIONS_MAX_BODY_BYTES)" in message
+
+
+@pytest.mark.parametrize("field", ["body", "html_body"])
+def test_nul_in_body(field: str) -> None:
+    assert "must not contain NUL characters" in rejected(field, **{field: "Hello\x00Ann"})
+
+
+@pytest.mark.parametrize("field", ["body", "html_body"])
+def test_lone_surrogate_in_body(field: str) -> None:
+    assert "not valid Unicode text" in rejected(field, **{field: "Hello \ud800"})
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param("", "must not be empty", id="empty"),
+        pytest.param(" \n ", "must not be empty", id="blank"),
+        pytest.param(None, "must be a string, got NoneType", id="none"),
+        pytest.param(b"Hello", "must be a string, got bytes", id="bytes"),
+    ],
+)
+def test_bad_body(value: Any, problem: str) -> None:
+    assert problem in rejected("body", body=value)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        pytest.param([("a", 1)], "must be a dict, got list", id="list"),
+        pytest.param("a=1", "must be a dict, got str", id="str"),
+        pytest.param(1, "must be a dict, got int", id="int"),
+        pytest.param({"ids": {1, 2}}, "must be JSON-serializable", id="set-value"),
+        pytest.param({"ratio": float("nan")}, "must be JSON-serializable", id="nan"),
+        pytest.param({"ratio": float("inf")}, "must be JSON-serializable", id="infinity"),
+        pytest.param({"note": "a\x00b"}, "must not contain NUL characters", id="nul"),
+        pytest.param({"note": "x" * 70_000}, "larger than 64 KiB", id="too-large"),
+    ],
+)
+def test_bad_metadata(value: Any, problem: str) -> None:
+    assert problem in rejected("metadata", metadata=value)
+
+
+def test_missing_keyword_argument_is_a_type_error_naming_it() -> None:
+    kwargs = notification_kwargs()
+    del kwargs["to"]
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'to'"):
+        notify(**kwargs)
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+def test_positional_or_unknown_arguments_are_type_errors() -> None:
+    kwargs = notification_kwargs()
+    with pytest.raises(TypeError, match="positional"):
+        notify(*kwargs.values())  # type: ignore[misc, call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'cc'"):
+        notify(**kwargs, cc="bob@example.com")  # type: ignore[call-arg]
+    assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+# Valid edge cases: accepted, stored as given (or in their normalised form).
+
+
+def test_display_name_is_kept() -> None:
+    n = notify(
+        **notification_kwargs(
+            to="Ann Example <ann@example.com>", from_email="Billing <bill@example.com>"
+        )
+    )
+    stored = Notification.objects.get(pk=n.pk)
+    assert stored.to == "Ann Example <ann@example.com>"
+    assert stored.from_email == "Billing <bill@example.com>"
+
+
+def test_display_name_that_needs_quotes_keeps_them() -> None:
+    n = notify(**notification_kwargs(to='"Example, Ann" <ann@example.com>'))
+    assert Notification.objects.get(pk=n.pk).to == '"Example, Ann" <ann@example.com>'
+
+
+def test_int_ids_become_text_in_the_key() -> None:
+    n = notify(**notification_kwargs(service="svc", notification_id="id", user_id=42))
+    stored = Notification.objects.get(pk=n.pk)
+    assert stored.key == "svc:id:42" and stored.user_id == "42"
+    assert (
+        notify(**notification_kwargs(service="svc", notification_id=7, user_id=0)).key == "svc:7:0"
+    )
+
+
+def test_user_id_may_contain_colons() -> None:
+    n = notify(**notification_kwargs(service="svc", notification_id="id", user_id="tenant:42"))
+    assert Notification.objects.get(pk=n.pk).key == "svc:id:tenant:42"
+
+
+def test_unicode_subject_and_body() -> None:
+    subject = "Ihre Rechnung für März ✓ — 請求書"
+    body = "Grüße, Ann 👋"
+    n = notify(**notification_kwargs(subject=subject, body=body, html_body=f"<p>{body}</p>"))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.subject, stored.body, stored.html_body) == (subject, body, f"<p>{body}</p>")
+
+
+def test_metadata_is_stored_as_given() -> None:
+    metadata = {"invoice": 17, "tags": ["a", "b"], "path": "C:\\u0000", "nested": {"ok": True}}
+    n = notify(**notification_kwargs(metadata=metadata))
+    assert Notification.objects.get(pk=n.pk).metadata == metadata
+
+
+def test_optional_fields_default_to_empty() -> None:
+    n = notify(**notification_kwargs(from_email=None, html_body=None, metadata=None))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.from_email, stored.html_body, stored.metadata) == ("", "", {})
