@@ -16,6 +16,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests
+	$(VENV)/bin/ruff format --check notifications project tests
+	$(VENV)/bin/mypy notifications project
 
 $(PYTHON):
 	$(PYTHON3) -m venv $(VENV)

@@ -35,9 +35,7 @@ def _requeue(queryset: QuerySet[Notification], from_states: list[str], new_statu
         keys = [n.key for n in notifications]
         # Lock the records and decide from their state now: a key that was already
         # released (or claimed) is not ours to requeue.
-        records = dict(
-            SentEmail.objects.using(db).select_for_update().filter(key__in=keys).values_list("key", "state")
-        )
+        records = dict(SentEmail.objects.using(db).select_for_update().filter(key__in=keys).values_list("key", "state"))
         reopened = {key for key in keys if records.get(key) in from_states}
         SentEmail.objects.reopen(sorted(reopened), from_states, db)
         chosen = [n for n in notifications if n.key in reopened or n.key not in records]
@@ -56,7 +54,15 @@ def _requeue(queryset: QuerySet[Notification], from_states: list[str], new_statu
 @admin.register(Notification)
 class NotificationAdmin(admin.ModelAdmin):
     list_display = (
-        "key", "status", "service", "user_id", "to", "attempts", "ambiguous_count", "created_at", "sent_at",
+        "key",
+        "status",
+        "service",
+        "user_id",
+        "to",
+        "attempts",
+        "ambiguous_count",
+        "created_at",
+        "sent_at",
     )
     list_filter = ("status", "service")
     search_fields = ("=key", "key", "=user_id", "to")
@@ -95,8 +101,8 @@ class NotificationAdmin(admin.ModelAdmin):
             )
             SentEmail.objects.using(db).filter(key__in=held).update(state=ClaimState.SENT)
             # Only those whose record was held: one being resent must not be called sent.
-            count = Notification.objects.using(db).filter(key__in=held, status=Status.AMBIGUOUS).update(
-                status=Status.SENT
+            count = (
+                Notification.objects.using(db).filter(key__in=held, status=Status.AMBIGUOUS).update(status=Status.SENT)
             )
         self.message_user(request, f"{count} notification(s) marked as sent.", messages.SUCCESS)
 

@@ -96,7 +96,8 @@ def _apply(app: Celery, maintenance: bool) -> None:
     )
     if maintenance:
         schedule.setdefault(
-            "notifications-recover", {"task": RECOVER_TASK, "schedule": 60.0, "options": {"expires": 60.0}}
+            "notifications-recover",
+            {"task": RECOVER_TASK, "schedule": float(settings.RECOVER_INTERVAL), "options": {"expires": 60.0}},
         )
         schedule.setdefault(
             "notifications-dead-letters",

@@ -35,24 +35,31 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     conf = _celery_conf()
     transport = dict(conf.broker_transport_options or {})
     if conf.broker_url and str(conf.broker_url).startswith(("amqp", "pyamqp")) and not transport.get("confirm_publish"):
-        errors.append(Error(
-            "Publisher confirms are off: the relay could mark a notification published that the broker never stored.",
-            hint="Set CELERY_BROKER_TRANSPORT_OPTIONS = {'confirm_publish': True}.",
-            id="notifications.E001",
-        ))
+        errors.append(
+            Error(
+                "Publisher confirms are off: the relay could mark a notification published "
+                "that the broker never stored.",
+                hint="Set CELERY_BROKER_TRANSPORT_OPTIONS = {'confirm_publish': True}.",
+                id="notifications.E001",
+            )
+        )
     if conf.task_acks_late and not conf.task_reject_on_worker_lost:
-        errors.append(Error(
-            "task_acks_late without task_reject_on_worker_lost: Celery acks the message of a worker "
-            "child that died mid-delivery, and that notification is lost.",
-            hint="Set CELERY_TASK_REJECT_ON_WORKER_LOST = True.",
-            id="notifications.E002",
-        ))
+        errors.append(
+            Error(
+                "task_acks_late without task_reject_on_worker_lost: Celery acks the message of a worker "
+                "child that died mid-delivery, and that notification is lost.",
+                hint="Set CELERY_TASK_REJECT_ON_WORKER_LOST = True.",
+                id="notifications.E002",
+            )
+        )
     if not conf.task_acks_late:
-        errors.append(Error(
-            "task_acks_late is off: a message is acked before delivery and lost if the worker dies.",
-            hint="Set CELERY_TASK_ACKS_LATE = True.",
-            id="notifications.E003",
-        ))
+        errors.append(
+            Error(
+                "task_acks_late is off: a message is acked before delivery and lost if the worker dies.",
+                hint="Set CELERY_TASK_ACKS_LATE = True.",
+                id="notifications.E003",
+            )
+        )
     serializers = {
         conf.task_serializer,
         conf.result_serializer,
@@ -60,58 +67,75 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         *(conf.result_accept_content or []),
     }
     if serializers - {"json", "application/json"}:
-        errors.append(Error(
-            f"Only JSON serialization is allowed, found {sorted(serializers)}.",
-            hint="Set CELERY_TASK_SERIALIZER = CELERY_RESULT_SERIALIZER = 'json' and CELERY_ACCEPT_CONTENT = ['json'] "
-            "(and CELERY_RESULT_ACCEPT_CONTENT, if set, to ['json']).",
-            id="notifications.E004",
-        ))
+        errors.append(
+            Error(
+                f"Only JSON serialization is allowed, found {sorted(serializers)}.",
+                hint="Set CELERY_TASK_SERIALIZER = CELERY_RESULT_SERIALIZER = 'json' and "
+                "CELERY_ACCEPT_CONTENT = ['json'] "
+                "(and CELERY_RESULT_ACCEPT_CONTENT, if set, to ['json']).",
+                id="notifications.E004",
+            )
+        )
     lease = float(settings.CLAIM_LEASE)
     consumer_timeout = float(settings.CONSUMER_TIMEOUT)
     timeout = getattr(django_settings, "EMAIL_TIMEOUT", None)
     if not timeout:
-        errors.append(Error(
-            "EMAIL_TIMEOUT is not set: a stalled mail server would hold a claim for ever.",
-            hint="Set EMAIL_TIMEOUT (seconds), e.g. 30.",
-            id="notifications.E005",
-        ))
+        errors.append(
+            Error(
+                "EMAIL_TIMEOUT is not set: a stalled mail server would hold a claim for ever.",
+                hint="Set EMAIL_TIMEOUT (seconds), e.g. 30.",
+                id="notifications.E005",
+            )
+        )
     elif float(timeout) * 3 > lease or float(timeout) * 3 > consumer_timeout:
-        errors.append(Error(
-            f"EMAIL_TIMEOUT={timeout}s is not far below the claim lease ({lease}s) and RabbitMQ's "
-            f"consumer_timeout ({consumer_timeout}s): a slow send could outlive its claim.",
-            hint="Keep EMAIL_TIMEOUT at most a third of NOTIFICATIONS_CLAIM_LEASE and NOTIFICATIONS_CONSUMER_TIMEOUT.",
-            id="notifications.E006",
-        ))
+        errors.append(
+            Error(
+                f"EMAIL_TIMEOUT={timeout}s is not far below the claim lease ({lease}s) and RabbitMQ's "
+                f"consumer_timeout ({consumer_timeout}s): a slow send could outlive its claim.",
+                hint="Keep EMAIL_TIMEOUT at most a third of NOTIFICATIONS_CLAIM_LEASE "
+                "and NOTIFICATIONS_CONSUMER_TIMEOUT.",
+                id="notifications.E006",
+            )
+        )
     hard = conf.task_time_limit
     if not hard or float(hard) >= lease or float(hard) >= consumer_timeout:
-        errors.append(Error(
-            f"The task hard time limit ({hard}) must be set and below the claim lease ({lease}s) and "
-            f"consumer_timeout ({consumer_timeout}s), so a stuck delivery is killed before its claim expires.",
-            hint="Set CELERY_TASK_TIME_LIMIT below NOTIFICATIONS_CLAIM_LEASE.",
-            id="notifications.E007",
-        ))
+        errors.append(
+            Error(
+                f"The task hard time limit ({hard}) must be set and below the claim lease ({lease}s) and "
+                f"consumer_timeout ({consumer_timeout}s), so a stuck delivery is killed before its claim expires.",
+                hint="Set CELERY_TASK_TIME_LIMIT below NOTIFICATIONS_CLAIM_LEASE.",
+                id="notifications.E007",
+            )
+        )
     retention = int(settings.SENT_RETENTION_DAYS) * 86400
     horizon = _retry_horizon()
     if retention < horizon * 2:
-        errors.append(Error(
-            f"Sent-email records are kept {retention}s, less than twice the longest retry horizon ({horizon:.0f}s): "
-            "a late redelivery could find no record and send again.",
-            hint="Raise NOTIFICATIONS_SENT_RETENTION_DAYS or lower NOTIFICATIONS_MAX_ATTEMPTS / RETRY_BACKOFF_MAX.",
-            id="notifications.E008",
-        ))
+        errors.append(
+            Error(
+                f"Sent-email records are kept {retention}s, less than twice the longest retry horizon "
+                f"({horizon:.0f}s): "
+                "a late redelivery could find no record and send again.",
+                hint="Raise NOTIFICATIONS_SENT_RETENTION_DAYS or lower NOTIFICATIONS_MAX_ATTEMPTS / RETRY_BACKOFF_MAX.",
+                id="notifications.E008",
+            )
+        )
     if settings.AMBIGUOUS not in ("resend", "hold"):
-        errors.append(Error(
-            f"NOTIFICATIONS_AMBIGUOUS={settings.AMBIGUOUS!r} is not one of 'resend', 'hold'.",
-            hint="Set NOTIFICATIONS_AMBIGUOUS = 'resend' (at-least-once) or 'hold' (at-most-once).",
-            id="notifications.E009",
-        ))
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_AMBIGUOUS={settings.AMBIGUOUS!r} is not one of 'resend', 'hold'.",
+                hint="Set NOTIFICATIONS_AMBIGUOUS = 'resend' (at-least-once) or 'hold' (at-most-once).",
+                id="notifications.E009",
+            )
+        )
     if (conf.worker_prefetch_multiplier or 0) != 1:
-        errors.append(Error(
-            "worker_prefetch_multiplier must be 1: prefetched messages wait unacked behind a slow send "
-            "and can hit RabbitMQ's consumer_timeout.",
-            hint="Set CELERY_WORKER_PREFETCH_MULTIPLIER = 1.",
-            id="notifications.E010",
-        ))
+        errors.append(
+            Error(
+                "worker_prefetch_multiplier must be 1: prefetched messages wait unacked behind a slow send "
+                "and can hit RabbitMQ's consumer_timeout.",
+                hint="Set CELERY_WORKER_PREFETCH_MULTIPLIER = 1.",
+                id="notifications.E010",
+            )
+        )
     return errors
 
 

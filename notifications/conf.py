@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     # Relay: rows per batch, and the beat period of the safety-net pass.
     "RELAY_BATCH_SIZE": 200,
     "RELAY_INTERVAL": 1.0,
+    # How often beat looks for notifications whose retry message was lost.
+    "RECOVER_INTERVAL": 60.0,
     # Wake the relay when a notify() commits, so delivery does not wait for beat.
     "RELAY_ON_COMMIT": True,
     # Quorum-queue delivery limit before a message is dead-lettered.

@@ -27,7 +27,6 @@ from django.db.models import F
 from django.db.models.functions import Now
 
 from . import locks
-from .faults import crash_point
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
@@ -35,6 +34,7 @@ from .exceptions import (
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from .faults import crash_point
 from .models import ClaimState, Notification, SentEmail, Status, message_id_for
 
 logger = logging.getLogger(__name__)
@@ -204,9 +204,7 @@ _NOTIFICATION_STATUS: dict[str, Status] = {
 }
 
 
-def _record(
-    key: str, token: int, pk: int, state: str, response: str, attempts: int, ambiguous: bool = False
-) -> None:
+def _record(key: str, token: int, pk: int, state: str, response: str, attempts: int, ambiguous: bool = False) -> None:
     """Write the outcome under the fencing token.
 
     After the mail server answered, losing this write would turn a known outcome into an

@@ -5,8 +5,8 @@ lock, or Redis being down, costs work but never a second email."""
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import redis

@@ -46,10 +46,7 @@ class NotificationManager(models.Manager["Notification"]):
         cols = ", ".join(_q(c) for c in columns)
         one = "(" + ", ".join(["%s"] * len(columns)) + ")"
         values = ", ".join([one] * rows)
-        insert = (
-            f"INSERT INTO {table} ({cols}) VALUES {values} "
-            f'ON CONFLICT ("key") DO NOTHING RETURNING "id"'
-        )
+        insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING "id"'
         if not with_outbox:
             return insert
         outbox = _q(OutboxMessage._meta.db_table)
@@ -73,9 +70,7 @@ class NotificationManager(models.Manager["Notification"]):
                 params.append(value)
         return params
 
-    def create_with_outbox(
-        self, rows: Sequence[dict[str, Any]], using: str
-    ) -> tuple[list[Notification], set[int]]:
+    def create_with_outbox(self, rows: Sequence[dict[str, Any]], using: str) -> tuple[list[Notification], set[int]]:
         """Insert notifications and their outbox rows, skipping keys that exist.
 
         Returns the notifications in the order of ``rows`` (existing ones for repeated
@@ -113,9 +108,7 @@ class NotificationManager(models.Manager["Notification"]):
             got = cursor.fetchone()
             if got:
                 return int(got[0])
-            cursor.execute(
-                f'SELECT "id" FROM {_q(self.model._meta.db_table)} WHERE "key" = %s', [row["key"]]
-            )
+            cursor.execute(f'SELECT "id" FROM {_q(self.model._meta.db_table)} WHERE "key" = %s', [row["key"]])
             return int(cursor.fetchone()[0])
 
 
@@ -162,10 +155,10 @@ class OutboxMessageManager(models.Manager[Any]):
         outbox = _q(self.model._meta.db_table)
         notif = _q(Notification._meta.db_table)
         sql = (
-            f"WITH pub AS (UPDATE {outbox} SET \"published_at\" = now() "
+            f'WITH pub AS (UPDATE {outbox} SET "published_at" = now() '
             f'WHERE "id" = ANY(%s) RETURNING "notification_id") '
             f'UPDATE {notif} n SET "published_at" = COALESCE(n."published_at", now()), '
-            f"\"status\" = CASE WHEN n.\"status\" = 'created' THEN 'published' ELSE n.\"status\" END, "
+            f'"status" = CASE WHEN n."status" = \'created\' THEN \'published\' ELSE n."status" END, '
             f'"updated_at" = now() '
             f'FROM pub WHERE n."id" = pub."notification_id"'
         )
@@ -180,10 +173,7 @@ class OutboxMessageManager(models.Manager[Any]):
         deleted = 0
         while True:
             ids = list(
-                self.using(using)
-                .filter(published_at__lt=before)
-                .order_by("id")
-                .values_list("id", flat=True)[:batch]
+                self.using(using).filter(published_at__lt=before).order_by("id").values_list("id", flat=True)[:batch]
             )
             if not ids:
                 return deleted
@@ -220,7 +210,7 @@ class SentEmailManager(models.Manager[Any]):
             f"VALUES (%s, %s, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '') "
             f'ON CONFLICT ("key") DO UPDATE SET "token" = {t}."token" + 1, '
             f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
-            f"\"state\" = 'claimed', \"updated_at\" = now(), "
+            f'"state" = \'claimed\', "updated_at" = now(), '
             f'"notification_id" = COALESCE({t}."notification_id", EXCLUDED."notification_id") '
             f"WHERE {t}.\"state\" = 'released' OR ({t}.\"state\" = 'claimed' "
             f'AND {t}."lease_expires_at" < now()) '
@@ -247,7 +237,7 @@ class SentEmailManager(models.Manager[Any]):
     def _fenced_update(self, key: str, token: int, sets: str, params: Iterable[Any], using: str) -> bool:
         sql = (
             f'UPDATE {self._table()} SET {sets}, "updated_at" = now() '
-            f"WHERE \"key\" = %s AND \"token\" = %s AND \"state\" = 'claimed'"
+            f'WHERE "key" = %s AND "token" = %s AND "state" = \'claimed\''
         )
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [*params, key, token])
@@ -268,7 +258,7 @@ class SentEmailManager(models.Manager[Any]):
     def finish(self, key: str, token: int, state: str, response: str, using: str, ambiguous: bool = False) -> bool:
         """Record the outcome under the fencing token: ``sent``, ``failed``, ``held``
         or ``released`` (to be retried). False if the token is stale."""
-        sent_at = ", \"sent_at\" = now()" if state == "sent" else ""
+        sent_at = ', "sent_at" = now()' if state == "sent" else ""
         return self._fenced_update(
             key,
             token,
@@ -284,10 +274,10 @@ class SentEmailManager(models.Manager[Any]):
         t = self._table()
         sql = (
             f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", "attempts", '
-            f'"ambiguous_count", "message_id", "response") VALUES (%s, %s, \'failed\', 1, \'\', 0, 0, \'\', %s) '
+            f"\"ambiguous_count\", \"message_id\", \"response\") VALUES (%s, %s, 'failed', 1, '', 0, 0, '', %s) "
             f'ON CONFLICT ("key") DO UPDATE SET "state" = \'failed\', "response" = EXCLUDED."response", '
             f'"token" = {t}."token" + 1, "send_started_at" = NULL, "updated_at" = now() '
-            f"WHERE {t}.\"state\" = 'released' OR ({t}.\"state\" = 'claimed' AND {t}.\"lease_expires_at\" < now()) "
+            f'WHERE {t}."state" = \'released\' OR ({t}."state" = \'claimed\' AND {t}."lease_expires_at" < now()) '
             f'RETURNING "id"'
         )
         with connections[using].cursor() as cursor:
@@ -299,7 +289,7 @@ class SentEmailManager(models.Manager[Any]):
         assert "sent" not in from_states
         with connections[using].cursor() as cursor:
             cursor.execute(
-                f"UPDATE {self._table()} SET \"state\" = 'released', \"send_started_at\" = NULL, "
+                f'UPDATE {self._table()} SET "state" = \'released\', "send_started_at" = NULL, '
                 f'"attempts" = 0, "updated_at" = now() WHERE "key" = ANY(%s) AND "state" = ANY(%s)',
                 [list(keys), list(from_states)],
             )

@@ -74,9 +74,7 @@ class Notification(models.Model):
 
 
 class OutboxMessage(models.Model):
-    notification = models.ForeignKey(
-        Notification, on_delete=models.CASCADE, related_name="outbox_messages"
-    )
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="outbox_messages")
     created_at = models.DateTimeField(db_default=Now())
     published_at = models.DateTimeField(null=True, blank=True)
 
@@ -115,9 +113,7 @@ class SentEmail(models.Model):
     """
 
     key = models.CharField(max_length=512)
-    notification = models.ForeignKey(
-        Notification, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
-    )
+    notification = models.ForeignKey(Notification, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     state = models.CharField(max_length=16, choices=ClaimState.choices, default=ClaimState.CLAIMED)
     token = models.BigIntegerField(default=1, help_text="Fencing token; grows on every takeover.")
     owner = models.CharField(max_length=200, blank=True, default="")

@@ -77,10 +77,10 @@ def wake_relay() -> None:
 def recover_stalled(using: str | None = None) -> list[str]:
     """Requeue keys whose next attempt's message was lost (see
     ``SentEmailManager.requeue_stalled``). Quiet for longer than any retry backoff plus
-    two leases means no message for them is in flight."""
+    three leases means no message for them is in flight."""
     from .models import SentEmail
 
-    older_than = float(settings.RETRY_BACKOFF_MAX) + 2 * float(settings.CLAIM_LEASE) + 60.0
+    older_than = float(settings.RETRY_BACKOFF_MAX) + 3 * float(settings.CLAIM_LEASE)
     keys = SentEmail.objects.requeue_stalled(older_than, using or settings.DATABASE)
     if keys:
         logger.warning("requeued %d stalled notification(s), e.g. %s", len(keys), keys[0])

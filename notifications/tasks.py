@@ -28,6 +28,7 @@ def _countdown(seconds: float) -> int:
     """RabbitMQ native delayed delivery (quorum queues) counts whole seconds, from 1."""
     return max(1, math.ceil(seconds))
 
+
 # Errors that say nothing about the email itself (infrastructure hiccups): retry the
 # message. They happen before the SMTP transaction or are recorded after it.
 INFRASTRUCTURE_ERRORS = (DatabaseError, InterfaceError, RedisError, BrokerError, SoftTimeLimitExceeded)

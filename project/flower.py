@@ -62,8 +62,7 @@ def enforce(options: Any) -> None:
     options.basic_auth = pairs  # FLOWER_BASIC_AUTH="" means none, not an empty password
     if not all(_pair_ok(p) for p in pairs):
         raise FlowerAuthRequired(
-            "Flower: FLOWER_BASIC_AUTH must be user:password (several separated by commas); "
-            "refusing to start."
+            "Flower: FLOWER_BASIC_AUTH must be user:password (several separated by commas); refusing to start."
         )
     if options.unix_socket:
         if not has_auth(options):

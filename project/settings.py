@@ -29,9 +29,7 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 # so local use needs no setup and production cannot miss it silently.
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "django-insecure-local-only-set-DJANGO_SECRET_KEY"
 ALLOWED_HOSTS = [
-    h.strip()
-    for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
-    if h.strip()
+    h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
 
 INSTALLED_APPS = [
@@ -111,6 +109,9 @@ NOTIFICATIONS_MAX_ATTEMPTS = int(os.environ.get("NOTIFICATIONS_MAX_ATTEMPTS", "8
 NOTIFICATIONS_RETRY_BACKOFF = env_float("NOTIFICATIONS_RETRY_BACKOFF", 2.0)
 NOTIFICATIONS_RETRY_BACKOFF_MAX = env_float("NOTIFICATIONS_RETRY_BACKOFF_MAX", 600.0)
 NOTIFICATIONS_RELAY_INTERVAL = env_float("NOTIFICATIONS_RELAY_INTERVAL", 1.0)
+NOTIFICATIONS_RECOVER_INTERVAL = env_float("NOTIFICATIONS_RECOVER_INTERVAL", 60.0)
+# RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
+NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
 
 # Celery: everything the delivery contract depends on is spelled out here, and
 # notifications/checks.py refuses the values that would break it.

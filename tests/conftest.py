@@ -145,8 +145,20 @@ class Workers:
         name = f"w{len(self.started)}-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h"
         log = self.tmp / f"worker-{len(self.started)}.log"
         cmd = [
-            sys.executable, "-m", "celery", "-A", "project", "worker", "-l", "info",
-            "-c", str(concurrency), "-n", name, "--without-mingle", "--without-gossip",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "project",
+            "worker",
+            "-l",
+            "info",
+            "-c",
+            str(concurrency),
+            "-n",
+            name,
+            "--without-mingle",
+            "--without-gossip",
         ]
         if queues:
             cmd += ["-Q", queues]

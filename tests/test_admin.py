@@ -24,16 +24,12 @@ def make(status: str, claim: str | None = None, **kwargs: Any) -> Notification:
     ``claim`` is given, a sent-email record in that state."""
     n = notify(**notification_kwargs(**kwargs))
     OutboxMessage.objects.filter(notification=n).update(published_at=timezone.now())
-    last_error = {"failed": "550 5.1.1 No such user", "ambiguous": "held: decide in the admin"}.get(
-        status, ""
-    )
+    last_error = {"failed": "550 5.1.1 No such user", "ambiguous": "held: decide in the admin"}.get(status, "")
     Notification.objects.filter(pk=n.pk).update(
         status=status, attempts=1, last_error=last_error, published_at=timezone.now()
     )
     if claim is not None:
-        SentEmail.objects.create(
-            key=n.key, notification=n, state=claim, token=1, attempts=1, response=last_error
-        )
+        SentEmail.objects.create(key=n.key, notification=n, state=claim, token=1, attempts=1, response=last_error)
     return Notification.objects.get(pk=n.pk)
 
 
@@ -78,9 +74,7 @@ def test_anonymous_users_are_sent_to_login(client: Client, model: str) -> None:
 
 
 @pytest.mark.django_db
-def test_staff_without_permissions_cannot_see_notifications(
-    client: Client, django_user_model: Any
-) -> None:
+def test_staff_without_permissions_cannot_see_notifications(client: Client, django_user_model: Any) -> None:
     user = django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
     client.force_login(user)
     assert client.get(reverse(CHANGELIST)).status_code == 403
@@ -130,16 +124,9 @@ def test_notification_page_shows_the_message_id_and_cannot_be_added_or_deleted(
     page = admin_client.get(reverse("admin:notifications_notification_change", args=[n.pk]))
     assert page.status_code == 200 and escape(n.message_id) in page.content.decode()
     assert admin_client.get(reverse("admin:notifications_notification_add")).status_code == 403
+    assert admin_client.get(reverse("admin:notifications_notification_delete", args=[n.pk])).status_code == 403
     assert (
-        admin_client.get(
-            reverse("admin:notifications_notification_delete", args=[n.pk])
-        ).status_code
-        == 403
-    )
-    assert (
-        admin_client.post(
-            reverse("admin:notifications_notification_delete", args=[n.pk]), {"post": "yes"}
-        ).status_code
+        admin_client.post(reverse("admin:notifications_notification_delete", args=[n.pk]), {"post": "yes"}).status_code
         == 403
     )
     assert Notification.objects.filter(pk=n.pk).exists()
@@ -152,36 +139,22 @@ def test_notification_page_shows_the_message_id_and_cannot_be_added_or_deleted(
 @pytest.mark.parametrize("model", ["outboxmessage", "sentemail"])
 def test_records_are_read_only(admin_client: Client, model: str) -> None:
     n = make("sent", "sent")
-    obj = (
-        OutboxMessage.objects.get(notification=n)
-        if model == "outboxmessage"
-        else SentEmail.objects.get(key=n.key)
-    )
+    obj = OutboxMessage.objects.get(notification=n) if model == "outboxmessage" else SentEmail.objects.get(key=n.key)
     url = f"admin:notifications_{model}"
 
     changelist = admin_client.get(reverse(f"{url}_changelist"))
     assert changelist.status_code == 200
     assert n.key in changelist.content.decode()
     assert changelist.context["has_add_permission"] is False
-    assert "delete_selected" not in changelist.context["cl"].model_admin.get_actions(
-        changelist.wsgi_request
-    )
+    assert "delete_selected" not in changelist.context["cl"].model_admin.get_actions(changelist.wsgi_request)
 
     assert admin_client.get(reverse(f"{url}_add")).status_code == 403
     assert admin_client.post(reverse(f"{url}_add"), {}).status_code == 403
     view = admin_client.get(reverse(f"{url}_change", args=[obj.pk]))
     assert view.status_code == 200 and view.context["has_change_permission"] is False
-    assert (
-        admin_client.post(
-            reverse(f"{url}_change", args=[obj.pk]), {"state": "released"}
-        ).status_code
-        == 403
-    )
+    assert admin_client.post(reverse(f"{url}_change", args=[obj.pk]), {"state": "released"}).status_code == 403
     assert admin_client.get(reverse(f"{url}_delete", args=[obj.pk])).status_code == 403
-    assert (
-        admin_client.post(reverse(f"{url}_delete", args=[obj.pk]), {"post": "yes"}).status_code
-        == 403
-    )
+    assert admin_client.post(reverse(f"{url}_delete", args=[obj.pk]), {"post": "yes"}).status_code == 403
     bulk = admin_client.post(
         reverse(f"{url}_changelist"),
         {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"},
@@ -287,9 +260,7 @@ def test_mark_ambiguous_as_sent_acts_only_on_held_ambiguous_notifications(
     held = make("ambiguous", "held")
     ambiguous_but_claimed = make("ambiguous", "claimed")
     failed_but_held = make("failed", "held")
-    messages = act(
-        admin_client, "mark_ambiguous_sent", held, ambiguous_but_claimed, failed_but_held
-    )
+    messages = act(admin_client, "mark_ambiguous_sent", held, ambiguous_but_claimed, failed_but_held)
     assert messages == ["1 notification(s) marked as sent."]
     assert state(held) == ("sent", "sent", 1)
     assert state(ambiguous_but_claimed) == ("ambiguous", "claimed", 1)
@@ -300,9 +271,7 @@ def test_mark_ambiguous_as_sent_acts_only_on_held_ambiguous_notifications(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_retry_after_retries_ran_out_delivers_once(
-    admin_client: Client, smtp_server: Any, workers: Any
-) -> None:
+def test_retry_after_retries_ran_out_delivers_once(admin_client: Client, smtp_server: Any, workers: Any) -> None:
     workers.start()
     kwargs = notification_kwargs()
     key = f"tests:{kwargs['notification_id']}:42"
@@ -318,9 +287,7 @@ def test_retry_after_retries_ran_out_delivers_once(
     with smtp_server.handler.lock:  # the mail server recovers
         smtp_server.handler.plans[key].clear()
     assert act(admin_client, "retry_failed", n) == ["1 failed notification(s) queued again."]
-    sent = wait_for(
-        lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30, what="sent"
-    )
+    sent = wait_for(lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30, what="sent")
     assert sent.attempts == 1 and smtp_server.count(key) == 1
 
     # Selecting it again does nothing: it is sent, and stays sent once.

@@ -29,12 +29,8 @@ def keys() -> list[str]:
 
 @pytest.mark.django_db
 def test_public_interface() -> None:
-    assert (
-        notifications.notify is notify and notifications.InvalidNotification is InvalidNotification
-    )
-    assert issubclass(InvalidNotification, ValueError) and issubclass(
-        InvalidNotification, NotificationError
-    )
+    assert notifications.notify is notify and notifications.InvalidNotification is InvalidNotification
+    assert issubclass(InvalidNotification, ValueError) and issubclass(InvalidNotification, NotificationError)
 
 
 @pytest.mark.django_db
@@ -233,9 +229,7 @@ class Child:
         try:
             message = self.messages.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(
-                f"no message from child within {timeout}s:\n{self.log.read_text()}"
-            ) from None
+            raise AssertionError(f"no message from child within {timeout}s:\n{self.log.read_text()}") from None
         if message is None:
             raise AssertionError(f"child exited with {self.proc.wait()}:\n{self.log.read_text()}")
         return message
@@ -345,9 +339,7 @@ def test_processes_racing_for_one_key_get_one_row(children: Any) -> None:
 def test_notify_many_writes_every_item_in_one_transaction() -> None:
     items = [notification_kwargs(user_id=i) for i in range(20)]
     result = notify_many(items)
-    assert [n.key for n in result] == [
-        f"tests:{item['notification_id']}:{i}" for i, item in enumerate(items)
-    ]
+    assert [n.key for n in result] == [f"tests:{item['notification_id']}:{i}" for i, item in enumerate(items)]
     assert Notification.objects.count() == OutboxMessage.objects.count() == 20
     # PostgreSQL's now() is the transaction's start time: one value means one transaction.
     assert Notification.objects.values("created_at").distinct().count() == 1

@@ -52,8 +52,23 @@ def test_delivery_queue_is_a_durable_quorum_queue_with_a_dead_letter_bound(no_wa
     from tests.settings import VHOST
 
     out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "-p", VHOST, "name", "type", "durable", "arguments", "--formatter", "json"],
-        capture_output=True, text=True, check=True, timeout=60,
+        [
+            "rabbitmqctl",
+            "-q",
+            "list_queues",
+            "-p",
+            VHOST,
+            "name",
+            "type",
+            "durable",
+            "arguments",
+            "--formatter",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     queues = {q["name"]: q for q in json.loads(out)}
     deliver = queues["notifications.deliver"]

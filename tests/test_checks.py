@@ -85,15 +85,9 @@ def test_the_projects_settings_pass() -> None:
             "CELERY_TASK_REJECT_ON_WORKER_LOST = True",
             id="acks-late-without-reject",
         ),
-        pytest.param(
-            {"task_acks_late": False}, "E003", "CELERY_TASK_ACKS_LATE = True", id="acks-early"
-        ),
-        pytest.param(
-            {"task_serializer": "pickle"}, "E004", "CELERY_TASK_SERIALIZER", id="pickle-tasks"
-        ),
-        pytest.param(
-            {"result_serializer": "pickle"}, "E004", "CELERY_RESULT_SERIALIZER", id="pickle-results"
-        ),
+        pytest.param({"task_acks_late": False}, "E003", "CELERY_TASK_ACKS_LATE = True", id="acks-early"),
+        pytest.param({"task_serializer": "pickle"}, "E004", "CELERY_TASK_SERIALIZER", id="pickle-tasks"),
+        pytest.param({"result_serializer": "pickle"}, "E004", "CELERY_RESULT_SERIALIZER", id="pickle-results"),
         pytest.param(
             {"accept_content": ["json", "pickle"]},
             "E004",
@@ -106,15 +100,9 @@ def test_the_projects_settings_pass() -> None:
             "CELERY_RESULT_ACCEPT_CONTENT",
             id="result-accept-pickle",
         ),
-        pytest.param(
-            {"task_time_limit": None}, "E007", "CELERY_TASK_TIME_LIMIT", id="no-hard-limit"
-        ),
-        pytest.param(
-            {"task_time_limit": 6}, "E007", "CELERY_TASK_TIME_LIMIT", id="hard-limit-equals-lease"
-        ),
-        pytest.param(
-            {"task_time_limit": 600}, "E007", "CELERY_TASK_TIME_LIMIT", id="hard-limit-over-lease"
-        ),
+        pytest.param({"task_time_limit": None}, "E007", "CELERY_TASK_TIME_LIMIT", id="no-hard-limit"),
+        pytest.param({"task_time_limit": 6}, "E007", "CELERY_TASK_TIME_LIMIT", id="hard-limit-equals-lease"),
+        pytest.param({"task_time_limit": 600}, "E007", "CELERY_TASK_TIME_LIMIT", id="hard-limit-over-lease"),
         pytest.param(
             {"worker_prefetch_multiplier": 4},
             "E010",
@@ -129,9 +117,7 @@ def test_the_projects_settings_pass() -> None:
         ),
     ],
 )
-def test_unsafe_celery_setting(
-    celery_conf: Any, celery: dict[str, Any], check_id: str, hint: str
-) -> None:
+def test_unsafe_celery_setting(celery_conf: Any, celery: dict[str, Any], check_id: str, hint: str) -> None:
     celery_conf(**celery)
     error = only(check_id)
     assert hint in str(error.hint)
@@ -219,9 +205,7 @@ def test_every_error_says_what_to_set(settings: Any, celery_conf: Any) -> None:
         worker_prefetch_multiplier=4,
     )
     errors = check_pipeline()
-    assert fired(errors) == [f"notifications.E00{i}" for i in (1, 2, 4, 5, 7, 8, 9)] + [
-        "notifications.E010"
-    ]
+    assert fired(errors) == [f"notifications.E00{i}" for i in (1, 2, 4, 5, 7, 8, 9)] + ["notifications.E010"]
     for error in errors:
         assert error.hint and error.hint.startswith(("Set ", "Keep ", "Raise ")), error.id
 
@@ -237,9 +221,7 @@ def test_manage_check_command_refuses_an_unsafe_setting(celery_conf: Any) -> Non
 # Real processes, configured from the environment as in production.
 
 
-def run(
-    args: list[str], env: dict[str, str], timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run a command in its own process group; on timeout, kill that group and fail."""
     proc = subprocess.Popen(
         args,
@@ -255,9 +237,7 @@ def run(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(
-            f"{' '.join(args)} still running after {timeout}s:\n{out[-4000:]}"
-        ) from None
+        raise AssertionError(f"{' '.join(args)} still running after {timeout}s:\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 
@@ -329,9 +309,7 @@ def test_beat_refuses_to_start_with_an_unsafe_setting(tmp_path: Path) -> None:
     assert "Sending due task" not in result.stdout
 
 
-def test_worker_starts_with_the_same_command_and_safe_settings(
-    workers: Any, django_db_setup: Any
-) -> None:
+def test_worker_starts_with_the_same_command_and_safe_settings(workers: Any, django_db_setup: Any) -> None:
     # The control for the refusal above: same command, the test run's (safe) settings.
     worker = workers.start(concurrency=1)
     assert worker.proc.poll() is None

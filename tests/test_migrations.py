@@ -21,17 +21,13 @@ pytestmark = pytest.mark.django_db
 
 def test_models_and_migrations_agree() -> None:
     out = StringIO()
-    call_command(
-        "makemigrations", "--check", "--dry-run", stdout=out, stderr=out
-    )  # exits 1 on changes
+    call_command("makemigrations", "--check", "--dry-run", stdout=out, stderr=out)  # exits 1 on changes
     assert "No changes detected" in out.getvalue()
 
 
 def test_the_unique_keys_and_named_indexes_exist() -> None:
     with connection.cursor() as cursor:
-        notification = connection.introspection.get_constraints(
-            cursor, "notifications_notification"
-        )
+        notification = connection.introspection.get_constraints(cursor, "notifications_notification")
         outbox = connection.introspection.get_constraints(cursor, "notifications_outboxmessage")
         sent = connection.introspection.get_constraints(cursor, "notifications_sentemail")
     assert notification["notifications_notification_key_uniq"]["unique"]
@@ -42,9 +38,7 @@ def test_the_unique_keys_and_named_indexes_exist() -> None:
         assert notification[name]["index"], name
     assert outbox["notifications_outbox_pending"]["index"]
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'notifications_outbox_pending'"
-        )
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'notifications_outbox_pending'")
         [(definition,)] = cursor.fetchall()
     assert "WHERE (published_at IS NULL)" in definition  # partial: only unpublished rows
 
@@ -78,9 +72,7 @@ def test_migrations_apply_and_reverse_on_an_empty_database(empty_database: str) 
     def tables() -> set[str]:
         url = f"postgresql://postgres@127.0.0.1:5432/{empty_database}"
         with psycopg.connect(url) as conn:
-            rows = conn.execute(
-                "SELECT tablename FROM pg_tables WHERE tablename LIKE 'notifications_%'"
-            ).fetchall()
+            rows = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'notifications_%'").fetchall()
         return {r[0] for r in rows}
 
     assert "Applying notifications.0001_initial... OK" in manage("migrate", "--no-input")

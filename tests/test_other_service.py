@@ -81,7 +81,8 @@ def test_other_service_notify_is_delivered_and_recorded_here(other_service_db, s
     # A second relay pass or a repeat notify() in the other service sends nothing more.
     run_in_other_service("relay")
     run_in_other_service(
-        "shell", "-c",
+        "shell",
+        "-c",
         f"from notifications import notify; notify(service='shop', notification_id='{notification_id}', "
         "user_id=7, to='bob@example.com', subject='again', body='again')",
     )

@@ -20,8 +20,12 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def run_relay(**env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "manage.py", "relay"], cwd=ROOT, env=child_env(**env),
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "manage.py", "relay"],
+        cwd=ROOT,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -31,6 +35,7 @@ def drain_deliver_queue(prefix: str, expected: int, timeout: float = 20.0) -> Co
     with current_app.connection_for_read() as conn:
         queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
         queue.queue.no_declare = True
+
         def step() -> bool:
             try:
                 message = queue.get(block=True, timeout=0.5)
@@ -41,6 +46,7 @@ def drain_deliver_queue(prefix: str, expected: int, timeout: float = 20.0) -> Co
                 seen[payload["key"]] += 1
             message.ack()
             return False
+
         try:
             wait_for(step, timeout=timeout, interval=0, what="queue drained")
         finally:
@@ -58,8 +64,9 @@ def test_two_relays_at_once_publish_each_row_once(no_wakeups):
     for i in range(300):
         notify(**notification_kwargs(service=service, notification_id=str(i)))
     relays = [
-        subprocess.Popen([sys.executable, "manage.py", "relay"], cwd=ROOT, env=child_env(),
-                         stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "manage.py", "relay"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     counts = [int(p.communicate(timeout=120)[0].split()[-1]) for p in relays]

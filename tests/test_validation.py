@@ -49,9 +49,7 @@ BAD_ADDRESSES = [
     pytest.param("ann@example.com\nBcc: x@y.com", "must not contain CR, LF", id="lf-after-address"),
     pytest.param("ann@example.com\rBcc: x@y.com", "must not contain CR, LF", id="cr-after-address"),
     pytest.param("Ann\x00 <ann@example.com>", "control characters", id="nul"),
-    pytest.param(
-        "Ann\u2028 <ann@example.com>", "must not contain CR, LF", id="unicode-line-separator"
-    ),
+    pytest.param("Ann\u2028 <ann@example.com>", "must not contain CR, LF", id="unicode-line-separator"),
     pytest.param("a" * 310 + "@example.com", "longer than 320 characters", id="too-long"),
 ]
 
@@ -92,9 +90,7 @@ def test_address_whose_quoted_display_name_grows_past_the_column_is_rejected() -
     ],
 )
 def test_control_characters_in_subject(value: str) -> None:
-    assert "must not contain CR, LF or other control characters" in rejected(
-        "subject", subject=value
-    )
+    assert "must not contain CR, LF or other control characters" in rejected("subject", subject=value)
 
 
 @pytest.mark.parametrize(
@@ -242,11 +238,7 @@ def test_positional_or_unknown_arguments_are_type_errors() -> None:
 
 
 def test_display_name_is_kept() -> None:
-    n = notify(
-        **notification_kwargs(
-            to="Ann Example <ann@example.com>", from_email="Billing <bill@example.com>"
-        )
-    )
+    n = notify(**notification_kwargs(to="Ann Example <ann@example.com>", from_email="Billing <bill@example.com>"))
     stored = Notification.objects.get(pk=n.pk)
     assert stored.to == "Ann Example <ann@example.com>"
     assert stored.from_email == "Billing <bill@example.com>"
@@ -261,9 +253,7 @@ def test_int_ids_become_text_in_the_key() -> None:
     n = notify(**notification_kwargs(service="svc", notification_id="id", user_id=42))
     stored = Notification.objects.get(pk=n.pk)
     assert stored.key == "svc:id:42" and stored.user_id == "42"
-    assert (
-        notify(**notification_kwargs(service="svc", notification_id=7, user_id=0)).key == "svc:7:0"
-    )
+    assert notify(**notification_kwargs(service="svc", notification_id=7, user_id=0)).key == "svc:7:0"
 
 
 def test_user_id_may_contain_colons() -> None:

@@ -88,13 +88,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--no-smtp", action="store_true", help="Do not run the local SMTP server."
-        )
+        parser.add_argument("--no-smtp", action="store_true", help="Do not run the local SMTP server.")
         parser.add_argument("--no-flower", action="store_true", help="Do not run Flower.")
-        parser.add_argument(
-            "--concurrency", type=int, default=2, metavar="N", help="Worker processes (default 2)."
-        )
+        parser.add_argument("--concurrency", type=int, default=2, metavar="N", help="Worker processes (default 2).")
         parser.add_argument(
             "--verbose-relay",
             action="store_true",
@@ -109,9 +105,7 @@ class Command(BaseCommand):
         smtp_port = int(os.environ.get("EMAIL_PORT") or SMTP_PORT)
         self.check_services()
         self.check_ports(
-            [WEB[1]]
-            + ([] if options["no_flower"] else [FLOWER[1]])
-            + ([] if options["no_smtp"] else [smtp_port])
+            [WEB[1]] + ([] if options["no_flower"] else [FLOWER[1]]) + ([] if options["no_smtp"] else [smtp_port])
         )
         self.ensure_database()
         self.say("Migrating the database")
@@ -155,9 +149,7 @@ class Command(BaseCommand):
                 )
             )
         if not options["no_smtp"]:
-            children.append(
-                Child("smtp", [python, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{smtp_port}"], env)
-            )
+            children.append(Child("smtp", [python, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{smtp_port}"], env))
 
         banner = self.banner(password, flower_auth, env, options)
         connections.close_all()  # the children have their own; ours would idle for hours
@@ -167,17 +159,13 @@ class Command(BaseCommand):
             ready_ports=self.ready_ports(options),
         )
         if code:
-            raise CommandError(
-                "a process exited unexpectedly; everything was stopped", returncode=code
-            )
+            raise CommandError("a process exited unexpectedly; everything was stopped", returncode=code)
 
     # Start-up steps -----------------------------------------------------------
 
     def check_services(self) -> None:
         """Fail with one message naming every service that does not answer."""
-        problems = [
-            p for p in (self._check_postgres(), self._check_redis(), self._check_rabbitmq()) if p
-        ]
+        problems = [p for p in (self._check_postgres(), self._check_redis(), self._check_rabbitmq()) if p]
         if problems:
             raise CommandError("\n\n".join(["Some services do not answer:", *problems]))
         self.say("PostgreSQL, Redis and RabbitMQ answer")
@@ -187,9 +175,7 @@ class Command(BaseCommand):
 
         db = settings.DATABASES["default"]
         try:
-            psycopg.connect(
-                **{"connect_timeout": int(CHECK_TIMEOUT), **self._pg_params("postgres")}
-            ).close()
+            psycopg.connect(**{"connect_timeout": int(CHECK_TIMEOUT), **self._pg_params("postgres")}).close()
         except psycopg.OperationalError as exc:
             where = f"{db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}"
             return _down("PostgreSQL", where, exc)
@@ -200,9 +186,7 @@ class Command(BaseCommand):
 
         url = app_settings.REDIS_URL
         try:
-            redis.Redis.from_url(
-                url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT
-            ).ping()
+            redis.Redis.from_url(url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT).ping()
         except redis.RedisError as exc:
             return _down("Redis", _safe_url(url), exc)
         return ""
@@ -242,9 +226,7 @@ class Command(BaseCommand):
             "user": db.get("USER") or None,
             "password": db.get("PASSWORD") or None,
         }
-        params.update(
-            {k: v for k, v in (db.get("OPTIONS") or {}).items() if isinstance(v, (str, int))}
-        )
+        params.update({k: v for k, v in (db.get("OPTIONS") or {}).items() if isinstance(v, (str, int))})
         return {k: v for k, v in params.items() if v is not None}
 
     def ensure_database(self) -> None:
@@ -279,9 +261,7 @@ class Command(BaseCommand):
     def ready_ports(self, options: dict[str, Any]) -> list[tuple[str, int]]:
         return [WEB] + ([] if options["no_flower"] else [FLOWER])
 
-    def banner(
-        self, password: str, flower_auth: str, env: dict[str, str], options: dict[str, Any]
-    ) -> str:
+    def banner(self, password: str, flower_auth: str, env: dict[str, str], options: dict[str, Any]) -> str:
         rule = "=" * 78
         lines = [
             rule,
@@ -295,9 +275,7 @@ class Command(BaseCommand):
         if options["no_smtp"]:
             lines.append(f"  Mail    sent to {env['EMAIL_HOST']}:{env['EMAIL_PORT']}")
         else:
-            lines.append(
-                f"  Mail    printed below by 'smtp' (SMTP server on 127.0.0.1:{env['EMAIL_PORT']})"
-            )
+            lines.append(f"  Mail    printed below by 'smtp' (SMTP server on 127.0.0.1:{env['EMAIL_PORT']})")
         lines += [
             "",
             "  Try it, in another terminal:",
@@ -323,9 +301,7 @@ class Supervisor:
     """Run children in their own process groups, prefix their output, and stop them all
     together: on Ctrl-C / SIGTERM, or as soon as one of them exits on its own."""
 
-    def __init__(
-        self, children: list[Child], write: Callable[[str], None], quiet_relay: bool
-    ) -> None:
+    def __init__(self, children: list[Child], write: Callable[[str], None], quiet_relay: bool) -> None:
         self.children = children
         self.write = write
         self.quiet_relay = quiet_relay
@@ -336,18 +312,12 @@ class Supervisor:
         for index, child in enumerate(children):
             child.colour = COLOURS[index % len(COLOURS)] if colour else ""
 
-    def run(
-        self, cwd: Path, on_ready: Callable[[], None], ready_ports: list[tuple[str, int]]
-    ) -> int:
-        previous = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+    def run(self, cwd: Path, on_ready: Callable[[], None], ready_ports: list[tuple[str, int]]) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for child in self.children:
                 self._start(child, cwd)
-            threading.Thread(
-                target=self._announce, args=(on_ready, ready_ports), daemon=True
-            ).start()
+            threading.Thread(target=self._announce, args=(on_ready, ready_ports), daemon=True).start()
             return self._watch()
         finally:
             self.stop_all()
@@ -375,9 +345,7 @@ class Supervisor:
             start_new_session=True,
         )
         assert child.proc.stdout is not None
-        child.reader = threading.Thread(
-            target=self._pump, args=(child, child.proc.stdout), daemon=True
-        )
+        child.reader = threading.Thread(target=self._pump, args=(child, child.proc.stdout), daemon=True)
         child.reader.start()
         command = " ".join(_short(a) for a in child.argv)
         self._say(f"started {child.name} (pid {child.proc.pid}): {command}")
@@ -408,9 +376,7 @@ class Supervisor:
                 assert child.proc is not None
                 code = child.proc.poll()
                 if code is not None:
-                    self._say(
-                        f"{child.name} exited unexpectedly with code {code}; stopping the others"
-                    )
+                    self._say(f"{child.name} exited unexpectedly with code {code}; stopping the others")
                     return code if code > 0 else 1
         self._say("stopping")
         return 0

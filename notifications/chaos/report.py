@@ -1,0 +1,165 @@
+"""The chaos run's verdict: what the mail server received against what the callers
+committed and what the project recorded, checked against the contract."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
+
+    return {"p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1], 4)}
+
+
+@dataclass
+class Verdict:
+    report: dict[str, Any]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def judge(
+    *,
+    calls: list[dict[str, Any]],
+    received: list[Any],
+    notifications: dict[str, dict[str, Any]],
+    claims: dict[str, dict[str, Any]],
+    mode: str,
+    poison_expected: bool,
+) -> Verdict:
+    committed = {c["key"]: c["at"] for c in calls if c["kind"] in ("new", "bounce", "poison")}
+    rolled_back = {c["key"] for c in calls if c["kind"] == "rollback"}
+    errors = [c["key"] for c in calls if c["kind"] == "error"]
+    copies: Counter[str] = Counter(r.key for r in received)
+    ids: dict[str, set[str]] = {}
+    first_at: dict[str, float] = {}
+    last_at: dict[str, float] = {}
+    for r in received:
+        ids.setdefault(r.key, set()).add(r.message_id)
+        first_at.setdefault(r.key, r.wall)
+        last_at[r.key] = r.wall
+
+    failed = {k: n for k, n in notifications.items() if n["status"] == "failed"}
+    held = {k for k, n in notifications.items() if n["status"] == "ambiguous"}
+    ambiguous = {k: n["ambiguous_count"] for k, n in notifications.items() if n["ambiguous_count"] > 0}
+    lost = sorted(k for k in committed if k not in copies and k not in failed and k not in held)
+    unsettled = sorted(
+        k for k in committed if notifications.get(k, {}).get("status") not in ("sent", "failed", "ambiguous")
+    )
+    phantom = sorted(k for k in rolled_back if k in copies)
+    duplicates = {k: c for k, c in copies.items() if c > 1}
+    extra = sum(c - 1 for c in duplicates.values())
+    unexplained = sorted(k for k, c in duplicates.items() if c - 1 > ambiguous.get(k, 0))
+    mixed_ids = sorted(k for k in duplicates if len(ids[k]) > 1)
+    stuck = sorted(k for k, c in claims.items() if c["state"] == "claimed")
+
+    def reason(error: str) -> str:
+        if error.startswith("5") or " 5" in error[:12]:
+            return "permanent reply (5xx)"
+        if "gave up after" in error:
+            return "retries exhausted"
+        if "dead-lettered" in error:
+            return "dead-lettered (poison)"
+        return "other"
+
+    failed_by = Counter(reason(n["last_error"]) for n in failed.values())
+    unjustified_failures = sorted(k for k, n in failed.items() if reason(n["last_error"]) == "other")
+    poison_keys = {k for k in committed if ":poison-" in k}
+    poison_not_failed = sorted(k for k in poison_keys if k not in failed)
+
+    latency = [first_at[k] - committed[k] for k in committed if k in first_at]
+    window = [
+        n["sent_at"] - last_at[k]
+        for k, n in notifications.items()
+        if n.get("sent_at") is not None and k in last_at and n["status"] == "sent"
+    ]
+    report = {
+        "mode": mode,
+        "notifications_expected": len(committed),
+        "calls": dict(Counter(c["kind"] for c in calls)),
+        "delivered_distinct": sum(1 for k in committed if k in copies),
+        "lost": len(lost),
+        "lost_keys": lost[:20],
+        "unsettled": len(unsettled),
+        "duplicates": len(duplicates),
+        "duplicate_extra_copies": extra,
+        "duplicates_unexplained": len(unexplained),
+        "duplicates_with_different_message_id": len(mixed_ids),
+        "rolled_back_sent": len(phantom),
+        "ambiguous_recorded": len(ambiguous),
+        "ambiguous_count_total": sum(ambiguous.values()),
+        "ambiguous_with_real_duplicate": sum(1 for k in ambiguous if k in duplicates),
+        "held": len(held),
+        "failed": len(failed),
+        "failed_by_reason": dict(failed_by),
+        "stuck_claims": len(stuck),
+        "caller_errors": len(errors),
+        "latency_commit_to_smtp_s": percentiles(latency),
+        "ambiguous_window_s": percentiles(window),
+    }
+    failures = []
+    if lost:
+        failures.append(f"{len(lost)} committed notification(s) lost, e.g. {lost[:3]}")
+    if phantom:
+        failures.append(f"{len(phantom)} rolled-back notification(s) sent, e.g. {phantom[:3]}")
+    if unexplained:
+        failures.append(f"{len(unexplained)} duplicate(s) not recorded as ambiguous, e.g. {unexplained[:3]}")
+    if extra > sum(ambiguous.values()):
+        failures.append(f"{extra} extra copies but only {sum(ambiguous.values())} ambiguous cases recorded")
+    if mixed_ids:
+        failures.append(f"{len(mixed_ids)} duplicate(s) with differing Message-IDs, e.g. {mixed_ids[:3]}")
+    if mode == "hold" and duplicates:
+        failures.append(f"hold mode sent {len(duplicates)} duplicate(s)")
+    if unsettled:
+        failures.append(f"{len(unsettled)} notification(s) not settled after the drain, e.g. {unsettled[:3]}")
+    if stuck:
+        failures.append(f"{len(stuck)} claim(s) still held after the drain, e.g. {stuck[:3]}")
+    if unjustified_failures:
+        failures.append(f"{len(unjustified_failures)} failure(s) without a permanent reply or exhausted retries")
+    if poison_expected and poison_not_failed:
+        failures.append(f"{len(poison_not_failed)} poison notification(s) not ended as failed")
+    if errors:
+        failures.append(f"the caller gave up on {len(errors)} call(s)")
+    return Verdict(report=report, failures=failures)
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = [
+        ("mode (NOTIFICATIONS_AMBIGUOUS)", report["mode"]),
+        ("notifications expected (committed)", report["notifications_expected"]),
+        ("delivered (distinct keys at the SMTP server)", report["delivered_distinct"]),
+        ("lost", report["lost"]),
+        ("duplicates (keys / extra copies)", f"{report['duplicates']} / {report['duplicate_extra_copies']}"),
+        ("duplicates not recorded as ambiguous", report["duplicates_unexplained"]),
+        ("duplicates whose Message-ID differs", report["duplicates_with_different_message_id"]),
+        ("rolled back, yet sent", report["rolled_back_sent"]),
+        (
+            "ambiguous recorded (keys / with a real duplicate)",
+            f"{report['ambiguous_recorded']} / {report['ambiguous_with_real_duplicate']}",
+        ),
+        ("held for a person (hold mode)", report["held"]),
+        ("failed, by reason", json.dumps(report["failed_by_reason"]) if report["failed_by_reason"] else "0"),
+        ("claims stuck after the drain", report["stuck_claims"]),
+        ("latency commit -> SMTP, p50 / p99 / max (s)", _p(report["latency_commit_to_smtp_s"])),
+        ("ambiguous window end of DATA -> result committed, p50 / p99 / max (s)", _p(report["ambiguous_window_s"])),
+        ("time to drain after the faults stopped (s)", report.get("drain_seconds")),
+        ("faults injected", ", ".join(f"{k} {v}" for k, v in sorted(report.get("faults", {}).items()))),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def _p(values: dict[str, float | None]) -> str:
+    return " / ".join("-" if v is None else f"{v:.3f}" for v in values.values())

@@ -1,0 +1,315 @@
+"""One chaos run: set up a private database, vhost and Redis db, start the pipeline's
+real processes and a misbehaving SMTP server, drive a caller through them while faults
+land at seeded random times, let everything drain, and judge the outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import mailserver, report
+from .injectors import INJECTORS, TRAFFIC_FAULTS, run_in_background, sh, wait
+from .processes import Fleet
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Options:
+    n: int = 5000
+    duration: float = 60.0
+    seed: int = 1
+    faults: list[str] = field(default_factory=list)
+    workers: int = 3
+    concurrency: int = 2
+    mode: str = "resend"
+    fault_every: float = 3.0
+    drain_timeout: float = 300.0
+    consumer_timeout: float = 30.0
+    redis_db: int = 15
+    poison: int = 3
+    out: Path = Path("chaos-report.json")
+    keep: bool = False
+
+
+class ChaosRun:
+    lease = 10.0
+    email_timeout = 2.0
+
+    def __init__(self, options: Options, log: Any = print) -> None:
+        self.o = options
+        self.say = log
+        self.id = f"{options.seed}_{uuid.uuid4().hex[:6]}"
+        self.database = f"chaos_{self.id}"
+        self.vhost = f"notifications-chaos-{self.id}"
+        self.redis_db = options.redis_db
+        self.slow_reply = self.email_timeout + 1.5
+        self.hang_reply = 20.0
+        self.lock = threading.Lock()
+        self.busy: set[str] = set()
+        self.faults: list[dict[str, Any]] = []
+        self.workdir = Path(os.environ.get("CHAOS_WORKDIR", f"/tmp/notifications-chaos-{self.id}"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self._consumer_timeout_before: str | None = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def record_fault(self, kind: str, started: float, detail: str) -> None:
+        with self.lock:
+            self.faults.append({"kind": kind, "at": round(started - self.started, 2), "detail": detail})
+        self.say(f"  fault {kind:<15} t={started - self.started:6.1f}s  {detail}")
+
+    # -- services ------------------------------------------------------------------------
+
+    def restore_consumer_timeout(self, lowered: bool) -> None:
+        value = int(self.o.consumer_timeout * 1000) if lowered else self._consumer_timeout_before
+        if value is None:
+            return
+        sh("rabbitmqctl", "-q", "eval", f"application:set_env(rabbit, consumer_timeout, {value}).")
+
+    def ensure_services(self) -> None:
+        if sh("redis-cli", "ping").stdout.strip() != "PONG":
+            from .injectors import REDIS_START
+
+            sh(*REDIS_START)
+            wait(lambda: sh("redis-cli", "ping").stdout.strip() == "PONG", 30, 0.2)
+        if sh("rabbitmqctl", "-q", "await_startup", timeout=180).returncode != 0:
+            sh("rabbitmqctl", "-q", "start_app")
+            sh("rabbitmqctl", "-q", "await_startup", timeout=180)
+
+    def _admin_sql(self, sql: str) -> None:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(sql)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE"))
+        }
+        env.update(
+            DJANGO_SETTINGS_MODULE="project.settings",
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+            DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{self.database}",
+            CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
+            REDIS_URL=f"redis://127.0.0.1:6379/{self.redis_db}",
+            EMAIL_HOST="127.0.0.1",
+            EMAIL_PORT=str(self.mail.port),
+            EMAIL_TIMEOUT=str(self.email_timeout),
+            NOTIFICATIONS_AMBIGUOUS=self.o.mode,
+            NOTIFICATIONS_CLAIM_LEASE=str(self.lease),
+            NOTIFICATIONS_TASK_SOFT_TIME_LIMIT="6",
+            NOTIFICATIONS_TASK_TIME_LIMIT="8",
+            NOTIFICATIONS_RETRY_BACKOFF="1",
+            NOTIFICATIONS_RETRY_BACKOFF_MAX="4",
+            NOTIFICATIONS_MAX_ATTEMPTS="10",
+            NOTIFICATIONS_DELIVERY_LIMIT="5",
+            NOTIFICATIONS_RELAY_INTERVAL="0.5",
+            NOTIFICATIONS_RECOVER_INTERVAL="5",
+            NOTIFICATIONS_CONSUMER_TIMEOUT=str(self.o.consumer_timeout),
+            NOTIFICATIONS_LOG_LEVEL="WARNING",
+        )
+        if "poison" in self.o.faults:
+            env["NOTIFICATIONS_CRASH_POINTS"] = "before_claim=chaos:poison-"
+        return env
+
+    def setup(self) -> None:
+        self.say(f"chaos run {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}")
+        self.ensure_services()
+        self.mail = mailserver.start(free_port(), seed=self.o.seed)
+        self._admin_sql(f'CREATE DATABASE "{self.database}"')
+        sh("rabbitmqctl", "-q", "add_vhost", self.vhost)
+        sh("rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        before = sh("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout).").stdout
+        digits = "".join(ch for ch in before if ch.isdigit())
+        self._consumer_timeout_before = digits or "1800000"
+        self.restore_consumer_timeout(lowered=True)
+        sh("redis-cli", "-n", str(self.redis_db), "flushdb")
+        migrated = subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=self.env(), capture_output=True,
+            text=True,
+        )
+        if migrated.returncode != 0:
+            raise RuntimeError(f"migrate failed:\n{migrated.stderr[-2000:]}")
+        self.fleet = Fleet(root=ROOT, env=self.env(), logs=self.workdir)
+        for i in range(self.o.workers):
+            self.fleet.worker(f"worker{i}", self.o.concurrency)
+        self.fleet.beat()
+        for proc in self.fleet.workers():
+            self.fleet.wait_ready(proc)
+
+    def teardown(self) -> None:
+        if hasattr(self, "fleet"):
+            self.fleet.stop_all()
+        self.restore_consumer_timeout(lowered=False)
+        if hasattr(self, "mail"):
+            self.mail.stop()
+        if not self.o.keep:
+            sh("rabbitmqctl", "-q", "delete_vhost", self.vhost)
+            try:
+                self._admin_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            except psycopg.Error as exc:
+                self.say(f"could not drop {self.database}: {exc}")
+
+    # -- the run -------------------------------------------------------------------------
+
+    def traffic(self) -> subprocess.Popen[bytes]:
+        self.calls_file = self.workdir / "calls.jsonl"
+        poison = self.o.poison if "poison" in self.o.faults else 0
+        cmd = [
+            sys.executable, "-m", "notifications.chaos.caller", "--n", str(self.o.n), "--seed", str(self.o.seed),
+            "--rate", str(self.o.n / self.o.duration), "--poison", str(poison), "--out", str(self.calls_file),
+        ]
+        log = open(self.workdir / "caller.log", "wb")  # noqa: SIM115 (owned by the child)
+        return subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+
+    def schedule(self) -> list[tuple[float, str]]:
+        rng = random.Random(self.o.seed)
+        kinds = [k for k in self.o.faults if k in INJECTORS]
+        if not kinds:
+            return []
+        count = max(len(kinds), int(self.o.duration / self.o.fault_every))
+        order = list(kinds)
+        rng.shuffle(order)
+        while len(order) < count:
+            order.append(rng.choice(kinds))
+        times = sorted(rng.uniform(1.0, max(2.0, self.o.duration)) for _ in order)
+        return list(zip(times, order, strict=True))
+
+    def run(self) -> report.Verdict:
+        try:
+            self.setup()
+            return self._run()
+        finally:
+            self.teardown()
+
+    def _run(self) -> report.Verdict:
+        plan = self.schedule()
+        self.say(f"sending {self.o.n} notifications over ~{self.o.duration:.0f}s with {len(plan)} faults")
+        caller = self.traffic()
+        rng = random.Random(self.o.seed + 1)
+        threads = []
+        t0 = time.monotonic()
+        self.started = t0
+        for at, kind in plan:
+            delay = t0 + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            threads.append(run_in_background(self, INJECTORS[kind], random.Random(rng.random())))
+        caller.wait()
+        for thread in threads:
+            thread.join(timeout=120)
+        self.ensure_services()
+        self.restore_consumer_timeout(lowered=True)
+        for proc in self.fleet.procs.values():
+            if proc.name in ("beat2", "relay-loop"):
+                continue
+            if not proc.alive():
+                proc.restart()
+        faults_stopped = time.monotonic()
+        self.say(f"traffic done in {faults_stopped - t0:.1f}s; draining")
+        drained = self.drain()
+        verdict = self.judge()
+        verdict.report["drain_seconds"] = round(drained - faults_stopped, 1) if drained else None
+        verdict.report["drained"] = drained is not None
+        verdict.report["faults"] = dict(_count(f["kind"] for f in self.faults))
+        for kind in TRAFFIC_FAULTS:
+            if kind in self.o.faults:
+                verdict.report["faults"][kind] = verdict.report["calls"].get(
+                    "bounce" if kind == "smtp_5xx" else "poison", 0
+                )
+        verdict.report["fault_log"] = self.faults
+        verdict.report["setup"] = {
+            "n": self.o.n, "duration": self.o.duration, "seed": self.o.seed, "workers": self.o.workers,
+            "concurrency": self.o.concurrency, "claim_lease": self.lease, "email_timeout": self.email_timeout,
+            "consumer_timeout": self.o.consumer_timeout, "faults_selected": self.o.faults,
+        }
+        if drained is None:
+            verdict.failures.append(f"not drained within {self.o.drain_timeout:.0f}s after the faults stopped")
+        return verdict
+
+    def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
+        with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
+            notes = {
+                row[0]: {
+                    "status": row[1], "ambiguous_count": row[2], "last_error": row[3],
+                    "sent_at": row[4].timestamp() if row[4] else None,
+                }
+                for row in conn.execute(
+                    "SELECT key, status, ambiguous_count, last_error, sent_at FROM notifications_notification"
+                )
+            }
+            claims = {
+                row[0]: {"state": row[1]}
+                for row in conn.execute("SELECT key, state FROM notifications_sentemail")
+            }
+            pending = conn.execute(
+                "SELECT count(*) FROM notifications_outboxmessage WHERE published_at IS NULL"
+            ).fetchone()[0]
+        return notes, claims, int(pending)
+
+    def _committed(self) -> set[str]:
+        keys = set()
+        for line in self.calls_file.read_text().splitlines():
+            call = json.loads(line)
+            if call["kind"] in ("new", "bounce", "poison"):
+                keys.add(call["key"])
+        return keys
+
+    def drain(self) -> float | None:
+        committed = self._committed()
+        deadline = time.monotonic() + self.o.drain_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                notes, claims, pending = self._snapshot()
+            except psycopg.Error:
+                time.sleep(1)
+                continue
+            open_keys = [k for k in committed if notes.get(k, {}).get("status") not in ("sent", "failed", "ambiguous")]
+            held = sum(1 for c in claims.values() if c["state"] == "claimed")
+            status = f"{len(open_keys)} open, {held} claims held, {pending} unpublished"
+            if status != last:
+                self.say(f"  drain: {status}")
+                last = status
+            if not open_keys and not held and not pending:
+                return time.monotonic()
+            time.sleep(1)
+        return None
+
+    def judge(self) -> report.Verdict:
+        calls = [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+        notes, claims, _ = self._snapshot()
+        return report.judge(
+            calls=calls,
+            received=self.mail.all_messages(),
+            notifications=notes,
+            claims=claims,
+            mode=self.o.mode,
+            poison_expected="poison" in self.o.faults,
+        )
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
