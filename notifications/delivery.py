@@ -168,6 +168,7 @@ def deliver(payload: dict[str, Any]) -> Outcome:
             _notify_update(pk, status=Status.SENDING, attempts=claim.attempts + 1)
         attempts = claim.attempts + 1
         # Committed: send_started_at is set. From here to the outcome record is the window.
+        crash_point("before_send", key)
         try:
             response = send_email(build_message(payload))
         except PermanentDeliveryError as exc:

@@ -16,6 +16,7 @@ POINTS = (
     "relay_after_claim",  # outbox rows locked, nothing published yet
     "relay_after_confirm",  # broker confirmed, rows not yet marked published
     "before_claim",  # message received, nothing written yet
+    "before_send",  # claim taken and send_started_at committed; the server has nothing yet
     "after_reply",  # the mail server accepted, the result is not recorded
     "after_record",  # the result is recorded, the message is not acked
 )

@@ -106,3 +106,19 @@ def test_stalled_claim_is_requeued_and_delivered_once(smtp_server, workers):
     workers.start()
     sent = _sent(n.key)
     assert sent.attempts == 2 and smtp_server.count(n.key) == 1
+
+
+def test_crash_before_send_gives_one_email_after_takeover(smtp_server, workers):
+    """Dying after the claim, before the SMTP transaction ends (here: before it starts):
+    the server has nothing, the takeover cannot know that, and sends once."""
+    kwargs = notification_kwargs()
+    key = f"tests:{kwargs['notification_id']}:42"
+    first = workers.start(concurrency=1, NOTIFICATIONS_CRASH_POINTS=f"before_send={key}")
+    notify(**kwargs)
+    wait_for(lambda: SentEmail.objects.filter(key=key, send_started_at__isnull=False).exists(), timeout=20)
+    wait_for(lambda: "SIGKILL" in first.output() or "Process 'ForkPoolWorker" in first.output(), timeout=20)
+    first.kill()
+    workers.start()
+    sent = _sent(key)
+    assert smtp_server.count(key) == 1
+    assert sent.ambiguous_count == 1 and SentEmail.objects.get(key=key).token == 2
