@@ -6,13 +6,25 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint
+.PHONY: run test lint chaos chaos-short
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
 
 test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The full fault run the README quotes (N = 5,000, every fault kind), in both ambiguity modes.
+chaos: $(STAMP)
+	$(PYTHON) manage.py chaos --n 5000 --faults all --mode resend --report chaos-resend.json $(CHAOS_ARGS)
+	$(PYTHON) manage.py chaos --n 5000 --faults all --mode hold --report chaos-hold.json $(CHAOS_ARGS)
+
+# The short run CI does on every push: a few hundred notifications, every fault kind, both modes.
+chaos-short: $(STAMP)
+	$(PYTHON) manage.py chaos --n 300 --duration 25 --fault-every 2 --faults all --mode resend \
+		--report chaos-short-resend.json $(CHAOS_ARGS)
+	$(PYTHON) manage.py chaos --n 300 --duration 25 --fault-every 2 --faults all --mode hold \
+		--report chaos-short-hold.json $(CHAOS_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

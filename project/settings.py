@@ -117,7 +117,8 @@ NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 180
 # notifications/checks.py refuses the values that would break it.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 CELERY_RESULT_BACKEND = "django-db"
-CELERY_RESULT_EXTENDED = True
+# Not extended: the arguments (the whole notification, up to 1 MiB) stay out of the result rows.
+CELERY_RESULT_EXTENDED = False
 CELERY_RESULT_EXPIRES = 7 * 24 * 3600
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
