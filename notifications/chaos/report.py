@@ -65,17 +65,17 @@ def judge(
     mixed_ids = sorted(k for k in duplicates if len(ids[k]) > 1)
     stuck = sorted(k for k, c in claims.items() if c["state"] == "claimed")
 
-    def reason(error: str) -> str:
+    def reason(key: str, error: str) -> str:
         if error.startswith("5") or " 5" in error[:12]:
             return "permanent reply (5xx)"
         if "gave up after" in error:
             return "retries exhausted"
         if "dead-lettered" in error:
-            return "dead-lettered (poison)"
+            return "dead-lettered (poison)" if ":poison-" in key else "dead-lettered (delivery limit)"
         return "other"
 
-    failed_by = Counter(reason(n["last_error"]) for n in failed.values())
-    unjustified_failures = sorted(k for k, n in failed.items() if reason(n["last_error"]) == "other")
+    failed_by = Counter(reason(k, n["last_error"]) for k, n in failed.items())
+    unjustified_failures = sorted(k for k, n in failed.items() if reason(k, n["last_error"]) == "other")
     poison_keys = {k for k in committed if ":poison-" in k}
     poison_not_failed = sorted(k for k in poison_keys if k not in failed)
 
