@@ -153,12 +153,14 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
 
 
 def wake(app: Celery) -> None:
-    """Ask a worker to run a relay pass now (a hint: beat runs one anyway)."""
+    """Ask a worker to run a relay pass now (a hint: beat runs one anyway). One quick
+    retry, so that a pooled connection the broker closed is replaced, not given up on."""
     app.send_task(
         RELAY_TASK,
         queue=settings.RELAY_QUEUE,
         routing_key=settings.RELAY_QUEUE,
         expires=30,
-        retry=False,
+        retry=True,
+        retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
         ignore_result=True,
     )

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from django.db import DatabaseError, InterfaceError
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
@@ -27,6 +27,18 @@ logger = logging.getLogger(__name__)
 def _countdown(seconds: float) -> int:
     """RabbitMQ native delayed delivery (quorum queues) counts whole seconds, from 1."""
     return max(1, math.ceil(seconds))
+
+
+def _retry(task: Any, seconds: float, exc: Exception | None = None) -> Exception:
+    """``task.retry()``, except that a retry that cannot be published (the broker is
+    restarting) requeues this message instead of Celery's default of rejecting it, which
+    would dead-letter a perfectly good notification."""
+    try:
+        return task.retry(countdown=_countdown(seconds), exc=exc)  # type: ignore[no-any-return]
+    except Reject as rejected:
+        reason = getattr(rejected, "reason", rejected)
+        logger.warning("retry not published (%s); requeueing the message", reason)
+        return Reject(reason, requeue=True)
 
 
 # Errors that say nothing about the email itself (infrastructure hiccups): retry the
@@ -45,15 +57,15 @@ def deliver(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         outcome = delivery.deliver(payload)
     except ClaimBusy as exc:
-        raise self.retry(countdown=_countdown(exc.retry_in + random.uniform(0, 0.5)), exc=exc) from None
+        raise _retry(self, exc.retry_in + random.uniform(0, 0.5), exc) from None
     except INFRASTRUCTURE_ERRORS as exc:
         if self.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
             raise
         delay = min(30.0, 0.5 * 2 ** min(self.request.retries, 6)) * random.uniform(0.5, 1.0)
         logger.warning("%s: %r, retrying in %.1fs", payload.get("key"), exc, delay)
-        raise self.retry(countdown=_countdown(delay), exc=exc) from None
+        raise _retry(self, delay, exc) from None
     if outcome.status == "retry":
-        raise self.retry(countdown=_countdown(outcome.retry_in))
+        raise _retry(self, outcome.retry_in)
     return {"key": outcome.key, "status": outcome.status, "detail": outcome.detail, "attempts": outcome.attempts}
 
 

@@ -56,6 +56,16 @@ def redis_client() -> Iterator[redis_lib.Redis]:
     client.flushdb()
 
 
+@pytest.fixture(autouse=True)
+def fresh_relay_wakeups(redis_client: redis_lib.Redis) -> None:
+    """Tests run no beat, so a relay wake-up flag left set by an earlier test (whose worker
+    could not reach Redis to clear it) would leave the next test's rows unpublished."""
+    from notifications.conf import settings as conf
+    from notifications.relay import WAKE_FLAG
+
+    redis_client.delete(f"{conf.REDIS_KEY_PREFIX}{WAKE_FLAG}")
+
+
 @pytest.fixture(scope="session")
 def smtp_server() -> Iterator[smtp.SMTPServer]:
     server = smtp.start(int(settings.EMAIL_PORT))
@@ -92,6 +102,7 @@ def child_env(**extra: str) -> dict[str, str]:
         DATABASE_URL=test_database_url(),
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
+        PGAPPNAME="notifications-test-child",  # so a test can cut the children's sessions, not its own
     )
     env.update(extra)
     return env

@@ -131,7 +131,7 @@ def test_redis_flush_mid_delivery_causes_no_second_email(smtp_server, workers, r
     from django_celery_results.models import TaskResult
 
     def both_done():
-        results = TaskResult.objects.filter(task_name="notifications.deliver", status="SUCCESS")
+        results = TaskResult.objects.filter(status="SUCCESS")  # deliver is the only task that stores results
         return [r for r in results if n.key in (r.result or "")] if results.count() else []
 
     outcomes = wait_for(lambda: len(both_done()) >= 2 and both_done(), timeout=30, what="both messages processed")
@@ -212,3 +212,83 @@ def test_reply_slower_than_the_client_timeout_is_ambiguous(smtp_server, workers,
     else:
         assert SentEmail.objects.get(key=key).state == "held"
         assert smtp_server.count(key) == 1
+
+
+def test_warm_shutdown_finishes_the_send_in_flight(smtp_server, workers):
+    worker = workers.start()
+    n = notify(**notification_kwargs())
+    release = threading.Event()
+    smtp_server.plan(n.key, Plan(hold=release, keep=True))
+    smtp_server.wait_received(n.key, 1)
+    worker.proc.send_signal(signal.SIGTERM)  # warm shutdown: finish the task, then exit
+    release.set()
+    assert worker.proc.wait(timeout=30) == 0
+    sent = _status(n.key, "sent")
+    assert sent.ambiguous_count == 0 and smtp_server.count(n.key) == 1
+
+
+def test_broker_connections_closed_mid_send_give_one_email(smtp_server, workers, broker_vhost):
+    import subprocess
+
+    workers.start()
+    n = notify(**notification_kwargs())
+    release = threading.Event()
+    smtp_server.plan(n.key, Plan(hold=release, keep=True))
+    smtp_server.wait_received(n.key, 1)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "--vhost", broker_vhost, "test: connections closed"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    release.set()  # the send completes and is recorded; the ack has no channel left
+    _status(n.key, "sent")
+    # The unacked message comes back to the reconnected worker and finds the key sent.
+    from django_celery_results.models import TaskResult
+
+    def duplicate_seen() -> bool:
+        rows = TaskResult.objects.filter(status="SUCCESS")  # deliver is the only task that stores results
+        return any(n.key in (r.result or "") and '"duplicate"' in r.result for r in rows)
+
+    wait_for(duplicate_seen, timeout=60, what="redelivery after the connection loss")
+    assert smtp_server.count(n.key) == 1
+
+
+def test_database_sessions_terminated_mid_send_still_record_the_result(smtp_server, workers):
+    import psycopg
+    from django.conf import settings as django_settings
+
+    workers.start()
+    n = notify(**notification_kwargs())
+    release = threading.Event()
+    smtp_server.plan(n.key, Plan(hold=release, keep=True))
+    smtp_server.wait_received(n.key, 1)
+    database = django_settings.DATABASES["default"]["NAME"]
+    with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = 'notifications-test-child'",
+            [database],
+        ).fetchone()[0]
+    assert killed >= 1  # the worker's session, at least
+    release.set()  # the server's 250 arrives; the worker reconnects to record it
+    sent = _status(n.key, "sent")
+    assert sent.ambiguous_count == 0 and smtp_server.count(n.key) == 1
+
+
+def test_redis_unreachable_only_loses_the_fast_path(smtp_server, workers):
+    workers.start(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    n = notify(**notification_kwargs())
+    sent = _status(n.key, "sent")
+    assert sent.attempts == 1 and smtp_server.count(n.key) == 1
+
+
+def test_connection_dropped_before_the_reply_is_ambiguous_and_resent(smtp_server, workers):
+    workers.start()
+    kwargs = notification_kwargs()
+    key = f"tests:{kwargs['notification_id']}:42"
+    smtp_server.plan(key, Plan(drop=True))
+    notify(**kwargs)
+    sent = _status(key, "sent")
+    assert sent.ambiguous_count == 1 and sent.attempts == 2
+    assert smtp_server.count(key) == 1  # the dropped copy was never kept

@@ -144,7 +144,10 @@ class ChaosRun:
         self.restore_consumer_timeout(lowered=True)
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
         migrated = subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=self.env(), capture_output=True,
+            [sys.executable, "manage.py", "migrate", "--noinput"],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
             text=True,
         )
         if migrated.returncode != 0:
@@ -175,8 +178,19 @@ class ChaosRun:
         self.calls_file = self.workdir / "calls.jsonl"
         poison = self.o.poison if "poison" in self.o.faults else 0
         cmd = [
-            sys.executable, "-m", "notifications.chaos.caller", "--n", str(self.o.n), "--seed", str(self.o.seed),
-            "--rate", str(self.o.n / self.o.duration), "--poison", str(poison), "--out", str(self.calls_file),
+            sys.executable,
+            "-m",
+            "notifications.chaos.caller",
+            "--n",
+            str(self.o.n),
+            "--seed",
+            str(self.o.seed),
+            "--rate",
+            str(self.o.n / self.o.duration),
+            "--poison",
+            str(poison),
+            "--out",
+            str(self.calls_file),
         ]
         log = open(self.workdir / "caller.log", "wb")  # noqa: SIM115 (owned by the child)
         return subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
@@ -238,9 +252,15 @@ class ChaosRun:
                 )
         verdict.report["fault_log"] = self.faults
         verdict.report["setup"] = {
-            "n": self.o.n, "duration": self.o.duration, "seed": self.o.seed, "workers": self.o.workers,
-            "concurrency": self.o.concurrency, "claim_lease": self.lease, "email_timeout": self.email_timeout,
-            "consumer_timeout": self.o.consumer_timeout, "faults_selected": self.o.faults,
+            "n": self.o.n,
+            "duration": self.o.duration,
+            "seed": self.o.seed,
+            "workers": self.o.workers,
+            "concurrency": self.o.concurrency,
+            "claim_lease": self.lease,
+            "email_timeout": self.email_timeout,
+            "consumer_timeout": self.o.consumer_timeout,
+            "faults_selected": self.o.faults,
         }
         if drained is None:
             verdict.failures.append(f"not drained within {self.o.drain_timeout:.0f}s after the faults stopped")
@@ -250,7 +270,9 @@ class ChaosRun:
         with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
             notes = {
                 row[0]: {
-                    "status": row[1], "ambiguous_count": row[2], "last_error": row[3],
+                    "status": row[1],
+                    "ambiguous_count": row[2],
+                    "last_error": row[3],
                     "sent_at": row[4].timestamp() if row[4] else None,
                 }
                 for row in conn.execute(
@@ -258,12 +280,10 @@ class ChaosRun:
                 )
             }
             claims = {
-                row[0]: {"state": row[1]}
-                for row in conn.execute("SELECT key, state FROM notifications_sentemail")
+                row[0]: {"state": row[1]} for row in conn.execute("SELECT key, state FROM notifications_sentemail")
             }
-            pending = conn.execute(
-                "SELECT count(*) FROM notifications_outboxmessage WHERE published_at IS NULL"
-            ).fetchone()[0]
+            row = conn.execute("SELECT count(*) FROM notifications_outboxmessage WHERE published_at IS NULL").fetchone()
+            pending = row[0] if row else 0
         return notes, claims, int(pending)
 
     def _committed(self) -> set[str]:

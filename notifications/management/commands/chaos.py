@@ -31,7 +31,9 @@ class Command(BaseCommand):
         parser.add_argument("--concurrency", type=int, default=2)
         parser.add_argument("--mode", choices=["resend", "hold"], default="resend", help="NOTIFICATIONS_AMBIGUOUS")
         parser.add_argument("--drain-timeout", type=float, default=300.0)
-        parser.add_argument("--consumer-timeout", type=float, default=30.0, help="RabbitMQ consumer_timeout for the run")
+        parser.add_argument(
+            "--consumer-timeout", type=float, default=30.0, help="RabbitMQ consumer_timeout for the run"
+        )
         parser.add_argument("--redis-db", type=int, default=15)
         parser.add_argument("--poison", type=int, default=3, help="poison notifications (with the poison fault)")
         parser.add_argument("--report", default="chaos-report.json", help="where to write the JSON report")
@@ -54,10 +56,20 @@ class Command(BaseCommand):
             if unknown:
                 raise CommandError(f"--faults: unknown kind(s) {unknown}; known: {', '.join(ALL_FAULTS)}")
         options = Options(
-            n=o["n"], duration=o["duration"], seed=o["seed"], faults=faults, workers=o["workers"],
-            concurrency=o["concurrency"], mode=o["mode"], fault_every=o["fault_every"],
-            drain_timeout=o["drain_timeout"], consumer_timeout=o["consumer_timeout"], redis_db=o["redis_db"],
-            poison=o["poison"], out=Path(o["report"]), keep=o["keep"],
+            n=o["n"],
+            duration=o["duration"],
+            seed=o["seed"],
+            faults=faults,
+            workers=o["workers"],
+            concurrency=o["concurrency"],
+            mode=o["mode"],
+            fault_every=o["fault_every"],
+            drain_timeout=o["drain_timeout"],
+            consumer_timeout=o["consumer_timeout"],
+            redis_db=o["redis_db"],
+            poison=o["poison"],
+            out=Path(o["report"]),
+            keep=o["keep"],
         )
         verdict = ChaosRun(options, log=lambda line: self.stdout.write(line)).run()
         Path(o["report"]).write_text(json.dumps({**verdict.report, "failures": verdict.failures}, indent=2))
