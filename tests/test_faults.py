@@ -11,6 +11,7 @@ import pytest
 from django.db.models import F
 
 from notifications import notify
+from notifications.managers import NOTIFICATION_COLUMNS
 from notifications.models import Notification, SentEmail
 from tests.conftest import notification_kwargs, wait_for
 from tests.smtp import Plan
@@ -107,21 +108,7 @@ def test_redis_flush_mid_delivery_causes_no_second_email(smtp_server, workers, r
     [pending] = OutboxMessage.objects.filter(notification=n).values_list("notification_id", flat=True)
     assert pending == n.pk
     redis_client.flushdb()  # the first worker's lock is gone
-    payload = {
-        c: getattr(n, c)
-        for c in (
-            "key",
-            "service",
-            "notification_id",
-            "user_id",
-            "to",
-            "from_email",
-            "subject",
-            "body",
-            "html_body",
-            "metadata",
-        )
-    }
+    payload = {c: getattr(n, c) for c in NOTIFICATION_COLUMNS}
     broker.publish_deliveries(current_app, [payload])  # a second copy of the message
     # The second copy finds no Redis lock, but the database claim is live: it must wait.
     wait_for(lambda: SentEmail.objects.filter(key=n.key).exists())
