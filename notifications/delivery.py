@@ -72,37 +72,75 @@ def build_message(payload: dict[str, Any]) -> EmailMultiAlternatives:
     return message
 
 
-def send_email(message: EmailMultiAlternatives) -> str:
-    """Hand the message to the mail server through Django's configured email backend,
-    and classify every failure.
+# One mail-server connection per worker process, reused across emails: connecting and
+# saying EHLO costs more than sending a small message. (pid, backend) so that a forked
+# child never writes to its parent's socket.
+_connection: tuple[int, Any] | None = None
 
-    Failures while connecting cannot have delivered anything (transient). Once the
-    connection is open, an SMTP reply code is definitive (4xx transient, 5xx permanent);
-    anything else (a dropped connection, a timeout waiting for the reply to DATA, an
-    error from a provider's backend) leaves the outcome unknown (ambiguous).
-    """
-    connection = get_connection(fail_silently=False)
+
+def _drop_connection() -> None:
+    global _connection
+    if _connection is not None and _connection[0] == os.getpid():
+        try:
+            _connection[1].close()
+        except Exception:  # closing a broken connection must not mask the outcome
+            pass
+    _connection = None
+
+
+def _reusable(backend: Any) -> bool:
+    """A NOOP on the open connection: a server that timed it out answers no more, and
+    finding that out before MAIL FROM keeps the failure on the safe side (nothing sent)."""
+    smtp = getattr(backend, "connection", None)
+    if smtp is None:  # backends without a socket (console, locmem, most HTTP APIs)
+        return True
     try:
-        connection.open()
+        return int(smtp.noop()[0]) == 250
+    except Exception:
+        return False
+
+
+def _open_connection() -> Any:
+    global _connection
+    if _connection is not None and _connection[0] == os.getpid() and _reusable(_connection[1]):
+        return _connection[1]
+    _drop_connection()
+    backend = get_connection(fail_silently=False)
+    try:
+        backend.open()
     except smtplib.SMTPResponseException as exc:
         raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
     except Exception as exc:
         raise TransientDeliveryError(f"connect: {exc!r}") from exc
+    _connection = (os.getpid(), backend)
+    return backend
+
+
+def send_email(message: EmailMultiAlternatives) -> str:
+    """Hand the message to the mail server through Django's configured email backend,
+    and classify every failure.
+
+    Failures while connecting (or a reused connection found dead by NOOP) cannot have
+    delivered anything (transient). Once MAIL FROM is sent, an SMTP reply code is
+    definitive (4xx transient, 5xx permanent); anything else (a dropped connection, a
+    timeout waiting for the reply to DATA, an error from a provider's backend) leaves the
+    outcome unknown (ambiguous). After any failure the connection is dropped.
+    """
+    backend = _open_connection()
     try:
-        sent = connection.send_messages([message])
+        sent = backend.send_messages([message])
     except smtplib.SMTPRecipientsRefused as exc:
+        _drop_connection()
         code, reply = next(iter(exc.recipients.values()))
         raise _classify_reply(code, reply) from exc
     except smtplib.SMTPResponseException as exc:
+        _drop_connection()
         raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
     except Exception as exc:
+        _drop_connection()
         raise AmbiguousDeliveryError(f"connection lost during the SMTP transaction: {exc!r}") from exc
-    finally:
-        try:
-            connection.close()
-        except Exception:  # closing a broken connection must not mask the outcome
-            pass
     if sent != 1:
+        _drop_connection()
         raise AmbiguousDeliveryError("the email backend reported no message sent")
     return "250 accepted"
 

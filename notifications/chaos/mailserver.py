@@ -33,6 +33,7 @@ class Received:
     message: Any
     at: float  # time.monotonic()
     wall: float  # time.time(), to compare with database timestamps
+    peer: tuple[str, int] | None = None  # the client's address: one per SMTP connection
 
 
 @dataclass
@@ -103,7 +104,7 @@ class RecordingHandler:
         if plan is not None:
             if plan.hold is not None:
                 if plan.keep:
-                    self._record(key, msg, envelope)
+                    self._record(key, msg, envelope, session)
                 while not plan.hold.is_set():
                     await asyncio.sleep(0.02)
                 return "250 2.0.0 OK queued" if plan.keep else "421 4.3.0 closing without accepting"
@@ -120,13 +121,13 @@ class RecordingHandler:
                 server.transport.close()
                 return "421 4.3.0 dropped"
             # slow / hang: the message is kept, the reply comes after the client gave up
-            self._record(key, msg, envelope)
+            self._record(key, msg, envelope, session)
             await asyncio.sleep(weather.delay)
             return "250 2.0.0 OK queued (late)"
-        self._record(key, msg, envelope)
+        self._record(key, msg, envelope, session)
         return "250 2.0.0 OK queued"
 
-    def _record(self, key: str, msg: Any, envelope: Any) -> None:
+    def _record(self, key: str, msg: Any, envelope: Any, session: Any = None) -> None:
         with self.changed:
             self.received.append(
                 Received(
@@ -136,6 +137,7 @@ class RecordingHandler:
                     message=msg,
                     at=time.monotonic(),
                     wall=time.time(),
+                    peer=tuple(session.peer) if session is not None and session.peer else None,
                 )
             )
             self.changed.notify_all()
