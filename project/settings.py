@@ -136,7 +136,9 @@ CELERY_BROKER_HEARTBEAT = 30
 # the lease ends) and below RabbitMQ's consumer_timeout (30 min by default).
 CELERY_TASK_SOFT_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_SOFT_TIME_LIMIT", 90.0)
 CELERY_TASK_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_TIME_LIMIT", 120.0)
-CELERY_WORKER_SEND_TASK_EVENTS = True
+# Off unless watched: Flower turns events on in the workers it monitors (its enable_events
+# option), and every event is a confirmed publish that would otherwise slow each delivery.
+CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", False)
 
 # Queues, routes and the relay's beat entries come from notifications.broker.configure(),
 # called in project/celery.py, so every service that installs the app shares one topology.

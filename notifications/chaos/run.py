@@ -102,7 +102,9 @@ class ChaosRun:
 
     def env(self) -> dict[str, str]:
         env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE"))
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NOTIFICATIONS_", "CELERY_BROKER", "EMAIL_", "DATABASE"))
         }
         env.update(
             DJANGO_SETTINGS_MODULE="project.settings",
