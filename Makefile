@@ -6,7 +6,7 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint chaos chaos-short
+.PHONY: run test lint chaos chaos-short bench bench-short
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
@@ -25,6 +25,15 @@ chaos-short: $(STAMP)
 		--report chaos-short-resend.json $(CHAOS_ARGS)
 	$(PYTHON) manage.py chaos --n 300 --duration 25 --fault-every 2 --faults all --mode hold \
 		--report chaos-short-hold.json $(CHAOS_ARGS)
+
+# The benchmark the README quotes: our pipeline beside a plain Celery task per email and
+# django-post-office, same N, workers and concurrency, against the local services.
+bench: $(STAMP)
+	$(PYTHON) manage.py bench $(BENCH_ARGS)
+
+# A small N, only to show the command works end to end (not a timed test).
+bench-short: $(STAMP)
+	$(PYTHON) manage.py bench --n 500 --paced-seconds 10 --report bench-short.json $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

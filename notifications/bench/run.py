@@ -1,0 +1,280 @@
+"""One benchmark: a private database per system, a RabbitMQ vhost and a Redis db, created
+here and dropped at the end; the counting sink; then, per run, the sink's ceiling, our
+pipeline's phases and the two peers', with the same N, workers and concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from ..chaos.injectors import sh, wait
+from ..chaos.processes import Fleet, Proc
+from ..chaos.run import free_port
+from . import measure, ours, peers, report
+from .sink import Sink, ceiling
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SYSTEMS = ("sink", "ours", "plain", "postoffice")
+
+
+@dataclass
+class Options:
+    n: int = 5000
+    workers: int = 1
+    concurrency: int = 2
+    runs: int = 1
+    only: tuple[str, ...] = SYSTEMS
+    batch: int = 500
+    paced_seconds: float = 30.0
+    ceiling_messages: int = 5000
+    stall: float = 120.0
+    redis_db: int | None = None
+    keep: bool = False
+
+
+class BenchRun:
+    def __init__(self, options: Options, log: Callable[[str], None] = print) -> None:
+        self.o = options
+        self._log = log
+        self.id = uuid.uuid4().hex[:6]
+        self.database = f"bench_{self.id}"
+        self.po_database = f"bench_{self.id}_postoffice"
+        self.vhost = f"notifications-bench-{self.id}"
+        self.workdir = Path(os.environ.get("BENCH_WORKDIR", f"/tmp/notifications-bench-{self.id}"))
+        self.started = time.monotonic()
+        self.created: list[str] = []
+
+    def say(self, line: str) -> None:
+        self._log(f"[{time.monotonic() - self.started:6.1f}s] {line}")
+
+    # -- services ------------------------------------------------------------------------
+
+    def _admin_sql(self, sql: str) -> None:
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(sql)
+
+    def sql(self, database: str, sql: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={database}", autocommit=True) as conn:
+            cursor = conn.execute(sql)
+            return cursor.fetchall() if cursor.description else []
+
+    def _pick_redis_db(self) -> int:
+        if self.o.redis_db is not None:
+            return self.o.redis_db
+        for db in range(14, 0, -1):  # 15 is the chaos run's; tests pick at random among 1-15
+            if redis.Redis(host="127.0.0.1", port=6379, db=db).dbsize() == 0:
+                return db
+        raise RuntimeError("no empty Redis database among 1-14: pass --redis-db")
+
+    def _env(self) -> dict[str, str]:
+        prefixes = ("NOTIFICATIONS_", "CELERY_BROKER", "EMAIL_", "DATABASE", "DJANGO_SETTINGS_MODULE")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+        env.update(
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+            CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
+            EMAIL_HOST="127.0.0.1",
+            EMAIL_PORT=str(self.sink.port),
+        )
+        return env
+
+    def env_ours(self) -> dict[str, str]:
+        return {
+            **self._env(),
+            "DJANGO_SETTINGS_MODULE": "project.settings",
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}",
+            "REDIS_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
+            "NOTIFICATIONS_LOG_LEVEL": "WARNING",
+        }
+
+    def env_peer(self) -> dict[str, str]:
+        return {
+            **self._env(),
+            "DJANGO_SETTINGS_MODULE": "notifications.bench.peer_settings",
+            "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.po_database}",
+        }
+
+    def _migrate(self, env: dict[str, str]) -> None:
+        done = subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")
+
+    def setup(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.redis_db = self._pick_redis_db()
+        self.sink = Sink(free_port()).start()
+        self.say(
+            f"bench {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}, "
+            f"SMTP sink on port {self.sink.port}, logs in {self.workdir}"
+        )
+        sh("redis-cli", "-n", str(self.redis_db), "flushdb")
+        if {"ours", "plain"} & set(self.o.only):
+            sh("rabbitmqctl", "-q", "add_vhost", self.vhost)
+            sh("rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            self.created.append("vhost")
+        if "ours" in self.o.only:
+            self._admin_sql(f'CREATE DATABASE "{self.database}"')
+            self.created.append(self.database)
+            self._migrate(self.env_ours())
+        if "postoffice" in self.o.only:
+            self._admin_sql(f'CREATE DATABASE "{self.po_database}"')
+            self.created.append(self.po_database)
+            self._migrate(self.env_peer())
+
+    def teardown(self) -> None:
+        if hasattr(self, "sink"):
+            self.sink.stop()
+        if self.o.keep:
+            return
+        if "vhost" in self.created:
+            sh("rabbitmqctl", "-q", "delete_vhost", self.vhost)
+        for database in (self.database, self.po_database):
+            if database in self.created:
+                try:
+                    self._admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                except psycopg.Error as exc:
+                    self.say(f"could not drop {database}: {exc}")
+        if hasattr(self, "redis_db"):
+            sh("redis-cli", "-n", str(self.redis_db), "flushdb")
+
+    # -- building blocks -----------------------------------------------------------------
+
+    def fleet(self, env: dict[str, str]) -> Fleet:
+        return Fleet(root=ROOT, env=env, logs=self.workdir)
+
+    def workers(self, fleet: Fleet, prefix: str, app: str, queues: str) -> list[Proc]:
+        procs = []
+        for i in range(self.o.workers):
+            name = f"{prefix}-worker{i}"
+            args = ["-m", "celery", "-A", app, "worker", "-l", "warning", "-c", str(self.o.concurrency)]
+            args += ["-n", f"{name}@%h", "--without-mingle", "--without-gossip", "-Q", queues]
+            procs.append(fleet.add(name, args))
+        return procs
+
+    def wait_consumers(self, queue: str, procs: list[Proc], timeout: float = 90.0) -> None:
+        """Ready means consuming: every worker has a consumer on ``queue``."""
+
+        def ready() -> bool:
+            for proc in procs:
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited: see {proc.log}")
+            out = sh("rabbitmqctl", "-q", "list_queues", "-p", self.vhost, "name", "consumers").stdout
+            for line in out.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == queue and parts[1].isdigit():
+                    return int(parts[1]) >= len(procs)
+            return False
+
+        if not wait(ready, timeout, 0.5):
+            raise RuntimeError(f"workers not consuming {queue} within {timeout:.0f}s: see {self.workdir}")
+
+    def caller(self, system: str, mode: str, n: int, tag: str, env: dict[str, str], rate: float = 0.0) -> Any:
+        out = self.workdir / f"calls-{tag}.json"
+        cmd = [sys.executable, "-m", "notifications.bench.caller", "--system", system, "--mode", mode]
+        cmd += ["--n", str(n), "--batch", str(self.o.batch), "--rate", str(rate), "--tag", tag, "--out", str(out)]
+        log = open(self.workdir / f"caller-{tag}.log", "wb")  # noqa: SIM115 (owned by the child)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        proc.out = out  # type: ignore[attr-defined]
+        return proc
+
+    def calls(self, proc: Any) -> dict[str, Any]:
+        if proc.wait() != 0:
+            raise RuntimeError(f"the caller failed: see {self.workdir}/caller-*.log")
+        return dict(json.loads(Path(proc.out).read_text()))
+
+    def call(self, system: str, mode: str, n: int, tag: str, env: dict[str, str]) -> dict[str, Any]:
+        """Run a caller to the end with nothing consuming: the caller's own rate."""
+        return measure.caller_only(self.calls(self.caller(system, mode, n, tag, env)))
+
+    def end_to_end(
+        self, system: str, mode: str, n: int, tag: str, env: dict[str, str], fleet: Fleet, rate: float = 0.0
+    ) -> dict[str, Any]:
+        """Start a caller while the workers run; wait until the sink has every email."""
+        self.sink.take()
+        base = self.sink.count
+        cpu = measure.CpuProbe(self.sink.pid)
+        proc = self.caller(system, mode, n, tag, env, rate)
+
+        def broken() -> str | None:
+            if proc.poll() not in (None, 0):
+                return "the caller failed"
+            dead = [p.name for p in fleet.procs.values() if not p.alive()]
+            return f"{', '.join(dead)} exited" if dead else None
+
+        measure.wait_for_sink(lambda: self.sink.count, base + n, self.o.stall, self.say, tag, broken, base)
+        sink_cpu = cpu.percent()
+        result = measure.delivery(self.calls(proc), self.sink.take(), sink_cpu)
+        self.say(f"  {tag}: {report.one_line(result)}")
+        return result
+
+    # -- the whole benchmark -------------------------------------------------------------
+
+    def run_sink(self) -> dict[str, Any]:
+        m = self.o.ceiling_messages
+        self.say(f"sink: ceiling, {m} messages per connection")
+        return {
+            "one_connection": ceiling(self.sink, m, 1, ROOT, self.say),
+            "two_connections": ceiling(self.sink, m, 2, ROOT, self.say),
+        }
+
+    def run_once(self, run: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        began = time.monotonic()
+        steps: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
+            ("sink", lambda r: self.run_sink()),
+            ("ours", lambda r: ours.run_ours(self, r)),
+            ("plain", lambda r: peers.run_plain(self, r)),
+            ("postoffice", lambda r: peers.run_postoffice(self, r)),
+        ]
+        for name, step in steps:
+            if name in self.o.only:
+                began_step = time.monotonic()
+                out[name] = step(run)
+                out[name]["wall_seconds"] = round(time.monotonic() - began_step, 1)
+        out["wall_seconds"] = round(time.monotonic() - began, 1)
+        return out
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.setup()
+            setup = report.setup(self)
+            runs = []
+            for run in range(1, self.o.runs + 1):
+                self.say(f"run {run} of {self.o.runs}")
+                runs.append(self.run_once(run))
+            return {"setup": setup, "median": median(runs), "runs": runs}
+        finally:
+            self.teardown()
+
+
+def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-metric median over runs (the same structure as one run)."""
+
+    def merge(values: list[Any]) -> Any:
+        present = [v for v in values if v is not None]
+        if not present:
+            return None
+        if isinstance(present[0], dict):
+            keys = {k for v in present for k in v}
+            return {k: merge([v.get(k) for v in present]) for k in sorted(keys)}
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            return round(statistics.median(present), 3)
+        return present[0]
+
+    merged = merge(runs)
+    return dict(merged) if merged else {}

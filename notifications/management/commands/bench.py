@@ -1,0 +1,78 @@
+"""``manage.py bench``: throughput, latency and memory of the pipeline beside two peers
+(see notifications/bench/)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark the pipeline against the local services and a counting SMTP sink, beside a plain "
+        "Celery task per email and django-post-office, with the same N, workers and concurrency; "
+        "print one table and write it as JSON."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--n", type=int, default=5000, help="emails per phase (default 5000)")
+        parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
+        parser.add_argument("--runs", type=int, default=1, help="repeat everything; the table shows medians")
+        parser.add_argument(
+            "--only", default="sink,ours,plain,postoffice", help="comma-separated: sink, ours, plain, postoffice"
+        )
+        parser.add_argument("--batch", type=int, default=500, help="items per notify_many() / send_many() call")
+        parser.add_argument(
+            "--paced-seconds", type=float, default=30.0, help="length of the half-rate latency phase (default 30)"
+        )
+        parser.add_argument("--stall", type=float, default=120.0, help="give a phase up after this long idle")
+        parser.add_argument("--redis-db", type=int, default=None, help="Redis db to use (default: an empty one)")
+        parser.add_argument("--report", default="bench-report.json", help="where to write the JSON report")
+        parser.add_argument("--keep", action="store_true", help="keep the run's databases and vhost")
+
+    def handle(self, *args: Any, **o: Any) -> None:
+        try:
+            from notifications.bench.report import render
+            from notifications.bench.run import SYSTEMS, BenchRun, Options
+        except ImportError as exc:  # aiosmtpd and django-post-office come with the dev extra
+            raise CommandError(f"the benchmark needs the dev extra (pip install -e '.[dev]'): {exc}") from exc
+        only = tuple(s.strip() for s in o["only"].split(",") if s.strip())
+        unknown = sorted(set(only) - set(SYSTEMS))
+        if unknown or not only:
+            raise CommandError(f"--only: unknown {unknown}; choose among {', '.join(SYSTEMS)}")
+        if "postoffice" in only:
+            try:
+                import post_office  # noqa: F401
+            except ImportError as exc:
+                raise CommandError("--only postoffice needs django-post-office (the dev extra)") from exc
+        if o["n"] < 1 or o["workers"] < 1 or o["concurrency"] < 1 or o["runs"] < 1:
+            raise CommandError("--n, --workers, --concurrency and --runs must be at least 1")
+        options = Options(
+            n=o["n"],
+            workers=o["workers"],
+            concurrency=o["concurrency"],
+            runs=o["runs"],
+            only=only,
+            batch=o["batch"],
+            paced_seconds=o["paced_seconds"],
+            stall=o["stall"],
+            redis_db=o["redis_db"],
+            keep=o["keep"],
+        )
+        # SIGTERM ends the run like Ctrl-C: through the teardown that stops the processes
+        # and drops the run's databases and vhost.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        began = time.monotonic()
+        result = BenchRun(options, log=lambda line: self.stdout.write(line)).run()
+        result["wall_seconds"] = round(time.monotonic() - began, 1)
+        Path(o["report"]).write_text(json.dumps(result, indent=2))
+        self.stdout.write("")
+        self.stdout.write(render(result))
+        self.stdout.write(f"\nwhole benchmark: {result['wall_seconds']:.0f}s; report written to {o['report']}")
