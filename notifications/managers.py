@@ -46,14 +46,21 @@ class NotificationManager(models.Manager["Notification"]):
         cols = ", ".join(_q(c) for c in columns)
         one = "(" + ", ".join(["%s"] * len(columns)) + ")"
         values = ", ".join([one] * rows)
-        insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING "id"'
+        # With the outbox row (notify()), the whole created rows come back, so only repeated
+        # keys need reading; for record() the id is enough.
+        returning = (
+            ", ".join(_q(f.get_attname_column()[1] or f.name) for f in self.model._meta.concrete_fields)
+            if with_outbox
+            else '"id"'
+        )
+        insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING {returning}'
         if not with_outbox:
             return insert
         outbox = _q(OutboxMessage._meta.db_table)
         return (
-            f"WITH ins AS ({insert}) "
-            f'INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id" '
-            f'RETURNING "notification_id"'
+            f"WITH ins AS ({insert}), "
+            f'outbox AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id") '
+            f"SELECT * FROM ins"
         )
 
     def _params(
@@ -78,13 +85,24 @@ class NotificationManager(models.Manager["Notification"]):
         transaction: a concurrent insert of the same key waits for that transaction and
         then counts as a repeat, so two processes never both create a key.
         """
-        created: set[int] = set()
         if not rows:
-            return [], created
-        with connections[using].cursor() as cursor:
+            return [], set()
+        conn = connections[using]
+        fields = self.model._meta.concrete_fields
+        metadata_field = self.model._meta.get_field("metadata")
+        with conn.cursor() as cursor:
             cursor.execute(self._insert_sql(len(rows), True), self._params(rows, using))
-            created = {r[0] for r in cursor.fetchall()}
-        by_key = {n.key: n for n in self.using(using).filter(key__in=[r["key"] for r in rows])}
+            inserted = cursor.fetchall()
+        by_key: dict[str, Notification] = {}
+        for values in inserted:
+            record = dict(zip((f.attname for f in fields), values, strict=True))
+            record["metadata"] = metadata_field.from_db_value(record["metadata"], None, conn)  # type: ignore[arg-type]
+            notification = self.model.from_db(using, list(record), list(record.values()))
+            by_key[notification.key] = notification
+        created = {n.pk for n in by_key.values()}
+        repeats = {r["key"] for r in rows} - by_key.keys()
+        if repeats:  # only repeated keys need reading back
+            by_key.update((n.key, n) for n in self.using(using).filter(key__in=repeats))
         missing = [r["key"] for r in rows if r["key"] not in by_key]
         if missing:
             from .exceptions import NotificationError
@@ -180,6 +198,11 @@ class OutboxMessageManager(models.Manager[Any]):
             deleted += self.using(using).filter(id__in=ids).delete()[0]
 
 
+def _claimable(table: str) -> str:
+    """SQL: the row may be taken over (released for a retry, or its holder's lease ran out)."""
+    return f'({table}."state" = \'released\' OR ({table}."state" = \'claimed\' AND {table}."lease_expires_at" < now()))'
+
+
 @dataclass(frozen=True)
 class Claim:
     """The outcome of trying to claim a key for sending."""
@@ -212,8 +235,7 @@ class SentEmailManager(models.Manager[Any]):
             f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
             f'"state" = \'claimed\', "updated_at" = now(), '
             f'"notification_id" = COALESCE({t}."notification_id", EXCLUDED."notification_id") '
-            f"WHERE {t}.\"state\" = 'released' OR ({t}.\"state\" = 'claimed' "
-            f'AND {t}."lease_expires_at" < now()) '
+            f"WHERE {_claimable(t)} "
             f'RETURNING "token", "attempts", "send_started_at"'
         )
         with connections[using].cursor() as cursor:
@@ -277,7 +299,7 @@ class SentEmailManager(models.Manager[Any]):
             f"\"ambiguous_count\", \"message_id\", \"response\") VALUES (%s, %s, 'failed', 1, '', 0, 0, '', %s) "
             f'ON CONFLICT ("key") DO UPDATE SET "state" = \'failed\', "response" = EXCLUDED."response", '
             f'"token" = {t}."token" + 1, "send_started_at" = NULL, "updated_at" = now() '
-            f'WHERE {t}."state" = \'released\' OR ({t}."state" = \'claimed\' AND {t}."lease_expires_at" < now()) '
+            f"WHERE {_claimable(t)} "
             f'RETURNING "id"'
         )
         with connections[using].cursor() as cursor:
