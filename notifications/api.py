@@ -103,10 +103,16 @@ def notify_many(items: Iterable[Mapping[str, Any]], *, using: str | None = None)
 def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
     from .models import Notification
 
-    with transaction.atomic(using=using):
+    if transaction.get_connection(using).in_atomic_block:
+        # In the caller's transaction: a savepoint, so a failure here leaves it usable.
+        with transaction.atomic(using=using):
+            notifications, created = Notification.objects.create_with_outbox(rows, using)
+    else:
+        # On its own: the insert is one statement, atomic in autocommit, so no BEGIN and
+        # COMMIT round trips.
         notifications, created = Notification.objects.create_with_outbox(rows, using)
-        if created and settings.RELAY_ON_COMMIT:
-            from .relay import wake_relay
+    if created and settings.RELAY_ON_COMMIT:
+        from .relay import wake_relay
 
-            transaction.on_commit(wake_relay, using=using)
+        transaction.on_commit(wake_relay, using=using)  # in autocommit: now
     return notifications

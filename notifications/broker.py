@@ -19,7 +19,8 @@ from .conf import settings
 if TYPE_CHECKING:
     from celery import Celery
 
-DELIVER_TASK = "notifications.deliver"
+DELIVER_TASK = "notifications.deliver"  # one notification per message (earlier releases)
+DELIVER_MANY_TASK = "notifications.deliver_many"
 RELAY_TASK = "notifications.relay"
 PURGE_TASK = "notifications.purge"
 RECOVER_TASK = "notifications.recover"
@@ -79,6 +80,16 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
         _apply(app, maintenance)
     else:
         app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender, maintenance), weak=False)
+    from celery.signals import beat_init
+
+    beat_init.connect(_start_relay_loop, weak=False, dispatch_uid="notifications.relay.loop")
+
+
+def _start_relay_loop(sender: Any = None, **kwargs: Any) -> None:
+    if settings.RELAY_IN_BEAT:
+        from . import relay
+
+        relay.start_loop()
 
 
 def _apply(app: Celery, maintenance: bool) -> None:
@@ -86,7 +97,14 @@ def _apply(app: Celery, maintenance: bool) -> None:
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
     routes = dict(app.conf.task_routes or {})
     routes.update(
-        {DELIVER_TASK: deliver, RELAY_TASK: relay, PURGE_TASK: relay, RECOVER_TASK: relay, DEAD_LETTERS_TASK: relay}
+        {
+            DELIVER_TASK: deliver,
+            DELIVER_MANY_TASK: deliver,
+            RELAY_TASK: relay,
+            PURGE_TASK: relay,
+            RECOVER_TASK: relay,
+            DEAD_LETTERS_TASK: relay,
+        }
     )
     interval = float(settings.RELAY_INTERVAL)
     schedule = dict(app.conf.beat_schedule or {})
@@ -125,16 +143,19 @@ def _names() -> set[str]:
     return {settings.DELIVER_QUEUE, settings.RELAY_QUEUE, settings.DEAD_LETTER_QUEUE}
 
 
-def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
-    """Publish one ``deliver`` task per payload; return only after the broker confirmed
-    every one of them. Raises on any failure (unroutable, nack, timeout, connection lost),
-    and the caller leaves the rows unpublished.
+def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]], per_message: int | None = None) -> None:
+    """Publish ``deliver_many`` messages carrying ``payloads`` (``per_message`` each,
+    default ``NOTIFICATIONS_DELIVERY_BATCH_SIZE``); return only after the broker
+    confirmed every one of them. Raises on any failure (unroutable, nack, timeout,
+    connection lost), and the caller leaves the rows unpublished.
 
-    The whole batch goes out on one channel in confirm mode before waiting: one confirm
-    round trip per batch instead of one per message.
+    The messages go out on one channel in confirm mode before waiting: one confirm
+    round trip per call instead of one per message.
     """
     if not payloads:
         return
+    size = max(1, per_message or int(settings.DELIVERY_BATCH_SIZE))
+    batches = [list(payloads[i : i + size]) for i in range(0, len(payloads), size)]
     queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
     declare = [queue, dead_letter_queue()]  # cached per connection after the first publish
     with app.pool.acquire(block=True) as pooled:
@@ -142,7 +163,7 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
         conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
         channel = conn.channel()
         try:
-            _publish_confirmed(app, conn, channel, queue, declare, payloads)
+            _publish_confirmed(app, conn, channel, queue, declare, batches)
         except Exception:
             # A connection with a failed publish may hold late frames: drop it.
             conn.collect()
@@ -152,7 +173,7 @@ def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]]) -> None:
 
 
 def _publish_confirmed(
-    app: Celery, conn: Any, channel: Any, queue: Queue, declare: list[Queue], payloads: Sequence[dict[str, Any]]
+    app: Celery, conn: Any, channel: Any, queue: Queue, declare: list[Queue], batches: list[list[dict[str, Any]]]
 ) -> None:
     from amqp.exceptions import MessageNacked
     from kombu import Producer
@@ -176,10 +197,10 @@ def _publish_confirmed(
     channel.events["basic_ack"].add(on_ack)
     channel.events["basic_nack"].add(on_nack)
     producer = Producer(channel)
-    for tag, payload in enumerate(payloads, start=1):
+    for tag, batch in enumerate(batches, start=1):
         app.send_task(
-            DELIVER_TASK,
-            args=[payload],
+            DELIVER_MANY_TASK,
+            args=[batch],
             producer=producer,
             queue=queue,  # type: ignore[arg-type]  # Celery accepts a Queue too
             routing_key=settings.DELIVER_QUEUE,

@@ -28,11 +28,21 @@ DEFAULTS: dict[str, Any] = {
     "SENT_RETENTION_DAYS": 30,
     # Relay: rows per batch, and the beat period of the safety-net pass.
     "RELAY_BATCH_SIZE": 200,
+    # Notifications per broker message: a worker claims them in one transaction and sends
+    # them over one mail-server connection. A message that crashed its worker is split.
+    "DELIVERY_BATCH_SIZE": 50,
+    # Mail-server connections a worker process sends a batch over at once (threads).
+    "SEND_CONCURRENCY": 4,
     "RELAY_INTERVAL": 1.0,
     # How often beat looks for notifications whose retry message was lost.
     "RECOVER_INTERVAL": 60.0,
     # Wake the relay when a notify() commits, so delivery does not wait for beat.
     "RELAY_ON_COMMIT": True,
+    # Run the relay loop inside beat (woken through Redis on commit).
+    "RELAY_IN_BEAT": True,
+    # Seconds the relay loop waits after a wake-up, so a burst of commits goes out in
+    # fuller broker messages (a little latency for much less work per email).
+    "RELAY_LINGER": 0.02,
     # Quorum-queue delivery limit before a message is dead-lettered.
     "DELIVERY_LIMIT": 10,
     # RabbitMQ's consumer_timeout in seconds (server default 30 min); checked against our timeouts.

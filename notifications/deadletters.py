@@ -1,6 +1,7 @@
 """Dead letters: a delivery message that hit the queue's delivery limit (it crashed its
 worker every time) ends here, and its notification ends ``failed`` with the reason, so a
-poison message is visible in the admin (and retryable) instead of silently parked."""
+poison message is visible in the admin (and retryable) instead of silently parked. A
+batch that ends here is split, so only the notification that crashes ends failed."""
 
 from __future__ import annotations
 
@@ -41,12 +42,19 @@ def settle(limit: int = 100) -> list[str]:
                 break
             try:
                 args = message.decode()[0]
-                payload = args[0]
-                key = payload["key"]
+                payloads = args[0] if isinstance(args[0], list) else [args[0]]
+                key = payloads[0]["key"]
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 logger.error("dead letter without a notification payload, left in place: %r", exc)
                 message.reject(requeue=True)
                 break
+            if len(payloads) > 1:
+                # A whole batch hit the limit (its splits kept failing): give each
+                # notification its own message, so only a poison one ends here again.
+                broker.publish_deliveries(current_app, payloads, per_message=1)
+                message.ack()
+                continue
+            payload = payloads[0]
             reason = (
                 f"dead-lettered: delivery crashed its worker {_delivery_count(message.headers or {})} times "
                 f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"

@@ -16,26 +16,28 @@ import os
 import random
 import smtplib
 import socket
+import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.mail import EmailMultiAlternatives, get_connection
-from django.db import DatabaseError, close_old_connections, transaction
-from django.db.models import F
-from django.db.models.functions import Now
+from django.db import DatabaseError, close_old_connections, connections, transaction
 
 from . import locks
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
-    ClaimBusy,
+    MailServerUnreachable,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
 from .faults import crash_point
-from .models import ClaimState, Notification, SentEmail, Status, message_id_for
+from .managers import Finish, Start
+from .models import ClaimState, Notification, SentEmail, message_id_for
 
 logger = logging.getLogger(__name__)
 
@@ -72,27 +74,34 @@ def build_message(payload: dict[str, Any]) -> EmailMultiAlternatives:
     return message
 
 
-# One mail-server connection per worker process, reused across emails: connecting and
-# saying EHLO costs more than sending a small message. (pid, backend) so that a forked
-# child never writes to its parent's socket.
-_connection: tuple[int, Any] | None = None
+# One mail-server connection per sending thread, reused across emails: connecting and
+# saying EHLO costs more than sending a small message. Kept with the pid, so that a
+# forked child never writes to its parent's socket.
+_local = threading.local()
+
+# A connection used this recently is taken as open without asking: mail servers drop
+# idle clients after minutes, not seconds, and a NOOP per email costs a round trip.
+FRESH_SECONDS = 1.0
 
 
 def _drop_connection() -> None:
-    global _connection
-    if _connection is not None and _connection[0] == os.getpid():
+    held = getattr(_local, "connection", None)
+    if held is not None and held[0] == os.getpid():
         try:
-            _connection[1].close()
+            held[1].close()
         except Exception:  # closing a broken connection must not mask the outcome
             pass
-    _connection = None
+    _local.connection = None
 
 
 def _reusable(backend: Any) -> bool:
-    """A NOOP on the open connection: a server that timed it out answers no more, and
-    finding that out before MAIL FROM keeps the failure on the safe side (nothing sent)."""
+    """A NOOP on a connection that sat idle: a server that timed it out answers no more,
+    and finding that out before MAIL FROM keeps the failure on the safe side (nothing
+    sent)."""
     smtp = getattr(backend, "connection", None)
     if smtp is None:  # backends without a socket (console, locmem, most HTTP APIs)
+        return True
+    if time.monotonic() - getattr(_local, "last_used", 0.0) < FRESH_SECONDS:
         return True
     try:
         return int(smtp.noop()[0]) == 250
@@ -101,18 +110,21 @@ def _reusable(backend: Any) -> bool:
 
 
 def _open_connection() -> Any:
-    global _connection
-    if _connection is not None and _connection[0] == os.getpid() and _reusable(_connection[1]):
-        return _connection[1]
+    held = getattr(_local, "connection", None)
+    if held is not None and held[0] == os.getpid() and _reusable(held[1]):
+        return held[1]
     _drop_connection()
     backend = get_connection(fail_silently=False)
     try:
         backend.open()
     except smtplib.SMTPResponseException as exc:
-        raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
+        error = _classify_reply(exc.smtp_code, exc.smtp_error)
+        if isinstance(error, TransientDeliveryError):
+            raise MailServerUnreachable(f"connect: {error}") from exc
+        raise error from exc
     except Exception as exc:
-        raise TransientDeliveryError(f"connect: {exc!r}") from exc
-    _connection = (os.getpid(), backend)
+        raise MailServerUnreachable(f"connect: {exc!r}") from exc
+    _local.connection = (os.getpid(), backend)
     return backend
 
 
@@ -142,6 +154,7 @@ def send_email(message: EmailMultiAlternatives) -> str:
     if sent != 1:
         _drop_connection()
         raise AmbiguousDeliveryError("the email backend reported no message sent")
+    _local.last_used = time.monotonic()
     return "250 accepted"
 
 
@@ -160,116 +173,234 @@ def _retry_delay(attempts: int) -> float:
     return max(random.uniform(0, ceiling), ceiling / 20)
 
 
-def _notify_update(pk: int, **fields: Any) -> None:
-    Notification.objects.using(settings.DATABASE).filter(pk=pk).update(updated_at=Now(), **fields)
+@dataclass
+class _Item:
+    """A claimed notification of the batch, on its way to the mail server."""
+
+    payload: dict[str, Any]
+    token: int
+    attempts: int  # attempts before this one
+    ambiguous: bool  # the takeover found the previous send's outcome unknown
+
+    @property
+    def key(self) -> str:
+        return str(self.payload["key"])
+
+    def start(self, lease: float) -> Start:
+        return Start(self.key, self.token, lease, message_id_for(self.key))
 
 
 def deliver(payload: dict[str, Any]) -> Outcome:
-    """Deliver one notification at most once per key (see the module docstring).
+    """Deliver one notification (a batch of one); see ``deliver_many``."""
+    return deliver_many([payload])[0]
 
-    Returns the outcome; raises ``ClaimBusy`` when another worker holds the claim and
-    ``TransientDeliveryError`` when the task should retry after ``Outcome.retry_in``.
-    Database errors propagate: the message is retried and nothing was sent.
+
+def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> list[Outcome]:
+    """Deliver a batch of notifications, each at most once per key (see the module
+    docstring), over one mail-server connection. One outcome per payload, in order.
+
+    Per batch: one pipelined Redis round trip each way, and one transaction that
+    records the notifications and claims their keys. Per email: the SMTP transaction
+    and one statement that records its outcome and stamps the next email's start.
+    Outcomes are per item: a bounce or a busy key never holds back the others. An
+    item that should be tried again later ends ``retry`` (with ``retry_in``); the task
+    puts those into one new message. After ``budget`` seconds, or once the mail server
+    cannot be reached, the items not yet attempted are released to that retry.
+
+    Database and Redis errors before the first send propagate (nothing was sent; the
+    whole message is retried).
     """
-    key = payload["key"]
     db = settings.DATABASE
     lease = float(settings.CLAIM_LEASE)
-    crash_point("before_claim", key)
-    with locks.fast_path(key, ttl=lease) as mine:
-        if not mine:
-            raise ClaimBusy(key, retry_in=1.0)
-        with transaction.atomic(using=db):
-            pk = Notification.objects.record(payload, db)
-            claim = SentEmail.objects.claim(key, pk, owner_name(), lease, db)
+    began = time.monotonic()
+    outcomes: dict[str, Outcome] = {}
+    batch: list[dict[str, Any]] = []
+    for payload in payloads:
+        key = payload["key"]
+        crash_point("before_claim", key)
+        if any(p["key"] == key for p in batch):
+            continue  # the same key twice in one message: one delivery, reported twice
+        batch.append(payload)
+    keys = [p["key"] for p in batch]
+    with locks.fast_path(keys, ttl=lease + budget) as mine:
+        for key in keys:
+            if key not in mine:
+                outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=1.0)
+        to_send = _claim([p for p in batch if p["key"] in mine], lease, db, outcomes)
+        _send_all(to_send, lease, db, began + budget, outcomes)
+    return [outcomes[p["key"]] for p in payloads]
+
+
+def _claim(batch: list[dict[str, Any]], lease: float, db: str, outcomes: dict[str, Outcome]) -> list[_Item]:
+    """The batch's one transaction: record, claim, and settle what cannot be sent.
+    Returns the items to send."""
+    if not batch:
+        return []
+    with transaction.atomic(using=db):
+        pks = Notification.objects.record_many(batch, db)
+        claims = SentEmail.objects.claim_many([(p["key"], pks[p["key"]]) for p in batch], owner_name(), lease, db)
+        settled: list[Finish] = []
+        to_send: list[_Item] = []
+        for payload in batch:
+            key = payload["key"]
+            claim = claims[key]
             if claim.outcome == "busy":
-                raise ClaimBusy(key, claim.retry_in)
-            if claim.outcome == "done":
-                return Outcome(key, "duplicate", detail=claim.state)
-            if claim.attempts >= int(settings.MAX_ATTEMPTS):
+                outcomes[key] = Outcome(key, "retry", detail="claimed by another worker", retry_in=claim.retry_in)
+            elif claim.outcome == "done":
+                outcomes[key] = Outcome(key, "duplicate", detail=claim.state)
+            elif claim.attempts >= int(settings.MAX_ATTEMPTS):
                 # Every attempt so far ended with its worker dying mid-send: stop here.
                 reason = f"gave up after {claim.attempts} attempts; the last ended without a recorded outcome"
-                SentEmail.objects.finish(key, claim.token, ClaimState.FAILED, reason, db, ambiguous=claim.ambiguous)
-                _notify_update(pk, status=Status.FAILED, last_error=reason)
-                return Outcome(key, "failed", detail=reason, attempts=claim.attempts)
-            if claim.ambiguous:
-                logger.warning("%s: previous holder died mid-send; outcome unknown", key)
-                if settings.AMBIGUOUS == "hold":
-                    reason = "held: a previous send may have reached the mail server; decide in the admin"
-                    SentEmail.objects.finish(key, claim.token, ClaimState.HELD, reason, db, ambiguous=True)
-                    _notify_update(
-                        pk, status=Status.AMBIGUOUS, last_error=reason, ambiguous_count=F("ambiguous_count") + 1
-                    )
-                    return Outcome(key, "held", detail=reason)
-                _notify_update(pk, ambiguous_count=F("ambiguous_count") + 1)
-            if not SentEmail.objects.start_send(key, claim.token, lease, message_id_for(key), db):
-                raise ClaimBusy(key, retry_in=1.0)  # taken over since the claim: not ours to send
-            _notify_update(pk, status=Status.SENDING, attempts=claim.attempts + 1)
-        attempts = claim.attempts + 1
+                settled.append(Finish(key, claim.token, ClaimState.FAILED, reason, claim.attempts, claim.ambiguous))
+                outcomes[key] = Outcome(key, "failed", detail=reason, attempts=claim.attempts)
+            elif claim.ambiguous and settings.AMBIGUOUS == "hold":
+                logger.warning("%s: previous holder died mid-send; outcome unknown, held", key)
+                reason = "held: a previous send may have reached the mail server; decide in the admin"
+                settled.append(Finish(key, claim.token, ClaimState.HELD, reason, claim.attempts, ambiguous=True))
+                outcomes[key] = Outcome(key, "held", detail=reason, attempts=claim.attempts)
+            else:
+                if claim.ambiguous:
+                    logger.warning("%s: previous holder died mid-send; outcome unknown, resending", key)
+                to_send.append(_Item(payload, claim.token, claim.attempts, claim.ambiguous))
+        if settled:
+            _check_written(settled, SentEmail.objects.settle(settled, None, db)[0])
+        SentEmail.objects.mark_sending([(pks[i.key], i.ambiguous) for i in to_send], db)
+    return to_send
+
+
+# Sending threads per worker process, each with its own mail-server and database
+# connection, shared by the batches this process runs (created after the fork).
+_lanes: tuple[int, ThreadPoolExecutor] | None = None
+_lanes_lock = threading.Lock()
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    global _lanes
+    with _lanes_lock:
+        if _lanes is None or _lanes[0] != os.getpid() or _lanes[1]._max_workers < size:
+            _lanes = (os.getpid(), ThreadPoolExecutor(max_workers=size, thread_name_prefix="notifications-send"))
+        return _lanes[1]
+
+
+def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
+    """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once:
+    each lane sends its share one by one, as ``_send_lane`` says. The round trips to the
+    mail server and the database are waits, so lanes overlap them."""
+    lanes = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
+    unreachable = threading.Event()
+    if lanes == 1:
+        _send_lane(to_send, lease, db, deadline, outcomes, unreachable)
+        return
+    pool = _executor(lanes)
+    futures = [
+        pool.submit(_send_lane, to_send[i::lanes], lease, db, deadline, outcomes, unreachable) for i in range(lanes)
+    ]
+    errors = [f.exception() for f in futures]  # waits for every lane
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _send_lane(
+    items: list[_Item],
+    lease: float,
+    db: str,
+    deadline: float,
+    outcomes: dict[str, Outcome],
+    unreachable: threading.Event,
+) -> None:
+    """Send items one by one over this thread's connection. Committed before each send:
+    that item's ``send_started_at``, in the same statement that records the previous
+    item's outcome, so a batch costs one database round trip per email and the window
+    of unknown outcome stays one email wide. Once the mail server cannot be reached (by
+    any lane), or the time budget is spent, the rest is released untried."""
+    rest = list(items)
+    settled: list[Finish] = []
+    last: Outcome | None = None
+    while True:
+        if rest and (unreachable.is_set() or time.monotonic() > deadline):
+            why = "the mail server is unreachable" if unreachable.is_set() else "this batch's time budget ran out"
+            reason = f"not attempted: {why}"
+            retry_in = last.retry_in if last is not None and unreachable.is_set() else 0.0
+            settled += [Finish(r.key, r.token, ClaimState.RELEASED, reason, r.attempts) for r in rest]
+            for r in rest:
+                outcomes[r.key] = Outcome(r.key, "retry", detail=reason, retry_in=retry_in)
+            rest = []
+        start = rest[0].start(lease) if rest else None
+        written, started = _settle(settled, start, db)
+        _check_written(settled, written)
+        if last is not None and last.status == "sent":
+            crash_point("after_record", last.key)
+        settled, last = [], None
+        if start is None:
+            return
+        item = rest.pop(0)
+        if not started:  # taken over since the claim: not ours to send
+            outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
+            continue
         # Committed: send_started_at is set. From here to the outcome record is the window.
-        crash_point("before_send", key)
-        try:
-            response = send_email(build_message(payload))
-        except PermanentDeliveryError as exc:
-            _record(key, claim.token, pk, ClaimState.FAILED, str(exc), attempts)
-            return Outcome(key, "failed", detail=str(exc), attempts=attempts)
-        except AmbiguousDeliveryError as exc:
-            return _after_transient(key, claim.token, pk, exc, attempts, ambiguous=True)
-        except TransientDeliveryError as exc:
-            return _after_transient(key, claim.token, pk, exc, attempts, ambiguous=False)
-        crash_point("after_reply", key)
-        _record(key, claim.token, pk, ClaimState.SENT, response, attempts)
-        crash_point("after_record", key)
-        return Outcome(key, "sent", detail=response, attempts=attempts)
+        crash_point("before_send", item.key)
+        finish, last, reachable = _attempt(item)
+        outcomes[item.key] = last
+        settled = [finish]
+        if not reachable:
+            unreachable.set()
 
 
-def _after_transient(key: str, token: int, pk: int, exc: Exception, attempts: int, ambiguous: bool) -> Outcome:
+def _attempt(item: _Item) -> tuple[Finish, Outcome, bool]:
+    """One SMTP transaction: what to record, what to report, and whether the mail
+    server is reachable (False: do not try the rest of the batch now)."""
+    key, attempts = item.key, item.attempts + 1
+    try:
+        response = send_email(build_message(item.payload))
+    except PermanentDeliveryError as exc:
+        finish = Finish(key, item.token, ClaimState.FAILED, str(exc), attempts)
+        return finish, Outcome(key, "failed", detail=str(exc), attempts=attempts), True
+    except AmbiguousDeliveryError as exc:
+        return (*_after_transient(item, exc, ambiguous=True), True)
+    except TransientDeliveryError as exc:
+        finish, outcome = _after_transient(item, exc, ambiguous=False)
+        return finish, outcome, not isinstance(exc, MailServerUnreachable)
+    crash_point("after_reply", key)
+    finish = Finish(key, item.token, ClaimState.SENT, response, attempts)
+    return finish, Outcome(key, "sent", detail=response, attempts=attempts), True
+
+
+def _after_transient(item: _Item, exc: Exception, ambiguous: bool) -> tuple[Finish, Outcome]:
+    key, attempts = item.key, item.attempts + 1
     reason = f"attempt {attempts}: {exc}"
     if ambiguous and settings.AMBIGUOUS == "hold":
-        _record(key, token, pk, ClaimState.HELD, f"held: {reason}", attempts, ambiguous=True)
-        return Outcome(key, "held", detail=reason, attempts=attempts)
+        finish = Finish(key, item.token, ClaimState.HELD, f"held: {reason}", attempts, ambiguous=True)
+        return finish, Outcome(key, "held", detail=reason, attempts=attempts)
     if attempts >= int(settings.MAX_ATTEMPTS):
         final = f"gave up after {attempts} attempts; last error: {exc}"
-        _record(key, token, pk, ClaimState.FAILED, final, attempts, ambiguous=ambiguous)
-        return Outcome(key, "failed", detail=final, attempts=attempts)
-    _record(key, token, pk, ClaimState.RELEASED, reason, attempts, ambiguous=ambiguous)
-    return Outcome(key, "retry", detail=reason, retry_in=_retry_delay(attempts), attempts=attempts)
+        finish = Finish(key, item.token, ClaimState.FAILED, final, attempts, ambiguous=ambiguous)
+        return finish, Outcome(key, "failed", detail=final, attempts=attempts)
+    finish = Finish(key, item.token, ClaimState.RELEASED, reason, attempts, ambiguous=ambiguous)
+    return finish, Outcome(key, "retry", detail=reason, retry_in=_retry_delay(attempts), attempts=attempts)
 
 
-_NOTIFICATION_STATUS: dict[str, Status] = {
-    ClaimState.SENT: Status.SENT,
-    ClaimState.FAILED: Status.FAILED,
-    ClaimState.HELD: Status.AMBIGUOUS,
-    ClaimState.RELEASED: Status.RETRYING,
-}
+def _check_written(settled: Sequence[Finish], written: set[str]) -> None:
+    for finish in settled:
+        if finish.key not in written:
+            logger.error(
+                "%s: claim lost (token %s is stale); outcome %s not recorded", finish.key, finish.token, finish.state
+            )
 
 
-def _record(key: str, token: int, pk: int, state: str, response: str, attempts: int, ambiguous: bool = False) -> None:
-    """Write the outcome under the fencing token.
+def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[set[str], bool]:
+    """``SentEmail.objects.settle`` in autocommit, retried on database errors.
 
-    After the mail server answered, losing this write would turn a known outcome into an
-    ambiguous one, so database errors are retried here (reconnecting) before giving up.
+    After the mail server answered, losing this write would turn a known outcome into
+    an ambiguous one, so it is retried (reconnecting) before giving up.
     """
-    db = settings.DATABASE
     for attempt in range(RECORD_RETRIES):
         try:
-            with transaction.atomic(using=db):
-                if not SentEmail.objects.finish(key, token, state, response, db, ambiguous=ambiguous):
-                    logger.error("%s: claim lost (token %s is stale); outcome %s not recorded", key, token, state)
-                    return
-                fields: dict[str, Any] = {"status": _NOTIFICATION_STATUS[state], "attempts": attempts}
-                if state == ClaimState.SENT:
-                    fields.update(sent_at=Now(), last_error="")
-                else:
-                    fields["last_error"] = response[:2000]
-                if ambiguous:
-                    fields["ambiguous_count"] = F("ambiguous_count") + 1
-                _notify_update(pk, **fields)
-            return
+            return SentEmail.objects.settle(settled, start, db)
         except DatabaseError:
             if attempt == RECORD_RETRIES - 1:
                 raise
             close_old_connections()
-            from django.db import connections
-
             connections[db].close()
             time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")

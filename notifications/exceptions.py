@@ -25,6 +25,11 @@ class TransientDeliveryError(DeliveryError):
     (4xx reply, refused connection, timeout before the message was handed over)."""
 
 
+class MailServerUnreachable(TransientDeliveryError):
+    """No connection to the mail server (refused, timed out, or a 4xx greeting): nothing
+    was sent, and the rest of the batch would fail the same way now."""
+
+
 class AmbiguousDeliveryError(TransientDeliveryError):
     """The connection failed while the message was being handed over: the server
     may or may not have accepted it. Retrying may produce a second copy."""

@@ -1,16 +1,20 @@
-"""The Redis fast path: a redis-py ``Lock`` per key, so two workers rarely race to the
-database claim. It is an optimisation only: PostgreSQL decides, so a lost or flushed
+"""The Redis fast path: a lock per key, so two workers rarely race to the database
+claim. It is an optimisation only: PostgreSQL decides, so a lost or flushed
 lock, or Redis being down, costs work but never a second email."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 import redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
+from redis.lock import Lock
 
 from .conf import settings
 
@@ -27,26 +31,49 @@ def client() -> redis.Redis:
     return _client(settings.REDIS_URL)
 
 
-@contextmanager
-def fast_path(key: str, ttl: float) -> Iterator[bool]:
-    """Yield False if another worker holds the key's lock (skip it for now), else True.
+@lru_cache(maxsize=4)
+def _release_script(url: str) -> Any:
+    # redis-py's own release: delete the key only if it still holds our token.
+    return _client(url).register_script(Lock.LUA_RELEASE_SCRIPT)
 
-    Redis errors yield True: the database claim still protects the key.
+
+def _name(key: str) -> str:
+    return f"{settings.REDIS_KEY_PREFIX}lock:{key}"
+
+
+@contextmanager
+def fast_path(keys: Sequence[str], ttl: float) -> Iterator[set[str]]:
+    """Lock a batch of keys, as redis-py's ``Lock`` would lock each (SET NX PX with a
+    random token, released by its compare-and-delete script), in one pipelined round
+    trip each way. Yield the keys this worker holds; the others are being delivered by
+    another worker right now, so skip them for the moment.
+
+    Redis errors yield every key: the database claim still protects them.
     """
-    lock = client().lock(f"{settings.REDIS_KEY_PREFIX}lock:{key}", timeout=ttl, blocking=False)
+    c = client()
+    token = uuid.uuid4().hex.encode()
+    px = max(1, int(ttl * 1000))
     try:
-        acquired = bool(lock.acquire())
+        with c.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(_name(key), token, nx=True, px=px)
+            acquired = pipe.execute()
     except RedisError as exc:
-        logger.warning("redis lock unavailable for %s, relying on the database claim: %s", key, exc)
-        yield True
+        logger.warning("redis locks unavailable, relying on the database claim: %s", exc)
+        yield set(keys)
         return
+    mine = {key for key, ok in zip(keys, acquired, strict=True) if ok}
     try:
-        yield acquired
+        yield mine
     finally:
-        if acquired:
+        if mine:
             try:
-                lock.release()
-            except (LockError, RedisError):
+                release = _release_script(settings.REDIS_URL)
+                with c.pipeline(transaction=False) as pipe:
+                    for key in mine:
+                        release(keys=[_name(key)], args=[token], client=pipe)
+                    pipe.execute()
+            except RedisError:
                 # Expired, flushed or Redis restarted: nothing to release.
                 pass
 
@@ -64,3 +91,55 @@ def clear(name: str) -> None:
         client().delete(f"{settings.REDIS_KEY_PREFIX}{name}")
     except RedisError:
         pass
+
+
+def _key(name: str) -> str:
+    return f"{settings.REDIS_KEY_PREFIX}{name}"
+
+
+def raise_flag(flag: str, ttl: float, listener: str) -> tuple[bool, bool]:
+    """SET NX the ``flag`` and look for the ``listener``'s heartbeat, in one round trip:
+    (this call set the flag, a listener is alive). Redis errors count as (set, none)."""
+    try:
+        with client().pipeline(transaction=False) as pipe:
+            pipe.set(_key(flag), b"1", nx=True, px=int(ttl * 1000))
+            pipe.exists(_key(listener))
+            newly, alive = pipe.execute()
+        return bool(newly), bool(alive)
+    except RedisError:
+        return True, False
+
+
+def push(name: str) -> bool:
+    """Wake a listener blocked in ``wait(name)``; False if Redis is unreachable."""
+    try:
+        client().rpush(_key(name), b"1")
+        return True
+    except RedisError:
+        return False
+
+
+def heartbeat(name: str, ttl: float) -> None:
+    try:
+        client().set(_key(name), b"1", px=int(ttl * 1000))
+    except RedisError:
+        pass
+
+
+@lru_cache(maxsize=4)
+def _blocking_client(url: str, timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=timeout + 2.0, socket_connect_timeout=0.5)
+
+
+def wait(name: str, timeout: float) -> bool:
+    """Block until ``push(name)`` or ``timeout`` seconds; then forget further pushes
+    (they asked for the pass that follows). True if woken."""
+    try:
+        c = _blocking_client(settings.REDIS_URL, timeout)
+        woken = c.blpop([_key(name)], timeout=max(timeout, 0.01)) is not None
+        if woken:
+            c.delete(_key(name))
+        return woken
+    except RedisError:
+        time.sleep(timeout)
+        return False

@@ -34,12 +34,38 @@ NOTIFICATION_COLUMNS = (
 )
 
 
+KEY_AND_ID = '"key", "id"'
+
+
+def _prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run a statement of the delivery hot path as a server-side prepared statement.
+
+    Django's cursors bind parameters on the client, so PostgreSQL plans every statement
+    anew; planning these CTEs costs more than running them. Prepared on the connection,
+    a statement sent once per email is planned once per connection instead.
+    """
+    import psycopg
+
+    wrapper = connections[using]
+    wrapper.ensure_connection()
+    raw = wrapper.connection
+    if raw.prepare_threshold is None:  # Django's default: never prepare on its own
+        raw.prepare_threshold = 2**31  # still never on its own; prepare=True now works
+    # Django's wrapper turns psycopg's errors into django.db's (and marks the connection
+    # as failed), as it does for its own cursors.
+    with wrapper.wrap_database_errors, psycopg.Cursor(raw) as cursor:
+        cursor.execute(sql, params, prepare=True)
+        return cursor.fetchall() if cursor.description else []
+
+
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
 class NotificationManager(models.Manager["Notification"]):
-    def _insert_sql(self, rows: int, with_outbox: bool, columns: Sequence[str] = NOTIFICATION_COLUMNS) -> str:
+    def _insert_sql(
+        self, rows: int, with_outbox: bool, columns: Sequence[str] = NOTIFICATION_COLUMNS, returning: str = '"id"'
+    ) -> str:
         from .models import OutboxMessage
 
         table = _q(self.model._meta.db_table)
@@ -48,11 +74,8 @@ class NotificationManager(models.Manager["Notification"]):
         values = ", ".join([one] * rows)
         # With the outbox row (notify()), the whole created rows come back, so only repeated
         # keys need reading; for record() the id is enough.
-        returning = (
-            ", ".join(_q(f.get_attname_column()[1] or f.name) for f in self.model._meta.concrete_fields)
-            if with_outbox
-            else '"id"'
-        )
+        if with_outbox:
+            returning = ", ".join(_q(f.get_attname_column()[1] or f.name) for f in self.model._meta.concrete_fields)
         insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING {returning}'
         if not with_outbox:
             return insert
@@ -128,6 +151,35 @@ class NotificationManager(models.Manager["Notification"]):
                 return int(got[0])
             cursor.execute(f'SELECT "id" FROM {_q(self.model._meta.db_table)} WHERE "key" = %s', [row["key"]])
             return int(cursor.fetchone()[0])
+
+    def record_many(self, rows: Sequence[dict[str, Any]], using: str) -> dict[str, int]:
+        """``record()`` for a batch in one statement: key -> id for every row.
+
+        Rows are inserted in key order, so two workers recording overlapping batches
+        take the unique index's locks in the same order and never deadlock. Existing
+        rows come back from the statement's snapshot; a key committed by another
+        transaction during the statement is read once more.
+        """
+        if not rows:
+            return {}
+        ordered = sorted(rows, key=lambda r: r["key"])
+        columns = (*NOTIFICATION_COLUMNS, "created_at")
+        now = timezone.now()
+        params = self._params([{**r, "created_at": r.get("created_at") or now} for r in ordered], using, columns)
+        table = _q(self.model._meta.db_table)
+        keys = [r["key"] for r in ordered]
+        sql = (
+            f"WITH ins AS ({self._insert_sql(len(ordered), False, columns, returning=KEY_AND_ID)}) "
+            f'SELECT "key", "id" FROM ins UNION ALL SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [*params, keys])
+            found = {key: int(pk) for key, pk in cursor.fetchall()}
+            missing = [k for k in keys if k not in found]
+            if missing:
+                cursor.execute(f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)', [missing])
+                found.update((key, int(pk)) for key, pk in cursor.fetchall())
+        return found
 
 
 @dataclass(frozen=True)
@@ -215,6 +267,28 @@ class Claim:
     state: str = ""
 
 
+@dataclass(frozen=True)
+class Finish:
+    """An outcome to record under a fencing token (see ``SentEmailManager.settle``)."""
+
+    key: str
+    token: int
+    state: str  # sent | failed | held | released
+    response: str
+    attempts: int
+    ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class Start:
+    """A claim about to be sent: ``send_started_at`` is committed before the SMTP transaction."""
+
+    key: str
+    token: int
+    lease: float
+    message_id: str
+
+
 class SentEmailManager(models.Manager[Any]):
     def _table(self) -> str:
         return _q(self.model._meta.db_table)
@@ -255,6 +329,119 @@ class SentEmailManager(models.Manager[Any]):
         if state == "claimed":
             return Claim("busy", retry_in=float(remaining or 0) + 0.5, state=state)
         return Claim("done", state=state)
+
+    def claim_many(self, items: Sequence[tuple[str, int]], owner: str, lease: float, using: str) -> dict[str, Claim]:
+        """``claim()`` for a batch of ``(key, notification id)`` in one statement (two
+        when some keys are taken): key -> Claim. Keys go in sorted order, so
+        overlapping batches lock the unique index in the same order."""
+        if not items:
+            return {}
+        t = self._table()
+        ordered = sorted(items)
+        sql = (
+            f'INSERT INTO {t} AS s ("key", "notification_id", "state", "token", "owner", '
+            f'"lease_expires_at", "attempts", "ambiguous_count", "message_id", "response") '
+            f"SELECT u.k, u.p, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '' "
+            f"FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(k, p, i) ORDER BY u.i "
+            f'ON CONFLICT ("key") DO UPDATE SET "token" = s."token" + 1, '
+            f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
+            f'"state" = \'claimed\', "updated_at" = now(), '
+            f'"notification_id" = COALESCE(s."notification_id", EXCLUDED."notification_id") '
+            f"WHERE {_claimable('s')} "
+            f'RETURNING "key", "token", "attempts", "send_started_at"'
+        )
+        claims: dict[str, Claim] = {}
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [owner, lease, [k for k, _ in ordered], [p for _, p in ordered]])
+            for key, token, attempts, started in cursor.fetchall():
+                claims[key] = Claim("claimed", token=token, attempts=attempts, ambiguous=started is not None)
+            others = [k for k, _ in ordered if k not in claims]
+            if others:
+                cursor.execute(
+                    f'SELECT "key", "state", GREATEST(0, EXTRACT(EPOCH FROM "lease_expires_at" - now())) '
+                    f'FROM {t} WHERE "key" = ANY(%s)',
+                    [others],
+                )
+                for key, state, remaining in cursor.fetchall():
+                    if state == "claimed":
+                        claims[key] = Claim("busy", retry_in=float(remaining or 0) + 0.5, state=state)
+                    else:
+                        claims[key] = Claim("done", state=state)
+        for key in others if others else []:
+            claims.setdefault(key, Claim("busy", retry_in=1.0))  # purged between the statements
+        return claims
+
+    def mark_sending(self, claimed: Sequence[tuple[int, bool]], using: str) -> None:
+        """Mark a batch's claimed notifications ``sending`` (counting the ones whose
+        previous send's outcome is unknown), in one statement of the claim transaction."""
+        from .models import Notification
+
+        if not claimed:
+            return
+        n = _q(Notification._meta.db_table)
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f'UPDATE {n} x SET "status" = \'sending\', "ambiguous_count" = x."ambiguous_count" + u.amb, '
+                f'"updated_at" = now() FROM unnest(%s::bigint[], %s::int[]) AS u(id, amb) WHERE x."id" = u.id',
+                [[pk for pk, _ in claimed], [1 if amb else 0 for _, amb in claimed]],
+            )
+
+    def settle(self, finished: Sequence[Finish], start: Start | None, using: str) -> tuple[set[str], bool]:
+        """Record outcomes and stamp the next send, in one statement (one commit).
+
+        Each outcome is written under its fencing token, to the claim and to its
+        notification; ``start`` sets ``send_started_at`` on the claim that is about to
+        be sent (renewing its lease). Doing both
+        at once keeps the unknown-outcome window to one email while a batch costs one
+        round trip per email. Returns the keys whose outcome was written and whether
+        the start was (False: the token is stale, another worker took over).
+        """
+        from .models import Notification
+
+        if not finished and start is None:
+            return set(), False
+        t = self._table()
+        n = _q(Notification._meta.db_table)
+        parts: list[str] = []
+        params: list[Any] = []
+        selects: list[str] = []
+        if finished:
+            parts.append(
+                "v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::int[], "
+                "%s::int[]) AS u(k, token, state, response, amb, attempts)), "
+                f'f AS (UPDATE {t} s SET "state" = v.state, "send_started_at" = NULL, "response" = v.response, '
+                f'"lease_expires_at" = NULL, "ambiguous_count" = s."ambiguous_count" + v.amb, '
+                f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE s."sent_at" END, '
+                f'"updated_at" = now() FROM v WHERE s."key" = v.k AND s."token" = v.token '
+                f'AND s."state" = \'claimed\' RETURNING s."key", s."notification_id"), '
+                f"fn AS (UPDATE {n} x SET \"status\" = CASE v.state WHEN 'sent' THEN 'sent' "
+                f"WHEN 'failed' THEN 'failed' WHEN 'held' THEN 'ambiguous' ELSE 'retrying' END, "
+                f'"attempts" = v.attempts, "ambiguous_count" = x."ambiguous_count" + v.amb, '
+                f"\"last_error\" = CASE WHEN v.state = 'sent' THEN '' ELSE left(v.response, 2000) END, "
+                f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE x."sent_at" END, '
+                f'"updated_at" = now() FROM f JOIN v ON v.k = f."key" WHERE x."id" = f."notification_id")'
+            )
+            params += [
+                [f.key for f in finished],
+                [f.token for f in finished],
+                [f.state for f in finished],
+                [f.response[:2000] for f in finished],
+                [1 if f.ambiguous else 0 for f in finished],
+                [f.attempts for f in finished],
+            ]
+            selects.append("SELECT 'f', \"key\" FROM f")
+        if start is not None:
+            parts.append(
+                f'st AS (UPDATE {t} SET "send_started_at" = now(), "attempts" = "attempts" + 1, '
+                f'"lease_expires_at" = now() + make_interval(secs => %s), "message_id" = %s, "updated_at" = now() '
+                f'WHERE "key" = %s AND "token" = %s AND "state" = \'claimed\' '
+                f'RETURNING "key")'
+            )
+            params += [start.lease, start.message_id, start.key, start.token]
+            selects.append("SELECT 's', \"key\" FROM st")
+        sql = "WITH " + ", ".join(parts) + " " + " UNION ALL ".join(selects)
+        rows = _prepared(using, sql, params)
+        return {key for kind, key in rows if kind == "f"}, any(kind == "s" for kind, _ in rows)
 
     def _fenced_update(self, key: str, token: int, sets: str, params: Iterable[Any], using: str) -> bool:
         sql = (

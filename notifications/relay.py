@@ -9,6 +9,7 @@ broker is down the transaction rolls back and the rows wait for the next pass.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from django.db import transaction
@@ -18,7 +19,15 @@ from .faults import crash_point
 
 logger = logging.getLogger(__name__)
 
-WAKE_FLAG = "relay:wake"
+WAKE_FLAG = "relay:wake"  # set while a relay pass is due: later commits need not wake it
+WAKE_LIST = "relay:wakeups"  # what the relay loop in beat blocks on
+LOOP_ALIVE = "relay:loop"  # the relay loop's heartbeat
+
+
+def key(name: str) -> str:
+    """A relay Redis key of this service: services that share a Redis and a broker
+    have their own relay queue, and so their own wake-ups."""
+    return f"{name}:{settings.RELAY_QUEUE}"
 
 
 def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
@@ -44,34 +53,100 @@ def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
 
 
 def drain(using: str | None = None, budget: float = 10.0) -> int:
-    """Publish batches until the outbox is empty or ``budget`` seconds have passed."""
+    """Publish batches while they come out full, or until ``budget`` seconds have passed.
+
+    The wake-up flag stays set while a pass runs, so the commits of a busy caller do
+    not each publish a wake-up; the rows they commit meanwhile go out together in the
+    next pass, in fuller messages. The flag is cleared once a pass comes out short, and
+    then one more pass runs: a commit that saw the flag still set committed before the
+    clear, so that pass publishes its row; a commit after the clear wakes another relay.
+    """
     from . import locks
 
-    locks.clear(WAKE_FLAG)  # cleared before reading: a commit after this wakes us again
+    size = int(settings.RELAY_BATCH_SIZE)
     deadline = time.monotonic() + budget
     total = 0
+    cleared = False
     while True:
-        published = relay_batch(using)
+        published = relay_batch(using, size)
         total += published
-        if published == 0 or time.monotonic() >= deadline:
+        if published >= size:
+            if time.monotonic() < deadline:
+                continue
+            locks.clear(key(WAKE_FLAG))  # out of time with rows left: hand over to a new pass
+            wake_relay()
             return total
+        if cleared:
+            return total
+        locks.clear(key(WAKE_FLAG))
+        cleared = True
 
 
 def wake_relay() -> None:
     """On commit of a notify(): ask for a relay pass now rather than at the next beat.
 
-    Coalesced through a Redis flag so a burst of commits sends one wake-up; any
-    failure is only logged, since beat's periodic pass publishes the rows anyway.
+    Coalesced through a Redis flag, so a burst of commits wakes the relay once. The
+    wake-up is a Redis push to the relay loop that runs in beat (``relay_forever``); if
+    no loop has shown a heartbeat lately, a relay task goes to the workers instead. Any
+    failure is only logged: beat's periodic pass publishes the rows anyway.
     """
     from celery import current_app
 
     from . import broker, locks
 
     try:
-        if locks.set_once(WAKE_FLAG, ttl=5.0):
+        newly, loop_alive = locks.raise_flag(key(WAKE_FLAG), ttl=5.0, listener=key(LOOP_ALIVE))
+        if newly and not (loop_alive and locks.push(key(WAKE_LIST))):
             broker.wake(current_app)
     except Exception as exc:  # the periodic relay is the guarantee; this is a hint
         logger.warning("could not wake the relay (beat will publish): %s", exc)
+
+
+def relay_forever(stop: threading.Event, using: str | None = None) -> None:
+    """The relay loop beat runs beside its schedule: wait for a wake-up (or
+    ``NOTIFICATIONS_RELAY_INTERVAL``), linger ``NOTIFICATIONS_RELAY_LINGER`` so that a
+    burst of commits goes out in fuller messages, clear the wake-up flag, and publish
+    until a batch comes out short. Commits before the clear are in that pass; a commit
+    after it raises the flag again and wakes the next round. It costs a commit one Redis
+    round trip instead of a broker publish, and it never takes a worker's pool slot."""
+    import django
+    from django.apps import apps
+    from django.db import close_old_connections, connections
+
+    from . import locks
+
+    if not apps.ready:  # beat may start before Django's app registry is loaded
+        django.setup()
+    interval = float(settings.RELAY_INTERVAL)
+    linger = float(settings.RELAY_LINGER)
+    size = int(settings.RELAY_BATCH_SIZE)
+    alive_for = max(5.0, 3 * interval)
+    while not stop.is_set():
+        locks.heartbeat(key(LOOP_ALIVE), alive_for)
+        if locks.wait(key(WAKE_LIST), interval) and linger > 0:
+            stop.wait(linger)
+        locks.clear(key(WAKE_FLAG))
+        deadline = time.monotonic() + alive_for / 2
+        try:
+            while relay_batch(using, size) >= size and time.monotonic() < deadline:
+                pass
+        except Exception as exc:  # broker or database away: the next round tries again
+            logger.warning("relay pass failed, retrying: %r", exc)
+            close_old_connections()
+            connections[using or settings.DATABASE].close()
+            stop.wait(min(interval, 1.0))
+            continue
+        if time.monotonic() >= deadline:
+            locks.push(key(WAKE_LIST))  # rows left: go round again without waiting
+
+
+def start_loop() -> threading.Thread:
+    """Start ``relay_forever`` in a daemon thread (beat does this on start)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=relay_forever, args=(stop,), name="notifications-relay", daemon=True)
+    thread.stop = stop  # type: ignore[attr-defined]
+    thread.start()
+    return thread
 
 
 def recover_stalled(using: str | None = None) -> list[str]:

@@ -13,13 +13,13 @@ from typing import Any
 
 from celery import shared_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from django.db import DatabaseError, InterfaceError
+from celery.signals import task_prerun
+from django.db import DatabaseError, InterfaceError, close_old_connections
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from . import delivery, relay
 from .conf import settings
-from .exceptions import ClaimBusy
 
 logger = logging.getLogger(__name__)
 
@@ -29,44 +29,97 @@ def _countdown(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
-def _retry(task: Any, seconds: float, exc: Exception | None = None) -> Exception:
+def _retry(task: Any, seconds: float, exc: Exception | None = None, args: list[Any] | None = None) -> Exception:
     """``task.retry()``, except that a retry that cannot be published (the broker is
     restarting) requeues this message instead of Celery's default of rejecting it, which
     would dead-letter a perfectly good notification."""
     try:
-        return task.retry(countdown=_countdown(seconds), exc=exc)  # type: ignore[no-any-return]
+        return task.retry(args=args, countdown=_countdown(seconds), exc=exc)  # type: ignore[no-any-return]
     except Reject as rejected:
         reason = getattr(rejected, "reason", rejected)
         logger.warning("retry not published (%s); requeueing the message", reason)
         return Reject(reason, requeue=True)
 
 
-# Errors that say nothing about the email itself (infrastructure hiccups): retry the
+# Errors that say nothing about the emails themselves (infrastructure hiccups): retry the
 # message. They happen before the SMTP transaction or are recorded after it.
 INFRASTRUCTURE_ERRORS = (DatabaseError, InterfaceError, RedisError, BrokerError, SoftTimeLimitExceeded)
 MAX_INFRASTRUCTURE_RETRIES = 50
 
 
+def _budget(task: Any) -> float:
+    """Seconds a batch may spend sending before it hands the rest to a new message:
+    half the soft time limit, so a slow mail server never runs a batch into it."""
+    soft = task.request.timelimit[1] if task.request.timelimit else None
+    soft = soft or task.app.conf.task_soft_time_limit
+    return float(soft) / 2 if soft else 60.0
+
+
+def _deliver(task: Any, payloads: list[dict[str, Any]]) -> list[delivery.Outcome]:
+    """Deliver a message's notifications; items to try again go out in one new message,
+    after the longest backoff among them, and the rest are done."""
+    try:
+        outcomes = delivery.deliver_many(payloads, budget=_budget(task))
+    except INFRASTRUCTURE_ERRORS as exc:
+        if task.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
+            raise
+        delay = min(30.0, 0.5 * 2 ** min(task.request.retries, 6)) * random.uniform(0.5, 1.0)
+        logger.warning(
+            "%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0].get("key"), exc, delay
+        )
+        raise _retry(task, delay, exc) from None
+    again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
+    if again:
+        delay = max(o.retry_in for _, o in again) + random.uniform(0, 0.5)
+        args = [[p for p, _ in again]] if task.name == DELIVER_MANY else [again[0][0]]
+        raise _retry(task, delay, args=args)
+    return outcomes
+
+
+def _summary(outcome: delivery.Outcome) -> dict[str, Any]:
+    return {"key": outcome.key, "status": outcome.status, "detail": outcome.detail, "attempts": outcome.attempts}
+
+
+DELIVER_MANY = "notifications.deliver_many"
+
+
+@task_prerun.connect(weak=False, dispatch_uid="notifications.tasks.fresh_connections")
+def _fresh_connections(sender: Any = None, **kwargs: Any) -> None:
+    """Where a worker keeps its database connection across tasks (``CELERY_DB_REUSE_MAX``),
+    drop it when it is broken or past ``CONN_MAX_AGE``, as Django does for each request."""
+    if getattr(sender, "name", "").startswith("notifications."):
+        close_old_connections()
+
+
+@shared_task(name=DELIVER_MANY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Deliver a batch of notifications (each travels whole in ``payloads``).
+
+    Acked only after every outcome is recorded; a worker that dies first leaves the
+    message to be redelivered, and the claims make that redelivery safe. A redelivered
+    batch is first split into one message per notification, so a notification that
+    kills its worker every time reaches the delivery limit alone and the others go on.
+    """
+    if len(payloads) > 1 and (self.request.delivery_info or {}).get("redelivered"):
+        from . import broker
+
+        try:
+            broker.publish_deliveries(self.app, payloads, per_message=1)
+        except Exception as exc:  # keep the batch; the next delivery tries again
+            raise Reject(f"could not split the batch: {exc!r}", requeue=True) from None
+        logger.warning("redelivered batch of %d split into single messages", len(payloads))
+        return {"split": len(payloads)}
+    outcomes = _deliver(self, payloads)
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    return {**counts, "outcomes": [_summary(o) for o in outcomes]}
+
+
 @shared_task(name="notifications.deliver", bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def deliver(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """Deliver one notification (the whole notification travels in ``payload``).
-
-    Acked only after the outcome is recorded; a worker that dies first leaves the
-    message to be redelivered, and the claim makes that redelivery safe.
-    """
-    try:
-        outcome = delivery.deliver(payload)
-    except ClaimBusy as exc:
-        raise _retry(self, exc.retry_in + random.uniform(0, 0.5), exc) from None
-    except INFRASTRUCTURE_ERRORS as exc:
-        if self.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
-            raise
-        delay = min(30.0, 0.5 * 2 ** min(self.request.retries, 6)) * random.uniform(0.5, 1.0)
-        logger.warning("%s: %r, retrying in %.1fs", payload.get("key"), exc, delay)
-        raise _retry(self, delay, exc) from None
-    if outcome.status == "retry":
-        raise _retry(self, outcome.retry_in)
-    return {"key": outcome.key, "status": outcome.status, "detail": outcome.detail, "attempts": outcome.attempts}
+    """Deliver one notification: messages published by earlier releases, one per email."""
+    return _summary(_deliver(self, [payload])[0])
 
 
 @shared_task(name="notifications.relay", ignore_result=True)

@@ -110,6 +110,9 @@ NOTIFICATIONS_RETRY_BACKOFF = env_float("NOTIFICATIONS_RETRY_BACKOFF", 2.0)
 NOTIFICATIONS_RETRY_BACKOFF_MAX = env_float("NOTIFICATIONS_RETRY_BACKOFF_MAX", 600.0)
 NOTIFICATIONS_RELAY_INTERVAL = env_float("NOTIFICATIONS_RELAY_INTERVAL", 1.0)
 NOTIFICATIONS_RECOVER_INTERVAL = env_float("NOTIFICATIONS_RECOVER_INTERVAL", 60.0)
+NOTIFICATIONS_RELAY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_RELAY_BATCH_SIZE", "200"))
+NOTIFICATIONS_DELIVERY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_DELIVERY_BATCH_SIZE", "50"))
+NOTIFICATIONS_SEND_CONCURRENCY = int(os.environ.get("NOTIFICATIONS_SEND_CONCURRENCY", "4"))
 # RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
 NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
 
@@ -129,6 +132,10 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # instead of the message vanishing with an ack.
 CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Keep a worker's database connection across tasks (Celery's Django fixup otherwise
+# closes it after every task, and a reconnect costs more than a small batch); the
+# pipeline's tasks check it before use (notifications/tasks.py).
+CELERY_DB_REUSE_MAX = int(os.environ.get("NOTIFICATIONS_DB_REUSE_MAX", "1000"))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 CELERY_BROKER_HEARTBEAT = 30

@@ -24,7 +24,9 @@ from tests.settings import RUN_ID, VHOST
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str | Callable[[], Any] = ""
+) -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -32,8 +34,27 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            seen = what() if callable(what) else what  # a callable says what was there instead
+            raise AssertionError(f"timed out after {timeout}s waiting for {seen or predicate}")
         time.sleep(interval)
+
+
+def delivery_outcomes(key: str) -> list[str]:
+    """The outcomes the finished deliver tasks stored for ``key``, sorted: what Flower and
+    the result backend show. A batch's result lists an outcome per notification."""
+    import json
+
+    from django_celery_results.models import TaskResult
+
+    found = []
+    for row in TaskResult.objects.filter(status="SUCCESS"):  # deliveries are the only tasks that store results
+        result = json.loads(row.result or "null")
+        if not isinstance(result, dict):
+            continue
+        for outcome in result.get("outcomes", [result]):
+            if outcome.get("key") == key:
+                found.append(outcome["status"])
+    return sorted(found)
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -61,9 +82,9 @@ def fresh_relay_wakeups(redis_client: redis_lib.Redis) -> None:
     """Tests run no beat, so a relay wake-up flag left set by an earlier test (whose worker
     could not reach Redis to clear it) would leave the next test's rows unpublished."""
     from notifications.conf import settings as conf
-    from notifications.relay import WAKE_FLAG
+    from notifications.relay import WAKE_FLAG, key
 
-    redis_client.delete(f"{conf.REDIS_KEY_PREFIX}{WAKE_FLAG}")
+    redis_client.delete(f"{conf.REDIS_KEY_PREFIX}{key(WAKE_FLAG)}")
 
 
 @pytest.fixture(scope="session")

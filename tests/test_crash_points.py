@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import pytest
 from celery import current_app
@@ -12,7 +11,7 @@ from django.utils import timezone
 from notifications import notify
 from notifications.models import Notification, SentEmail
 from notifications.relay import recover_stalled
-from tests.conftest import notification_kwargs, wait_for
+from tests.conftest import delivery_outcomes, notification_kwargs, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,13 +55,7 @@ def test_crash_after_record_sends_nothing_more(smtp_server, workers):
     wait_for(lambda: "SIGKILL" in first.output() or "Process 'ForkPoolWorker" in first.output(), timeout=20)
     first.kill()
     workers.start()
-    from django_celery_results.models import TaskResult
-
-    def duplicate_seen() -> bool:
-        rows = TaskResult.objects.filter(status="SUCCESS")  # deliver is the only task that stores results
-        return any(key in (r.result or "") and json.loads(r.result)["status"] == "duplicate" for r in rows)
-
-    wait_for(duplicate_seen, timeout=30, what="redelivery recognised as duplicate")
+    wait_for(lambda: "duplicate" in delivery_outcomes(key), timeout=30, what="redelivery recognised as duplicate")
     assert smtp_server.count(key) == 1
     assert Notification.objects.get(key=key).ambiguous_count == 0
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_worker_reuses_one_smtp_connection_across_emails(smtp_server, workers):
-    workers.start(concurrency=1)
+    workers.start(concurrency=1, NOTIFICATIONS_SEND_CONCURRENCY="1")
     keys = [notify(**notification_kwargs()).key for _ in range(3)]
     copies = [smtp_server.wait_received(key)[0] for key in keys]
     assert all(c.peer is not None for c in copies)
@@ -21,7 +21,7 @@ def test_worker_reuses_one_smtp_connection_across_emails(smtp_server, workers):
 
 
 def test_a_failed_send_drops_the_connection_and_the_next_one_reconnects(smtp_server, workers):
-    workers.start(concurrency=1)
+    workers.start(concurrency=1, NOTIFICATIONS_SEND_CONCURRENCY="1")
     first = notify(**notification_kwargs())
     [before] = smtp_server.wait_received(first.key)
     bounced = notification_kwargs()

@@ -31,7 +31,7 @@ SYSTEMS = ("sink", "ours", "plain", "postoffice")
 
 @dataclass
 class Options:
-    n: int = 5000
+    n: int = 20000
     workers: int = 1
     concurrency: int = 2
     runs: int = 1

@@ -21,7 +21,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--n", type=int, default=5000, help="emails per phase (default 5000)")
+        parser.add_argument("--n", type=int, default=20000, help="emails per phase (default 20000)")
         parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
         parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
         parser.add_argument("--runs", type=int, default=1, help="repeat everything; the table shows medians")
