@@ -197,7 +197,8 @@ def deliver(payload: dict[str, Any]) -> Outcome:
 
 def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> list[Outcome]:
     """Deliver a batch of notifications, each at most once per key (see the module
-    docstring), over one mail-server connection. One outcome per payload, in order.
+    docstring), over this process's reused mail-server connections. One outcome per
+    payload, in order.
 
     Per batch: one pipelined Redis round trip each way, and one transaction that
     records the notifications and claims their keys. Per email: the SMTP transaction
