@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core.checks import Error, Tags, register
 
-from .conf import settings
+from .conf import DEFAULTS, settings
 
 TAG = "notifications"
 
@@ -136,6 +136,16 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E010",
             )
         )
+    for name in ("RELAY_BATCH_SIZE", "DELIVERY_BATCH_SIZE", "SEND_CONCURRENCY"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(
+                Error(
+                    f"NOTIFICATIONS_{name} must be a whole number of at least 1, not {value!r}.",
+                    hint=f"Set NOTIFICATIONS_{name} to a positive integer (default {DEFAULTS[name]}).",
+                    id="notifications.E011",
+                )
+            )
     return errors
 
 

@@ -314,3 +314,18 @@ def test_worker_starts_with_the_same_command_and_safe_settings(workers: Any, dja
     worker = workers.start(concurrency=1)
     assert worker.proc.poll() is None
     assert "refusing to start" not in worker.output()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DELIVERY_BATCH_SIZE", 0),
+        ("SEND_CONCURRENCY", -1),
+        ("RELAY_BATCH_SIZE", "200"),
+        ("SEND_CONCURRENCY", 2.5),
+    ],
+)
+def test_batch_sizes_and_sending_connections_must_be_positive_integers(settings: Any, name: str, value: Any) -> None:
+    setattr(settings, f"NOTIFICATIONS_{name}", value)
+    error = only("E011")
+    assert f"NOTIFICATIONS_{name}" in error.msg and repr(value) in error.msg
