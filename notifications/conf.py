@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_QUEUE": "notifications.relay",
     "DEAD_LETTER_EXCHANGE": "notifications.dead",
     "DEAD_LETTER_QUEUE": "notifications.dead",
+    # Server-side prepared statements for the statements run per email and per notify():
+    # off behind a pooler that does not keep sessions (PgBouncer in transaction mode).
+    "PREPARED_STATEMENTS": True,
     # Database alias the app writes to (the caller's outbox and the delivery records).
     "DATABASE": "default",
 }

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections, models, transaction
 from django.utils import timezone
 
+from .conf import settings
+
 if TYPE_CHECKING:
     from .models import Notification
 
@@ -42,11 +44,16 @@ def _prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ..
 
     Django's cursors bind parameters on the client, so PostgreSQL plans every statement
     anew; planning these CTEs costs more than running them. Prepared on the connection,
-    a statement sent once per email is planned once per connection instead.
+    a statement sent once per email is planned once per connection instead. Off with
+    ``NOTIFICATIONS_PREPARED_STATEMENTS = False`` (PgBouncer in transaction mode, say).
     """
     import psycopg
 
     wrapper = connections[using]
+    if not settings.PREPARED_STATEMENTS:
+        with wrapper.cursor() as django_cursor:
+            django_cursor.execute(sql, params)
+            return django_cursor.fetchall() if django_cursor.description else []
     wrapper.ensure_connection()
     raw = wrapper.connection
     if raw.prepare_threshold is None:  # Django's default: never prepare on its own
@@ -113,9 +120,13 @@ class NotificationManager(models.Manager["Notification"]):
         conn = connections[using]
         fields = self.model._meta.concrete_fields
         metadata_field = self.model._meta.get_field("metadata")
-        with conn.cursor() as cursor:
-            cursor.execute(self._insert_sql(len(rows), True), self._params(rows, using))
-            inserted = cursor.fetchall()
+        sql, params = self._insert_sql(len(rows), True), self._params(rows, using)
+        if len(rows) == 1:  # notify(): the same statement every call, planned once per connection
+            inserted = _prepared(using, sql, params)
+        else:
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params)
+                inserted = cursor.fetchall()
         by_key: dict[str, Notification] = {}
         for values in inserted:
             record = dict(zip((f.attname for f in fields), values, strict=True))

@@ -407,3 +407,23 @@ def test_notify_many_item_missing_a_field_or_not_a_mapping() -> None:
         notify_many([notification_kwargs(), notification_kwargs(), "ann@example.com"])  # type: ignore[list-item]
     assert caught.value.field == "items[2]" and "mapping" in str(caught.value)
     assert not Notification.objects.exists() and not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_notify_runs_as_a_prepared_statement_unless_turned_off(settings: Any) -> None:
+    def prepared_inserts() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'WITH ins AS (INSERT%%'")
+            return int(cursor.fetchone()[0])
+
+    connection.close()  # a new session: nothing prepared yet
+    first = notify(**notification_kwargs())
+    second = notify(**notification_kwargs(metadata={"order": [1, "x"]}))
+    assert prepared_inserts() == 1  # planned once, run twice
+    assert second.metadata == {"order": [1, "x"]} and second.created_at.tzinfo is not None
+    assert Notification.objects.filter(pk__in=[first.pk, second.pk]).count() == 2
+
+    connection.close()
+    settings.NOTIFICATIONS_PREPARED_STATEMENTS = False
+    third = notify(**notification_kwargs())
+    assert prepared_inserts() == 0 and Notification.objects.filter(pk=third.pk).exists()
