@@ -190,11 +190,6 @@ class _Item:
         return Start(self.key, self.token, lease, message_id_for(self.key))
 
 
-def deliver(payload: dict[str, Any]) -> Outcome:
-    """Deliver one notification (a batch of one); see ``deliver_many``."""
-    return deliver_many([payload])[0]
-
-
 def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> list[Outcome]:
     """Deliver a batch of notifications, each at most once per key (see the module
     docstring), over this process's reused mail-server connections. One outcome per

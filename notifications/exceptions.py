@@ -42,12 +42,3 @@ class PermanentDeliveryError(DeliveryError):
 class ClaimLost(NotificationError):
     """Another worker took over this notification's claim (our fencing token is
     stale); whatever this worker was about to write is refused."""
-
-
-class ClaimBusy(NotificationError):
-    """Another worker holds a live claim on this notification; try again later."""
-
-    def __init__(self, key: str, retry_in: float) -> None:
-        self.key = key
-        self.retry_in = retry_in
-        super().__init__(f"{key}: claimed by another worker, retry in {retry_in:.1f}s")

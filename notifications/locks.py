@@ -37,8 +37,12 @@ def _release_script(url: str) -> Any:
     return _client(url).register_script(Lock.LUA_RELEASE_SCRIPT)
 
 
+def _key(name: str) -> str:
+    return f"{settings.REDIS_KEY_PREFIX}{name}"
+
+
 def _name(key: str) -> str:
-    return f"{settings.REDIS_KEY_PREFIX}lock:{key}"
+    return _key(f"lock:{key}")
 
 
 @contextmanager
@@ -78,23 +82,11 @@ def fast_path(keys: Sequence[str], ttl: float) -> Iterator[set[str]]:
                 pass
 
 
-def set_once(name: str, ttl: float) -> bool:
-    """SET NX with a TTL: True if this caller set it. Redis errors count as set."""
-    try:
-        return bool(client().set(f"{settings.REDIS_KEY_PREFIX}{name}", b"1", nx=True, px=int(ttl * 1000)))
-    except RedisError:
-        return True
-
-
 def clear(name: str) -> None:
     try:
-        client().delete(f"{settings.REDIS_KEY_PREFIX}{name}")
+        client().delete(_key(name))
     except RedisError:
         pass
-
-
-def _key(name: str) -> str:
-    return f"{settings.REDIS_KEY_PREFIX}{name}"
 
 
 def raise_flag(flag: str, ttl: float, listener: str) -> tuple[bool, bool]:

@@ -8,7 +8,7 @@ repeat means.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -154,17 +154,10 @@ class NotificationManager(models.Manager["Notification"]):
         learns of notifications created in other services' databases (with their
         creation time).
         """
-        columns = (*NOTIFICATION_COLUMNS, "created_at") if row.get("created_at") else NOTIFICATION_COLUMNS
-        with connections[using].cursor() as cursor:
-            cursor.execute(self._insert_sql(1, False, columns), self._params([row], using, columns))
-            got = cursor.fetchone()
-            if got:
-                return int(got[0])
-            cursor.execute(f'SELECT "id" FROM {_q(self.model._meta.db_table)} WHERE "key" = %s', [row["key"]])
-            return int(cursor.fetchone()[0])
+        return self.record_many([row], using)[row["key"]]
 
     def record_many(self, rows: Sequence[dict[str, Any]], using: str) -> dict[str, int]:
-        """``record()`` for a batch in one statement: key -> id for every row.
+        """``record()`` for a batch, in one statement: key -> id for every row.
 
         Rows are inserted in key order, so two workers recording overlapping batches
         take the unique index's locks in the same order and never deadlock. Existing
@@ -304,47 +297,15 @@ class SentEmailManager(models.Manager[Any]):
     def _table(self) -> str:
         return _q(self.model._meta.db_table)
 
-    def claim(self, key: str, notification_pk: int, owner: str, lease: float, using: str) -> Claim:
-        """Take the exclusive right to send ``key`` for ``lease`` seconds.
+    def claim_many(self, items: Sequence[tuple[str, int]], owner: str, lease: float, using: str) -> dict[str, Claim]:
+        """Take the exclusive right to send each ``(key, notification id)`` for ``lease``
+        seconds: key -> Claim, in one statement (two when some keys are taken).
 
         The unique key decides between racing workers. A row that is released, or
-        claimed with an expired lease, is taken over with a larger fencing token; if
-        its holder had started the SMTP transaction, the claim is ``ambiguous``.
+        claimed with an expired lease, is taken over with a larger fencing token; if its
+        holder had started the SMTP transaction, the claim is ``ambiguous``. Keys go in
+        sorted order, so overlapping batches lock the unique index in the same order.
         """
-        t = self._table()
-        sql = (
-            f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", '
-            f'"lease_expires_at", "attempts", "ambiguous_count", "message_id", "response") '
-            f"VALUES (%s, %s, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '') "
-            f'ON CONFLICT ("key") DO UPDATE SET "token" = {t}."token" + 1, '
-            f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
-            f'"state" = \'claimed\', "updated_at" = now(), '
-            f'"notification_id" = COALESCE({t}."notification_id", EXCLUDED."notification_id") '
-            f"WHERE {_claimable(t)} "
-            f'RETURNING "token", "attempts", "send_started_at"'
-        )
-        with connections[using].cursor() as cursor:
-            cursor.execute(sql, [key, notification_pk, owner, lease])
-            got = cursor.fetchone()
-            if got:
-                return Claim("claimed", token=got[0], attempts=got[1], ambiguous=got[2] is not None)
-            cursor.execute(
-                f'SELECT "state", GREATEST(0, EXTRACT(EPOCH FROM "lease_expires_at" - now())) '
-                f'FROM {t} WHERE "key" = %s',
-                [key],
-            )
-            row = cursor.fetchone()
-        if row is None:  # deleted between the statements (purge); try again later
-            return Claim("busy", retry_in=1.0)
-        state, remaining = row
-        if state == "claimed":
-            return Claim("busy", retry_in=float(remaining or 0) + 0.5, state=state)
-        return Claim("done", state=state)
-
-    def claim_many(self, items: Sequence[tuple[str, int]], owner: str, lease: float, using: str) -> dict[str, Claim]:
-        """``claim()`` for a batch of ``(key, notification id)`` in one statement (two
-        when some keys are taken): key -> Claim. Keys go in sorted order, so
-        overlapping batches lock the unique index in the same order."""
         if not items:
             return {}
         t = self._table()
@@ -453,40 +414,6 @@ class SentEmailManager(models.Manager[Any]):
         sql = "WITH " + ", ".join(parts) + " " + " UNION ALL ".join(selects)
         rows = _prepared(using, sql, params)
         return {key for kind, key in rows if kind == "f"}, any(kind == "s" for kind, _ in rows)
-
-    def _fenced_update(self, key: str, token: int, sets: str, params: Iterable[Any], using: str) -> bool:
-        sql = (
-            f'UPDATE {self._table()} SET {sets}, "updated_at" = now() '
-            f'WHERE "key" = %s AND "token" = %s AND "state" = \'claimed\''
-        )
-        with connections[using].cursor() as cursor:
-            cursor.execute(sql, [*params, key, token])
-            return cursor.rowcount == 1
-
-    def start_send(self, key: str, token: int, lease: float, message_id: str, using: str) -> bool:
-        """Record that the SMTP transaction is about to start, renewing the lease.
-        False if the token is stale (another worker took over): do not send."""
-        return self._fenced_update(
-            key,
-            token,
-            '"send_started_at" = now(), "attempts" = "attempts" + 1, '
-            '"lease_expires_at" = now() + make_interval(secs => %s), "message_id" = %s',
-            [lease, message_id],
-            using,
-        )
-
-    def finish(self, key: str, token: int, state: str, response: str, using: str, ambiguous: bool = False) -> bool:
-        """Record the outcome under the fencing token: ``sent``, ``failed``, ``held``
-        or ``released`` (to be retried). False if the token is stale."""
-        sent_at = ', "sent_at" = now()' if state == "sent" else ""
-        return self._fenced_update(
-            key,
-            token,
-            '"state" = %s, "send_started_at" = NULL, "response" = %s, '
-            '"lease_expires_at" = NULL, "ambiguous_count" = "ambiguous_count" + %s' + sent_at,
-            [state, response[:2000], 1 if ambiguous else 0],
-            using,
-        )
 
     def fail_unless_live(self, key: str, notification_pk: int, reason: str, using: str) -> bool:
         """Record ``key`` as failed unless it was sent, already finished, or is claimed by a

@@ -55,31 +55,24 @@ def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
 def drain(using: str | None = None, budget: float = 10.0) -> int:
     """Publish batches while they come out full, or until ``budget`` seconds have passed.
 
-    The wake-up flag stays set while a pass runs, so the commits of a busy caller do
-    not each publish a wake-up; the rows they commit meanwhile go out together in the
-    next pass, in fuller messages. The flag is cleared once a pass comes out short, and
-    then one more pass runs: a commit that saw the flag still set committed before the
-    clear, so that pass publishes its row; a commit after the clear wakes another relay.
+    The wake-up flag is cleared first: every commit before the clear is in the passes
+    that follow, and a commit after it raises the flag again and wakes the next round.
+    Out of time with rows left, it wakes that round itself.
     """
     from . import locks
 
+    locks.clear(key(WAKE_FLAG))
     size = int(settings.RELAY_BATCH_SIZE)
     deadline = time.monotonic() + budget
     total = 0
-    cleared = False
     while True:
         published = relay_batch(using, size)
         total += published
-        if published >= size:
-            if time.monotonic() < deadline:
-                continue
-            locks.clear(key(WAKE_FLAG))  # out of time with rows left: hand over to a new pass
+        if published < size:
+            return total
+        if time.monotonic() >= deadline:
             wake_relay()
             return total
-        if cleared:
-            return total
-        locks.clear(key(WAKE_FLAG))
-        cleared = True
 
 
 def wake_relay() -> None:
@@ -105,10 +98,9 @@ def wake_relay() -> None:
 def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     """The relay loop beat runs beside its schedule: wait for a wake-up (or
     ``NOTIFICATIONS_RELAY_INTERVAL``), linger ``NOTIFICATIONS_RELAY_LINGER`` so that a
-    burst of commits goes out in fuller messages, clear the wake-up flag, and publish
-    until a batch comes out short. Commits before the clear are in that pass; a commit
-    after it raises the flag again and wakes the next round. It costs a commit one Redis
-    round trip instead of a broker publish, and it never takes a worker's pool slot."""
+    burst of commits goes out in fuller messages, and ``drain()``. It costs a commit one
+    Redis round trip instead of a broker publish, and it never takes a worker's pool
+    slot."""
     import django
     from django.apps import apps
     from django.db import close_old_connections, connections
@@ -119,25 +111,18 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
         django.setup()
     interval = float(settings.RELAY_INTERVAL)
     linger = float(settings.RELAY_LINGER)
-    size = int(settings.RELAY_BATCH_SIZE)
     alive_for = max(5.0, 3 * interval)
     while not stop.is_set():
         locks.heartbeat(key(LOOP_ALIVE), alive_for)
         if locks.wait(key(WAKE_LIST), interval) and linger > 0:
             stop.wait(linger)
-        locks.clear(key(WAKE_FLAG))
-        deadline = time.monotonic() + alive_for / 2
         try:
-            while relay_batch(using, size) >= size and time.monotonic() < deadline:
-                pass
+            drain(using, budget=alive_for / 2)
         except Exception as exc:  # broker or database away: the next round tries again
             logger.warning("relay pass failed, retrying: %r", exc)
             close_old_connections()
             connections[using or settings.DATABASE].close()
             stop.wait(min(interval, 1.0))
-            continue
-        if time.monotonic() >= deadline:
-            locks.push(key(WAKE_LIST))  # rows left: go round again without waiting
 
 
 def start_loop() -> threading.Thread:

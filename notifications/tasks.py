@@ -18,7 +18,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from . import delivery, relay
+from . import broker, delivery, relay
 from .conf import settings
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,13 @@ def _deliver(task: Any, payloads: list[dict[str, Any]]) -> list[delivery.Outcome
     again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
     if again:
         delay = max(o.retry_in for _, o in again) + random.uniform(0, 0.5)
-        args = [[p for p, _ in again]] if task.name == DELIVER_MANY else [again[0][0]]
+        args = [[p for p, _ in again]] if task.name == broker.DELIVER_MANY_TASK else [again[0][0]]
         raise _retry(task, delay, args=args)
     return outcomes
 
 
 def _summary(outcome: delivery.Outcome) -> dict[str, Any]:
     return {"key": outcome.key, "status": outcome.status, "detail": outcome.detail, "attempts": outcome.attempts}
-
-
-DELIVER_MANY = "notifications.deliver_many"
 
 
 @task_prerun.connect(weak=False, dispatch_uid="notifications.tasks.fresh_connections")
@@ -91,7 +88,7 @@ def _fresh_connections(sender: Any = None, **kwargs: Any) -> None:
         close_old_connections()
 
 
-@shared_task(name=DELIVER_MANY, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+@shared_task(name=broker.DELIVER_MANY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """Deliver a batch of notifications (each travels whole in ``payloads``).
 
@@ -101,8 +98,6 @@ def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     kills its worker every time reaches the delivery limit alone and the others go on.
     """
     if len(payloads) > 1 and (self.request.delivery_info or {}).get("redelivered"):
-        from . import broker
-
         try:
             broker.publish_deliveries(self.app, payloads, per_message=1)
         except Exception as exc:  # keep the batch; the next delivery tries again
