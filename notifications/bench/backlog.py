@@ -42,7 +42,8 @@ from typing import Any
 import psycopg
 import redis
 
-from ..chaos.injectors import sh
+from ..chaos.injectors import add_vhost, sh
+from ..chaos.processes import migrate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SIZES = (0, 10_000, 100_000, 1_000_000)
@@ -114,20 +115,11 @@ class BacklogRun:
         self.redis_db = self._pick_redis_db()
         self.say(f"bench_backlog {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}")
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
-        sh("rabbitmqctl", "-q", "add_vhost", self.vhost)
+        add_vhost(self.vhost)
         self.created.append("vhost")
-        sh("rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
         self._admin_sql(f'CREATE DATABASE "{self.database}"')
         self.created.append(self.database)
-        done = subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"],
-            cwd=ROOT,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")
+        migrate(ROOT, self.env())
 
     def teardown(self) -> None:
         if self.child is not None and self.child.poll() is None:

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import redis
 
-from ..chaos.injectors import sh, wait
-from ..chaos.processes import Fleet, Proc
+from ..chaos.injectors import add_vhost, sh, wait
+from ..chaos.processes import Fleet, Proc, migrate
 from ..chaos.run import free_port
 from . import measure, ours, peers, report
 from .sink import Sink, ceiling
@@ -106,13 +106,6 @@ class BenchRun:
             "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.po_database}",
         }
 
-    def _migrate(self, env: dict[str, str]) -> None:
-        done = subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")
-
     def setup(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.redis_db = self._pick_redis_db()
@@ -123,17 +116,16 @@ class BenchRun:
         )
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
         if {"ours", "plain"} & set(self.o.only):
-            sh("rabbitmqctl", "-q", "add_vhost", self.vhost)
-            sh("rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+            add_vhost(self.vhost)
             self.created.append("vhost")
         if "ours" in self.o.only:
             self._admin_sql(f'CREATE DATABASE "{self.database}"')
             self.created.append(self.database)
-            self._migrate(self.env_ours())
+            migrate(ROOT, self.env_ours())
         if "postoffice" in self.o.only:
             self._admin_sql(f'CREATE DATABASE "{self.po_database}"')
             self.created.append(self.po_database)
-            self._migrate(self.env_peer())
+            migrate(ROOT, self.env_peer())
 
     def teardown(self) -> None:
         if hasattr(self, "sink"):

@@ -40,6 +40,12 @@ def sh(*cmd: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
 
 
+def add_vhost(vhost: str) -> None:
+    """A RabbitMQ vhost of the run's own, open to ``guest``."""
+    sh("rabbitmqctl", "-q", "add_vhost", vhost)
+    sh("rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+
+
 def wait(predicate: Callable[[], bool], timeout: float, step: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -137,3 +137,13 @@ class Fleet:
     def stop_all(self) -> None:
         for proc in self.procs.values():
             proc.stop(timeout=20)
+
+
+def migrate(root: Path, env: dict[str, str]) -> None:
+    """``manage.py migrate`` in a child process: settings are read once per process, so
+    the run's database is named in ``env``."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=root, env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrate failed:\n{done.stderr[-2000:]}")

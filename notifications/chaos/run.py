@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 
 from . import mailserver, report
-from .injectors import INJECTORS, TRAFFIC_FAULTS, run_in_background, sh, wait
-from .processes import Fleet
+from .injectors import INJECTORS, TRAFFIC_FAULTS, add_vhost, run_in_background, sh, wait
+from .processes import Fleet, migrate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -138,22 +138,13 @@ class ChaosRun:
         self.ensure_services()
         self.mail = mailserver.start(free_port(), seed=self.o.seed)
         self._admin_sql(f'CREATE DATABASE "{self.database}"')
-        sh("rabbitmqctl", "-q", "add_vhost", self.vhost)
-        sh("rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+        add_vhost(self.vhost)
         before = sh("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout).").stdout
         digits = "".join(ch for ch in before if ch.isdigit())
         self._consumer_timeout_before = digits or "1800000"
         self.restore_consumer_timeout(lowered=True)
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
-        migrated = subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"],
-            cwd=ROOT,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-        )
-        if migrated.returncode != 0:
-            raise RuntimeError(f"migrate failed:\n{migrated.stderr[-2000:]}")
+        migrate(ROOT, self.env())
         self.fleet = Fleet(root=ROOT, env=self.env(), logs=self.workdir)
         for i in range(self.o.workers):
             self.fleet.worker(f"worker{i}", self.o.concurrency)
