@@ -18,6 +18,7 @@ import smtplib
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,26 +280,33 @@ def _executor(size: int) -> ThreadPoolExecutor:
 
 
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
-    """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once:
-    each lane sends its share one by one, as ``_send_lane`` says. The round trips to the
-    mail server and the database are waits, so lanes overlap them."""
+    """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once,
+    each lane taking the next item when its last is recorded (as ``_send_lane`` says).
+    The round trips to the mail server and the database are waits, so lanes overlap
+    them, and a slow email holds up only its own lane."""
     lanes = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
+    queue = deque(to_send)
     unreachable = threading.Event()
     if lanes == 1:
-        _send_lane(to_send, lease, db, deadline, outcomes, unreachable)
+        _send_lane(queue, lease, db, deadline, outcomes, unreachable)
         return
     pool = _executor(lanes)
-    futures = [
-        pool.submit(_send_lane, to_send[i::lanes], lease, db, deadline, outcomes, unreachable) for i in range(lanes)
-    ]
+    futures = [pool.submit(_send_lane, queue, lease, db, deadline, outcomes, unreachable) for _ in range(lanes)]
     errors = [f.exception() for f in futures]  # waits for every lane
     for error in errors:
         if error is not None:
             raise error
 
 
+def _next(queue: deque[_Item]) -> _Item | None:
+    try:
+        return queue.popleft()  # atomic: lanes share the queue
+    except IndexError:
+        return None
+
+
 def _send_lane(
-    items: list[_Item],
+    queue: deque[_Item],
     lease: float,
     db: str,
     deadline: float,
@@ -309,28 +317,26 @@ def _send_lane(
     that item's ``send_started_at``, in the same statement that records the previous
     item's outcome, so a batch costs one database round trip per email and the window
     of unknown outcome stays one email wide. Once the mail server cannot be reached (by
-    any lane), or the time budget is spent, the rest is released untried."""
-    rest = list(items)
+    any lane), or the time budget is spent, what is left is released untried."""
     settled: list[Finish] = []
     last: Outcome | None = None
     while True:
-        if rest and (unreachable.is_set() or time.monotonic() > deadline):
+        if unreachable.is_set() or time.monotonic() > deadline:
             why = "the mail server is unreachable" if unreachable.is_set() else "this batch's time budget ran out"
             reason = f"not attempted: {why}"
             retry_in = last.retry_in if last is not None and unreachable.is_set() else 0.0
-            settled += [Finish(r.key, r.token, ClaimState.RELEASED, reason, r.attempts) for r in rest]
-            for r in rest:
-                outcomes[r.key] = Outcome(r.key, "retry", detail=reason, retry_in=retry_in)
-            rest = []
-        start = rest[0].start(lease) if rest else None
+            while (left := _next(queue)) is not None:
+                settled.append(Finish(left.key, left.token, ClaimState.RELEASED, reason, left.attempts))
+                outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in)
+        item = _next(queue)
+        start = item.start(lease) if item is not None else None
         written, started = _settle(settled, start, db)
         _check_written(settled, written)
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
         settled, last = [], None
-        if start is None:
+        if item is None:
             return
-        item = rest.pop(0)
         if not started:  # taken over since the claim: not ours to send
             outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
             continue

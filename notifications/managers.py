@@ -7,6 +7,7 @@ repeat means.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ def _prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ..
     ``NOTIFICATIONS_PREPARED_STATEMENTS = False`` (PgBouncer in transaction mode, say).
     """
     import psycopg
+    from psycopg.pq import ExecStatus
 
     wrapper = connections[using]
     if not settings.PREPARED_STATEMENTS:
@@ -62,36 +64,46 @@ def _prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ..
     # as failed), as it does for its own cursors.
     with wrapper.wrap_database_errors, psycopg.Cursor(raw) as cursor:
         cursor.execute(sql, params, prepare=True)
-        return cursor.fetchall() if cursor.description else []
+        # Not ``cursor.description``: that builds a column object per column, each call.
+        result = cursor.pgresult
+        return cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else []
 
 
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+@functools.lru_cache(maxsize=64)
+def _insert_sql(
+    model: type[models.Model], rows: int, with_outbox: bool, columns: tuple[str, ...], returning: str
+) -> str:
+    """The insert of ``NotificationManager``: the same text for the same shape, built once."""
+    from .models import OutboxMessage
+
+    table = _q(model._meta.db_table)
+    cols = ", ".join(_q(c) for c in columns)
+    one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    values = ", ".join([one] * rows)
+    # With the outbox row (notify()), the whole created rows come back, so only repeated
+    # keys need reading; for record() the id is enough.
+    if with_outbox:
+        returning = ", ".join(_q(f.get_attname_column()[1] or f.name) for f in model._meta.concrete_fields)
+    insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING {returning}'
+    if not with_outbox:
+        return insert
+    outbox = _q(OutboxMessage._meta.db_table)
+    return (
+        f"WITH ins AS ({insert}), "
+        f'outbox AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id") '
+        f"SELECT * FROM ins"
+    )
+
+
 class NotificationManager(models.Manager["Notification"]):
     def _insert_sql(
         self, rows: int, with_outbox: bool, columns: Sequence[str] = NOTIFICATION_COLUMNS, returning: str = '"id"'
     ) -> str:
-        from .models import OutboxMessage
-
-        table = _q(self.model._meta.db_table)
-        cols = ", ".join(_q(c) for c in columns)
-        one = "(" + ", ".join(["%s"] * len(columns)) + ")"
-        values = ", ".join([one] * rows)
-        # With the outbox row (notify()), the whole created rows come back, so only repeated
-        # keys need reading; for record() the id is enough.
-        if with_outbox:
-            returning = ", ".join(_q(f.get_attname_column()[1] or f.name) for f in self.model._meta.concrete_fields)
-        insert = f'INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ("key") DO NOTHING RETURNING {returning}'
-        if not with_outbox:
-            return insert
-        outbox = _q(OutboxMessage._meta.db_table)
-        return (
-            f"WITH ins AS ({insert}), "
-            f'outbox AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id") '
-            f"SELECT * FROM ins"
-        )
+        return _insert_sql(self.model, rows, with_outbox, tuple(columns), returning)
 
     def _params(
         self, rows: Sequence[dict[str, Any]], using: str, columns: Sequence[str] = NOTIFICATION_COLUMNS
@@ -157,7 +169,8 @@ class NotificationManager(models.Manager["Notification"]):
         return self.record_many([row], using)[row["key"]]
 
     def record_many(self, rows: Sequence[dict[str, Any]], using: str) -> dict[str, int]:
-        """``record()`` for a batch, in one statement: key -> id for every row.
+        """``record()`` for a batch: key -> id for every row, in one statement when they
+        are all stored here already, and one more for the others.
 
         Rows are inserted in key order, so two workers recording overlapping batches
         take the unique index's locks in the same order and never deadlock. Existing
@@ -166,11 +179,18 @@ class NotificationManager(models.Manager["Notification"]):
         """
         if not rows:
             return {}
-        ordered = sorted(rows, key=lambda r: r["key"])
+        table = _q(self.model._meta.db_table)
+        # Usually every row is here already (notify() wrote it in this database): one
+        # small statement finds them, and only the others are inserted.
+        found = dict(
+            _prepared(using, f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)', [[r["key"] for r in rows]])
+        )
+        ordered = sorted((r for r in rows if r["key"] not in found), key=lambda r: r["key"])
+        if not ordered:
+            return found
         columns = (*NOTIFICATION_COLUMNS, "created_at")
         now = timezone.now()
         params = self._params([{**r, "created_at": r.get("created_at") or now} for r in ordered], using, columns)
-        table = _q(self.model._meta.db_table)
         keys = [r["key"] for r in ordered]
         sql = (
             f"WITH ins AS ({self._insert_sql(len(ordered), False, columns, returning=KEY_AND_ID)}) "
@@ -178,7 +198,7 @@ class NotificationManager(models.Manager["Notification"]):
         )
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [*params, keys])
-            found = {key: int(pk) for key, pk in cursor.fetchall()}
+            found.update((key, int(pk)) for key, pk in cursor.fetchall())
             missing = [k for k in keys if k not in found]
             if missing:
                 cursor.execute(f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)', [missing])
@@ -378,9 +398,17 @@ class SentEmailManager(models.Manager[Any]):
         params: list[Any] = []
         selects: list[str] = []
         if finished:
+            # One outcome (a lane's every email) as scalars: dumping six one-element
+            # arrays costs the worker more than the rest of the call.
+            values = (
+                "SELECT %s::text AS k, %s::bigint AS token, %s::text AS state, %s::text AS response, "
+                "%s::int AS amb, %s::int AS attempts"
+                if len(finished) == 1
+                else "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::int[], "
+                "%s::int[]) AS u(k, token, state, response, amb, attempts)"
+            )
             parts.append(
-                "v AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::int[], "
-                "%s::int[]) AS u(k, token, state, response, amb, attempts)), "
+                f"v AS ({values}), "
                 f'f AS (UPDATE {t} s SET "state" = v.state, "send_started_at" = NULL, "response" = v.response, '
                 f'"lease_expires_at" = NULL, "ambiguous_count" = s."ambiguous_count" + v.amb, '
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE s."sent_at" END, '
@@ -393,7 +421,7 @@ class SentEmailManager(models.Manager[Any]):
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE x."sent_at" END, '
                 f'"updated_at" = now() FROM f JOIN v ON v.k = f."key" WHERE x."id" = f."notification_id")'
             )
-            params += [
+            columns: list[list[Any]] = [
                 [f.key for f in finished],
                 [f.token for f in finished],
                 [f.state for f in finished],
@@ -401,6 +429,7 @@ class SentEmailManager(models.Manager[Any]):
                 [1 if f.ambiguous else 0 for f in finished],
                 [f.attempts for f in finished],
             ]
+            params += [c[0] for c in columns] if len(finished) == 1 else columns
             selects.append("SELECT 'f', \"key\" FROM f")
         if start is not None:
             parts.append(
