@@ -112,7 +112,7 @@ def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
         # COMMIT round trips.
         notifications, created = Notification.objects.create_with_outbox(rows, using)
     if created and settings.RELAY_ON_COMMIT:
-        from .relay import wake_relay
+        from .relay import wake_relay_soon
 
-        transaction.on_commit(wake_relay, using=using)  # in autocommit: now
+        transaction.on_commit(wake_relay_soon, using=using)  # in autocommit: now
     return notifications

@@ -8,7 +8,9 @@ broker is down the transaction rolls back and the rows wait for the next pass.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 import time
 
@@ -93,6 +95,59 @@ def wake_relay() -> None:
             broker.wake(current_app)
     except Exception as exc:  # the periodic relay is the guarantee; this is a hint
         logger.warning("could not wake the relay (beat will publish): %s", exc)
+
+
+class _Waker:
+    """Sends ``wake_relay()`` from a background thread, so a commit does not wait on
+    Redis. Requests that arrive while a wake-up is on its way fold into one more, so
+    a burst of commits costs a few round trips, not one each. Kept with the pid: a
+    forked child starts its own thread."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        # Also in a forked child: the parent's thread is not there, and the parent may
+        # have held the lock at the moment of the fork.
+        self.pid = 0
+        self.cond = threading.Condition()
+        self.asked = self.sent = 0
+
+    def request(self) -> None:
+        with self.cond:
+            if self.pid != os.getpid():
+                self.pid, self.asked, self.sent = os.getpid(), 0, 0
+                threading.Thread(target=self._run, name="notifications-wake", daemon=True).start()
+            self.asked += 1
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.asked != self.sent)
+                target = self.asked
+            try:
+                wake_relay()
+            except Exception:  # never let the thread die: later commits still need it
+                logger.exception("wake-up failed (beat will publish)")
+            with self.cond:
+                self.sent = target
+                self.cond.notify_all()
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until the wake-ups asked for so far are sent (at exit, and in tests)."""
+        with self.cond:
+            return self.pid != os.getpid() or self.cond.wait_for(lambda: self.sent == self.asked, timeout)
+
+
+_waker = _Waker()
+atexit.register(_waker.flush)
+os.register_at_fork(after_in_child=_waker._reset)
+
+
+def wake_relay_soon() -> None:
+    """``wake_relay()`` without waiting for it: what a commit of ``notify()`` calls."""
+    _waker.request()
 
 
 def relay_forever(stop: threading.Event, using: str | None = None) -> None:

@@ -82,8 +82,9 @@ def fresh_relay_wakeups(redis_client: redis_lib.Redis) -> None:
     """Tests run no beat, so a relay wake-up flag left set by an earlier test (whose worker
     could not reach Redis to clear it) would leave the next test's rows unpublished."""
     from notifications.conf import settings as conf
-    from notifications.relay import WAKE_FLAG, key
+    from notifications.relay import WAKE_FLAG, _waker, key
 
+    _waker.flush()  # a wake-up of the test before is sent (from its thread) before the flag goes
     redis_client.delete(f"{conf.REDIS_KEY_PREFIX}{key(WAKE_FLAG)}")
 
 

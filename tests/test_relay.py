@@ -112,3 +112,48 @@ def test_relay_with_broker_down_leaves_rows_for_later(no_wakeups):
     assert run_relay().returncode == 0
     assert drain_deliver_queue(n.key, expected=1) == {n.key: 1}
     assert Notification.objects.get(pk=n.pk).status == "published"
+
+
+def test_a_hung_redis_does_not_hold_up_notify(settings):
+    """The commit's wake-up is sent from a background thread: with a Redis that accepts
+    connections and never answers, notify() returns (its row committed) while the
+    wake-up is still waiting, and the wake-up gives up on its own."""
+    import socket
+
+    from notifications import relay
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    settings.NOTIFICATIONS_REDIS_URL = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    try:
+        n = notify(**notification_kwargs())
+        assert not relay._waker.flush(timeout=0)  # returned before the wake-up was through
+        assert OutboxMessage.objects.filter(notification=n, published_at__isnull=True).exists()
+        assert relay._waker.flush(timeout=10)  # the wake-up timed out, logged, and ended
+    finally:
+        silent.close()
+
+
+def test_a_forked_process_sends_its_own_wake_ups(redis_client):
+    """A process forked after its parent woke the relay (a preloading server's workers)
+    starts its own wake-up thread: the parent's does not exist in the child."""
+    import multiprocessing
+
+    from notifications import relay
+    from notifications.conf import settings as conf
+
+    flag = f"{conf.REDIS_KEY_PREFIX}{relay.key(relay.WAKE_FLAG)}"
+    relay.wake_relay_soon()
+    assert relay._waker.flush(timeout=10)
+    redis_client.delete(flag)
+
+    def child() -> None:
+        relay.wake_relay_soon()
+        raise SystemExit(0 if relay._waker.flush(timeout=10) else 1)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0
+    assert redis_client.exists(flag)  # the child's wake-up reached Redis
