@@ -62,6 +62,22 @@ def rabbitmqctl(*args: str) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def no_stray_sessions_at_teardown(django_db_setup: Any, django_db_blocker: Any) -> Iterator[None]:
+    """A worker process a test killed can leave its PostgreSQL session behind for a moment,
+    and the sending threads keep connections of their own: end them at the close of the
+    run, so that the test database is dropped rather than left on the server."""
+    yield
+    with django_db_blocker.unblock():
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+
+@pytest.fixture(scope="session", autouse=True)
 def broker_vhost() -> Iterator[str]:
     rabbitmqctl("add_vhost", VHOST)
     rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
