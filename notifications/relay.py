@@ -78,7 +78,8 @@ def drain(using: str | None = None, budget: float = 10.0) -> int:
 
 
 def wake_relay() -> None:
-    """On commit of a notify(): ask for a relay pass now rather than at the next beat.
+    """After a commit that queued notifications: ask for a relay pass now rather than at
+    the next beat. ``notify()`` has it sent from a background thread (``wake_relay_soon``).
 
     Coalesced through a Redis flag, so a burst of commits wakes the relay once. The
     wake-up is a Redis push to the relay loop that runs in beat (``relay_forever``); if
