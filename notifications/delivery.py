@@ -211,19 +211,17 @@ def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> li
     lease = float(settings.CLAIM_LEASE)
     began = time.monotonic()
     outcomes: dict[str, Outcome] = {}
-    batch: list[dict[str, Any]] = []
+    batch: dict[str, dict[str, Any]] = {}
     for payload in payloads:
-        key = payload["key"]
-        crash_point("before_claim", key)
-        if any(p["key"] == key for p in batch):
-            continue  # the same key twice in one message: one delivery, reported twice
-        batch.append(payload)
-    keys = [p["key"] for p in batch]
+        crash_point("before_claim", payload["key"])
+        # The same key twice in one message: one delivery, reported twice.
+        batch.setdefault(payload["key"], payload)
+    keys = list(batch)
     with locks.fast_path(keys, ttl=lease + budget) as mine:
         for key in keys:
             if key not in mine:
                 outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=1.0)
-        to_send = _claim([p for p in batch if p["key"] in mine], lease, db, outcomes)
+        to_send = _claim([p for k, p in batch.items() if k in mine], lease, db, outcomes)
         _send_all(to_send, lease, db, began + budget, outcomes)
     return [outcomes[p["key"]] for p in payloads]
 

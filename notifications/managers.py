@@ -180,11 +180,10 @@ class NotificationManager(models.Manager["Notification"]):
         if not rows:
             return {}
         table = _q(self.model._meta.db_table)
+        lookup = f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)'
         # Usually every row is here already (notify() wrote it in this database): one
         # small statement finds them, and only the others are inserted.
-        found = dict(
-            _prepared(using, f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)', [[r["key"] for r in rows]])
-        )
+        found = dict(_prepared(using, lookup, [[r["key"] for r in rows]]))
         ordered = sorted((r for r in rows if r["key"] not in found), key=lambda r: r["key"])
         if not ordered:
             return found
@@ -194,15 +193,14 @@ class NotificationManager(models.Manager["Notification"]):
         keys = [r["key"] for r in ordered]
         sql = (
             f"WITH ins AS ({self._insert_sql(len(ordered), False, columns, returning=KEY_AND_ID)}) "
-            f'SELECT "key", "id" FROM ins UNION ALL SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)'
+            f'SELECT "key", "id" FROM ins UNION ALL {lookup}'
         )
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [*params, keys])
             found.update((key, int(pk)) for key, pk in cursor.fetchall())
-            missing = [k for k in keys if k not in found]
-            if missing:
-                cursor.execute(f'SELECT "key", "id" FROM {table} WHERE "key" = ANY(%s)', [missing])
-                found.update((key, int(pk)) for key, pk in cursor.fetchall())
+        missing = [k for k in keys if k not in found]
+        if missing:
+            found.update(_prepared(using, lookup, [missing]))
         return found
 
 
@@ -421,15 +419,8 @@ class SentEmailManager(models.Manager[Any]):
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE x."sent_at" END, '
                 f'"updated_at" = now() FROM f JOIN v ON v.k = f."key" WHERE x."id" = f."notification_id")'
             )
-            columns: list[list[Any]] = [
-                [f.key for f in finished],
-                [f.token for f in finished],
-                [f.state for f in finished],
-                [f.response[:2000] for f in finished],
-                [1 if f.ambiguous else 0 for f in finished],
-                [f.attempts for f in finished],
-            ]
-            params += [c[0] for c in columns] if len(finished) == 1 else columns
+            each = [(f.key, f.token, f.state, f.response[:2000], 1 if f.ambiguous else 0, f.attempts) for f in finished]
+            params += each[0] if len(each) == 1 else [list(column) for column in zip(*each, strict=True)]
             selects.append("SELECT 'f', \"key\" FROM f")
         if start is not None:
             parts.append(
