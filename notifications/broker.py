@@ -220,6 +220,24 @@ def _publish_confirmed(
         raise MessageNacked(f"the broker refused {len(nacked)} message(s)")
 
 
+def deliveries_waiting(app: Celery) -> int:
+    """How many delivery messages wait in the queue with no worker on them yet (a
+    passive declare: ready messages, not the ones workers hold unacked). 0 when the
+    broker cannot be asked: the caller then publishes as it would anyway."""
+    try:
+        with app.pool.acquire(block=True) as pooled:
+            conn: Any = pooled
+            try:
+                conn.ensure_connection(max_retries=1)  # broker away: no hold, and the pass says so
+                declared = conn.default_channel.queue_declare(queue=settings.DELIVER_QUEUE, passive=True)
+                return int(declared.message_count)
+            except Exception:
+                conn.collect()  # a failed passive declare closes the channel
+                raise
+    except Exception:
+        return 0
+
+
 def wake(app: Celery) -> None:
     """Ask a worker to run a relay pass now (a hint: beat runs one anyway). One quick
     retry, so that a pooled connection the broker closed is replaced, not given up on."""

@@ -43,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     # Seconds the relay loop waits after a wake-up, so a burst of commits goes out in
     # fuller broker messages (a little latency for much less work per email).
     "RELAY_LINGER": 0.02,
+    # While delivery messages wait in the queue for a free worker, new rows would wait
+    # behind them anyway: the relay loop holds them (up to this long) and publishes them
+    # in full messages once the queue has room, so a backlog costs less per email.
+    "RELAY_HOLD_MAX": 1.0,
     # Quorum-queue delivery limit before a message is dead-lettered.
     "DELIVERY_LIMIT": 10,
     # RabbitMQ's consumer_timeout in seconds (server default 30 min); checked against our timeouts.

@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from django.db import transaction
 
@@ -154,7 +156,8 @@ def wake_relay_soon() -> None:
 def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     """The relay loop beat runs beside its schedule: wait for a wake-up (or
     ``NOTIFICATIONS_RELAY_INTERVAL``), linger ``NOTIFICATIONS_RELAY_LINGER`` so that a
-    burst of commits goes out in fuller messages, and ``drain()``. It costs a commit one
+    burst of commits goes out in fuller messages (longer while the workers are behind,
+    see ``_hold_while_behind``), and ``drain()``. It costs a commit one
     Redis round trip instead of a broker publish, and it never takes a worker's pool
     slot."""
     import django
@@ -172,6 +175,7 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
         locks.heartbeat(key(LOOP_ALIVE), alive_for)
         if locks.wait(key(WAKE_LIST), interval) and linger > 0:
             stop.wait(linger)
+            _hold_while_behind(stop, linger, lambda: locks.heartbeat(key(LOOP_ALIVE), alive_for))
         try:
             drain(using, budget=alive_for / 2)
         except Exception as exc:  # broker or database away: the next round tries again
@@ -179,6 +183,31 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
             close_old_connections()
             connections[using or settings.DATABASE].close()
             stop.wait(min(interval, 1.0))
+
+
+def _hold_while_behind(stop: threading.Event, step: float, heartbeat: Callable[[], Any]) -> None:
+    """Wait while delivery messages queue up for a free worker (at most
+    ``NOTIFICATIONS_RELAY_HOLD_MAX`` seconds).
+
+    Rows published now would only wait behind those messages, so holding them costs
+    no latency, and they go out later in fewer, fuller messages: one claim transaction
+    and one broker message for up to ``NOTIFICATIONS_DELIVERY_BATCH_SIZE`` emails
+    instead of a few each. When the workers keep up the queue is empty and nothing is
+    held. The rows are committed all along: a crash here delays them, never loses them.
+    """
+    from celery import current_app
+
+    from . import broker
+
+    now = beat = time.monotonic()
+    deadline = now + float(settings.RELAY_HOLD_MAX)
+    while now < deadline and broker.deliveries_waiting(current_app) > 0:
+        if stop.wait(step):
+            return
+        now = time.monotonic()
+        if now - beat >= 1.0:  # still alive: commits keep waking this loop, not the workers
+            heartbeat()
+            beat = now
 
 
 def start_loop() -> threading.Thread:

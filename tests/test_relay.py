@@ -157,3 +157,86 @@ def test_a_forked_process_sends_its_own_wake_ups(redis_client):
     process.join(30)
     assert process.exitcode == 0
     assert redis_client.exists(flag)  # the child's wake-up reached Redis
+
+
+def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
+    """Consume the delivery messages waiting in the queue (no worker runs; all of them,
+    or the first ``limit``): the keys each one carried."""
+    messages: list[list[str]] = []
+    with current_app.connection_for_read() as conn:
+        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
+        queue.queue.no_declare = True
+        try:
+            while not limit or len(messages) < limit:
+                try:
+                    message = queue.get(block=True, timeout=wait)
+                except queue.Empty:
+                    return messages
+                args = json.loads(message.body)[0] if isinstance(message.body, str) else message.payload[0]
+                messages.append([payload["key"] for payload in args[0]])
+                message.ack()
+            return messages
+        finally:
+            queue.close()
+
+
+@pytest.fixture
+def relay_loop(settings):
+    """Beat's relay loop in this process, woken by commits only (no periodic pass)."""
+    from notifications import relay
+    from tests.test_batches import relay_loop_alive
+
+    from notifications import broker, locks
+
+    settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
+    with current_app.connection_for_write() as conn:
+        for queue in broker.queues():
+            queue(conn.default_channel).declare()
+    take_deliveries()  # what earlier tests left: the queue starts empty
+    loop = relay.start_loop()
+    wait_for(relay_loop_alive, what="the loop's heartbeat")
+    yield loop
+    loop.stop.set()
+    locks.push(relay.key(relay.WAKE_LIST))  # out of its 30 s wait for a wake-up
+    loop.join(timeout=40)
+    assert not loop.is_alive()
+    take_deliveries()
+
+
+def published(n: Notification) -> bool:
+    return OutboxMessage.objects.filter(notification=n, published_at__isnull=False).exists()
+
+
+def test_rows_wait_while_deliveries_queue_for_a_worker_then_go_out_in_one_message(settings, relay_loop):
+    """While a delivery message waits for a free worker, new rows would only queue behind
+    it: the relay holds them, and when the queue has room they leave in one message
+    instead of one message per wake-up."""
+    import time
+
+    settings.NOTIFICATIONS_RELAY_HOLD_MAX = 30.0
+    first = notify(**notification_kwargs())
+    wait_for(lambda: published(first), what="the first row published at once (nothing queued)")
+    held = []
+    for _ in range(5):
+        held.append(notify(**notification_kwargs()))
+        time.sleep(0.1)  # five wake-ups, each longer apart than the 20 ms linger
+    time.sleep(0.5)
+    assert not any(published(n) for n in held)  # the first one's message is still waiting
+    assert take_deliveries(limit=1) == [[first.key]]
+    wait_for(lambda: all(published(n) for n in held), what="the held rows published once the queue is empty")
+    assert take_deliveries() == [[n.key for n in held]]
+
+
+def test_rows_are_held_no_longer_than_the_hold_limit(settings, relay_loop):
+    import time
+
+    from notifications import broker
+
+    settings.NOTIFICATIONS_RELAY_HOLD_MAX = 1.0
+    first = notify(**notification_kwargs())
+    wait_for(lambda: published(first), what="the first row published at once")
+    began = time.monotonic()
+    second = notify(**notification_kwargs())
+    wait_for(lambda: published(second), timeout=10, what="the second row published after the hold")
+    assert time.monotonic() - began >= 1.0
+    assert broker.deliveries_waiting(current_app) == 2  # published though the queue never emptied
