@@ -183,10 +183,8 @@ def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
 @pytest.fixture
 def relay_loop(settings):
     """Beat's relay loop in this process, woken by commits only (no periodic pass)."""
-    from notifications import relay
+    from notifications import broker, locks, relay
     from tests.test_batches import relay_loop_alive
-
-    from notifications import broker, locks
 
     settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
     with current_app.connection_for_write() as conn:
@@ -240,3 +238,29 @@ def test_rows_are_held_no_longer_than_the_hold_limit(settings, relay_loop):
     wait_for(lambda: published(second), timeout=10, what="the second row published after the hold")
     assert time.monotonic() - began >= 1.0
     assert broker.deliveries_waiting(current_app) == 2  # published though the queue never emptied
+
+
+def test_commits_close_together_share_one_wake_up(monkeypatch):
+    """One wake-up per WAKE_GAP at most from a process: a Redis round trip per commit
+    would cost a busy caller more CPU than its insert."""
+    import itertools
+    import time
+
+    from notifications import relay
+
+    sent: list[float] = []
+    real = relay.wake_relay
+
+    def counted() -> None:
+        sent.append(time.monotonic())
+        real()
+
+    monkeypatch.setattr(relay, "wake_relay", counted)
+    began = time.monotonic()
+    for _ in range(50):
+        relay.wake_relay_soon()  # what each notify() commit does
+        time.sleep(0.001)
+    assert relay._waker.flush(timeout=10)
+    elapsed = time.monotonic() - began
+    assert 1 <= len(sent) <= elapsed / relay.WAKE_GAP + 1
+    assert all(b - a >= relay.WAKE_GAP for a, b in itertools.pairwise(sent))
