@@ -111,6 +111,14 @@ def push(name: str) -> bool:
         return False
 
 
+def exists(name: str) -> bool:
+    """Whether the key is there; False if Redis is unreachable."""
+    try:
+        return bool(client().exists(_key(name)))
+    except RedisError:
+        return False
+
+
 def heartbeat(name: str, ttl: float) -> None:
     try:
         client().set(_key(name), b"1", px=int(ttl * 1000))

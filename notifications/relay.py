@@ -160,6 +160,14 @@ def wake_relay_soon() -> None:
     _waker.request()
 
 
+def loop_alive() -> bool:
+    """Whether beat's relay loop has shown its heartbeat lately (False when Redis
+    cannot say: then every relay pass runs, as without the loop)."""
+    from . import locks
+
+    return locks.exists(key(LOOP_ALIVE))
+
+
 def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     """The relay loop beat runs beside its schedule: wait for a wake-up (or
     ``NOTIFICATIONS_RELAY_INTERVAL``), linger ``NOTIFICATIONS_RELAY_LINGER`` so that a
@@ -190,6 +198,7 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
             close_old_connections()
             connections[using or settings.DATABASE].close()
             stop.wait(min(interval, 1.0))
+    locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
 
 
 def _hold_while_behind(stop: threading.Event, step: float, heartbeat: Callable[[], Any]) -> None:

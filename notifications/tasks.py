@@ -120,7 +120,14 @@ def deliver(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
 @shared_task(name="notifications.relay", ignore_result=True)
 def relay_outbox() -> int:
     """Publish committed outbox rows (beat runs this every NOTIFICATIONS_RELAY_INTERVAL
-    seconds; notify() also wakes it on commit)."""
+    seconds; a wake-up sends it when beat's relay loop is not running).
+
+    While the loop shows its heartbeat, it makes these passes itself (at least once an
+    interval), so the task leaves them to it: a pass over a backlog takes a pool slot
+    from deliveries for seconds. If the loop hangs, its heartbeat lapses and the task
+    takes over again."""
+    if relay.loop_alive():
+        return 0
     return relay.drain()
 
 

@@ -198,6 +198,7 @@ def relay_loop(settings):
     locks.push(relay.key(relay.WAKE_LIST))  # out of its 30 s wait for a wake-up
     loop.join(timeout=40)
     assert not loop.is_alive()
+    assert not relay_loop_alive()  # a stopped loop takes its heartbeat with it
     take_deliveries()
 
 
@@ -264,3 +265,21 @@ def test_commits_close_together_share_one_wake_up(monkeypatch):
     elapsed = time.monotonic() - began
     assert 1 <= len(sent) <= elapsed / relay.WAKE_GAP + 1
     assert all(b - a >= relay.WAKE_GAP for a, b in itertools.pairwise(sent))
+
+
+def test_beats_relay_task_leaves_its_pass_to_a_live_relay_loop(no_wakeups):
+    """The loop makes the periodic passes itself while it shows its heartbeat, so the
+    task beat schedules does not take a pool slot from deliveries; without a heartbeat
+    the task publishes."""
+    from notifications import locks, relay, tasks
+
+    n = notify(**notification_kwargs())
+    locks.heartbeat(relay.key(relay.LOOP_ALIVE), 30)
+    try:
+        assert tasks.relay_outbox() == 0
+        assert not published(n)
+    finally:
+        locks.clear(relay.key(relay.LOOP_ALIVE))
+    assert tasks.relay_outbox() >= 1
+    assert published(n)
+    assert [n.key] in take_deliveries()
