@@ -13,8 +13,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 from django.db import transaction
 
@@ -190,7 +188,7 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
         locks.heartbeat(key(LOOP_ALIVE), alive_for)
         if locks.wait(key(WAKE_LIST), interval) and linger > 0:
             stop.wait(linger)
-            _hold_while_behind(stop, linger, lambda: locks.heartbeat(key(LOOP_ALIVE), alive_for))
+            _hold_while_behind(stop, linger, alive_for)
         try:
             drain(using, budget=alive_for / 2)
         except Exception as exc:  # broker or database away: the next round tries again
@@ -201,7 +199,7 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
 
 
-def _hold_while_behind(stop: threading.Event, step: float, heartbeat: Callable[[], Any]) -> None:
+def _hold_while_behind(stop: threading.Event, step: float, alive_for: float) -> None:
     """Wait while delivery messages queue up for a free worker (at most
     ``NOTIFICATIONS_RELAY_HOLD_MAX`` seconds).
 
@@ -213,7 +211,7 @@ def _hold_while_behind(stop: threading.Event, step: float, heartbeat: Callable[[
     """
     from celery import current_app
 
-    from . import broker
+    from . import broker, locks
 
     now = beat = time.monotonic()
     deadline = now + float(settings.RELAY_HOLD_MAX)
@@ -222,7 +220,7 @@ def _hold_while_behind(stop: threading.Event, step: float, heartbeat: Callable[[
             return
         now = time.monotonic()
         if now - beat >= 1.0:  # still alive: commits keep waking this loop, not the workers
-            heartbeat()
+            locks.heartbeat(key(LOOP_ALIVE), alive_for)
             beat = now
 
 

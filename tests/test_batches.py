@@ -157,7 +157,7 @@ def test_the_relay_loop_in_beat_is_woken_through_redis(smtp_server, workers):
 
     loop = relay.start_loop()
     try:
-        wait_for(lambda: relay_loop_alive(), what="the loop's heartbeat")
+        wait_for(relay.loop_alive, what="the loop's heartbeat")
         workers.start(concurrency=1, queues="notifications.deliver")
         before = queue_depth("notifications.relay")
         began = time.monotonic()
@@ -169,9 +169,3 @@ def test_the_relay_loop_in_beat_is_woken_through_redis(smtp_server, workers):
         loop.stop.set()  # type: ignore[attr-defined]
         loop.join(timeout=10)
     assert not loop.is_alive()
-
-
-def relay_loop_alive() -> bool:
-    from notifications import locks, relay
-
-    return bool(locks.client().exists(f"{locks.settings.REDIS_KEY_PREFIX}{relay.key(relay.LOOP_ALIVE)}"))

@@ -32,26 +32,13 @@ def run_relay(**env: str) -> subprocess.CompletedProcess[str]:
 def drain_deliver_queue(prefix: str, expected: int, timeout: float = 20.0) -> Counter[str]:
     """Consume the delivery queue directly (no worker runs) and count keys under ``prefix``."""
     seen: Counter[str] = Counter()
-    with current_app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
-        queue.queue.no_declare = True
 
-        def step() -> bool:
-            try:
-                message = queue.get(block=True, timeout=0.5)
-            except queue.Empty:
-                return sum(seen.values()) >= expected
-            args = json.loads(message.body)[0] if isinstance(message.body, str) else message.payload[0]
-            for payload in args[0] if isinstance(args[0], list) else args:  # deliver_many carries a list
-                if payload["key"].startswith(prefix):
-                    seen[payload["key"]] += 1
-            message.ack()
-            return False
+    def step() -> bool:
+        for keys in take_deliveries():
+            seen.update(k for k in keys if k.startswith(prefix))
+        return sum(seen.values()) >= expected
 
-        try:
-            wait_for(step, timeout=timeout, interval=0, what="queue drained")
-        finally:
-            queue.close()
+    wait_for(step, timeout=timeout, interval=0, what="queue drained")
     return seen
 
 
@@ -173,7 +160,8 @@ def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
                 except queue.Empty:
                     return messages
                 args = json.loads(message.body)[0] if isinstance(message.body, str) else message.payload[0]
-                messages.append([payload["key"] for payload in args[0]])
+                payloads = args[0] if isinstance(args[0], list) else args  # deliver_many carries a list
+                messages.append([payload["key"] for payload in payloads])
                 message.ack()
             return messages
         finally:
@@ -184,7 +172,6 @@ def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
 def relay_loop(settings):
     """Beat's relay loop in this process, woken by commits only (no periodic pass)."""
     from notifications import broker, locks, relay
-    from tests.test_batches import relay_loop_alive
 
     settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
     with current_app.connection_for_write() as conn:
@@ -192,13 +179,13 @@ def relay_loop(settings):
             queue(conn.default_channel).declare()
     take_deliveries()  # what earlier tests left: the queue starts empty
     loop = relay.start_loop()
-    wait_for(relay_loop_alive, what="the loop's heartbeat")
+    wait_for(relay.loop_alive, what="the loop's heartbeat")
     yield loop
     loop.stop.set()
     locks.push(relay.key(relay.WAKE_LIST))  # out of its 30 s wait for a wake-up
     loop.join(timeout=40)
     assert not loop.is_alive()
-    assert not relay_loop_alive()  # a stopped loop takes its heartbeat with it
+    assert not relay.loop_alive()  # a stopped loop takes its heartbeat with it
     take_deliveries()
 
 
