@@ -40,6 +40,20 @@ NOTIFICATION_COLUMNS = (
 KEY_AND_ID = '"key", "id"'
 
 
+def decode_metadata(value: Any) -> dict[str, Any]:
+    """A payload's metadata as a dict.
+
+    The relay sends it as JSON text, not as a JSON object inside the message: kombu's
+    decoder reads any object with exactly the keys ``__type__`` and ``__value__`` as one
+    of its typed values, so a caller's metadata could otherwise fail to decode (and the
+    whole message with it) or arrive changed. Messages of earlier releases carry a dict.
+    """
+    if isinstance(value, str):
+        decoded = json.loads(value)
+        return decoded if isinstance(decoded, dict) else {}
+    return dict(value or {})
+
+
 def _prepared(using: str, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """Run a statement of the delivery hot path as a server-side prepared statement.
 
@@ -115,7 +129,7 @@ class NotificationManager(models.Manager["Notification"]):
             for col in columns:
                 value = row.get(col, "")
                 if col == "metadata":
-                    value = metadata_field.get_db_prep_save(row.get("metadata") or {}, conn)
+                    value = metadata_field.get_db_prep_save(decode_metadata(row.get("metadata")), conn)
                 params.append(value)
         return params
 
@@ -233,8 +247,10 @@ class OutboxMessageManager(models.Manager[Any]):
         out = []
         for row in rows:
             payload = dict(zip(NOTIFICATION_COLUMNS, row[3:], strict=True))
-            if isinstance(payload["metadata"], str):  # Django's psycopg setup leaves jsonb as text
-                payload["metadata"] = json.loads(payload["metadata"])
+            # Travels as JSON text (see ``decode_metadata``); Django's psycopg setup leaves
+            # jsonb as text already.
+            if not isinstance(payload["metadata"], str):
+                payload["metadata"] = json.dumps(payload["metadata"])
             payload["created_at"] = row[2].isoformat()
             out.append(PendingMessage(outbox_id=row[0], notification_id=row[1], payload=payload))
         return out
