@@ -8,10 +8,14 @@ so an unroutable message raises instead of vanishing.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery import bootsteps
 from kombu import Exchange, Queue
 
 from .conf import settings
@@ -26,6 +30,8 @@ PURGE_TASK = "notifications.purge"
 RECOVER_TASK = "notifications.recover"
 DEAD_LETTERS_TASK = "notifications.dead_letters"
 CONFIRM_TIMEOUT = 10.0
+
+logger = logging.getLogger(__name__)
 
 
 def dead_letter_queue() -> Queue:
@@ -92,6 +98,28 @@ def _start_relay_loop(sender: Any = None, **kwargs: Any) -> None:
         relay.start_loop()
 
 
+class DeadLetterUndecodable(bootsteps.StartStopStep):
+    """A worker consumer step: a message the worker cannot decode is rejected, so the
+    delivery queue dead-letters it (and beat's dead-letter pass settles it), instead of
+    Celery's default of acking it, which drops every notification it carries."""
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+
+        def on_decode_error(message: Any, exc: Exception) -> None:
+            logger.error(
+                "undecodable message (%s: %s), content type %r: rejected to the dead-letter queue",
+                type(exc).__name__,
+                exc,
+                message.content_type,
+            )
+            message.reject(requeue=False)
+
+        # Read by the consumer's Tasks step when it starts consuming, after every step
+        # has been built.
+        parent.on_decode_error = on_decode_error
+
+
 def _apply(app: Celery, maintenance: bool) -> None:
     deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
@@ -125,6 +153,8 @@ def _apply(app: Celery, maintenance: bool) -> None:
         schedule.setdefault(
             "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}
         )
+    if DeadLetterUndecodable not in app.steps["consumer"]:
+        app.steps["consumer"].add(DeadLetterUndecodable)
     existing = [q for q in (app.conf.task_queues or []) if q.name not in _names()]
     app.conf.update(
         task_queues=[*existing, *queues()],
@@ -143,33 +173,129 @@ def _names() -> set[str]:
     return {settings.DELIVER_QUEUE, settings.RELAY_QUEUE, settings.DEAD_LETTER_QUEUE}
 
 
-def publish_deliveries(app: Celery, payloads: Sequence[dict[str, Any]], per_message: int | None = None) -> None:
+@dataclass(frozen=True)
+class Refused:
+    """A notification the broker cannot carry (too large, or refused by the broker)."""
+
+    key: str
+    reason: str
+
+
+def _json_size(payload: dict[str, Any]) -> int:
+    """Bytes of ``payload`` in the message body, as kombu's JSON writes it (ASCII, every
+    other character escaped); an upper bound first, the exact size only when it matters."""
+    return len(json.dumps(payload, ensure_ascii=True, separators=(", ", ": ")))
+
+
+def _bound(payload: dict[str, Any]) -> int:
+    # A character takes at most 12 bytes escaped (an astral one: two \uXXXX escapes).
+    return 64 + sum(12 * len(v) + 16 if isinstance(v, str) else 32 for v in payload.values())
+
+
+def pack(
+    payloads: Sequence[dict[str, Any]], per_message: int, max_bytes: int
+) -> tuple[list[list[dict[str, Any]]], list[Refused]]:
+    """Group ``payloads`` into messages of at most ``per_message`` notifications and
+    ``max_bytes`` bytes of JSON each, in order; a notification that alone is larger
+    than ``max_bytes`` is refused."""
+    room = max_bytes - MESSAGE_OVERHEAD
+    batches: list[list[dict[str, Any]]] = []
+    refused: list[Refused] = []
+    current: list[dict[str, Any]] = []
+    used = 0
+    for payload in payloads:
+        size = _bound(payload)
+        if size * per_message > room:  # might matter: measure it
+            size = _json_size(payload) + 2
+        if size > room:
+            refused.append(
+                Refused(
+                    str(payload["key"]),
+                    f"the notification is {size} bytes as JSON, more than a broker message may carry "
+                    f"(NOTIFICATIONS_MAX_MESSAGE_BYTES={max_bytes})",
+                )
+            )
+            continue
+        if current and (len(current) >= per_message or used + size > room):
+            batches.append(current)
+            current, used = [], 0
+        current.append(payload)
+        used += size
+    if current:
+        batches.append(current)
+    return batches, refused
+
+
+# The task message around the notifications: [[...], {}, {"callbacks": ...}] and headers.
+MESSAGE_OVERHEAD = 4096
+
+
+def publish_deliveries(
+    app: Celery, payloads: Sequence[dict[str, Any]], per_message: int | None = None
+) -> list[Refused]:
     """Publish ``deliver_many`` messages carrying ``payloads`` (``per_message`` each,
-    default ``NOTIFICATIONS_DELIVERY_BATCH_SIZE``); return only after the broker
-    confirmed every one of them. Raises on any failure (unroutable, nack, timeout,
-    connection lost), and the caller leaves the rows unpublished.
+    default ``NOTIFICATIONS_DELIVERY_BATCH_SIZE``, and no more than
+    ``NOTIFICATIONS_MAX_MESSAGE_BYTES`` each); return only after the broker confirmed
+    every one of them, with the notifications it cannot carry (the caller ends those
+    failed, so that they never hold back the rows behind them). Raises on any other
+    failure (unroutable, nack, timeout, connection lost), and the caller leaves the rows
+    unpublished.
 
     The messages go out on one channel in confirm mode before waiting: one confirm
-    round trip per call instead of one per message.
+    round trip per call instead of one per message. A message the broker refuses (its
+    size limit is below ours, say) closes that channel without saying which message it
+    was, so then each message goes again on a channel of its own, and a refused batch
+    notification by notification.
     """
     if not payloads:
-        return
+        return []
     size = max(1, per_message or int(settings.DELIVERY_BATCH_SIZE))
-    batches = [list(payloads[i : i + size]) for i in range(0, len(payloads), size)]
+    batches, refused = pack(payloads, size, int(settings.MAX_MESSAGE_BYTES))
+    if not batches:
+        return refused
+    from amqp.exceptions import PreconditionFailed
+
     queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
     declare = [queue, dead_letter_queue()]  # cached per connection after the first publish
     with app.pool.acquire(block=True) as pooled:
         conn: Any = pooled  # a kombu Connection (the stubs say otherwise)
         conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
-        channel = conn.channel()
         try:
-            _publish_confirmed(app, conn, channel, queue, declare, batches)
+            try:
+                _publish_on_new_channel(app, conn, queue, declare, batches)
+            except PreconditionFailed:
+                for batch in batches:
+                    refused += _publish_alone(app, conn, queue, declare, batch)
         except Exception:
             # A connection with a failed publish may hold late frames: drop it.
             conn.collect()
             raise
-        else:
-            channel.close()
+    return refused
+
+
+def _publish_alone(
+    app: Celery, conn: Any, queue: Queue, declare: list[Queue], batch: list[dict[str, Any]]
+) -> list[Refused]:
+    from amqp.exceptions import PreconditionFailed
+
+    try:
+        _publish_on_new_channel(app, conn, queue, declare, [batch])
+        return []
+    except PreconditionFailed as exc:
+        if len(batch) == 1:
+            return [Refused(str(batch[0]["key"]), f"the broker refused the message: {exc}")]
+    refused: list[Refused] = []
+    for payload in batch:
+        refused += _publish_alone(app, conn, queue, declare, [payload])
+    return refused
+
+
+def _publish_on_new_channel(
+    app: Celery, conn: Any, queue: Queue, declare: list[Queue], batches: list[list[dict[str, Any]]]
+) -> None:
+    channel = conn.channel()
+    _publish_confirmed(app, conn, channel, queue, declare, batches)
+    channel.close()
 
 
 def _publish_confirmed(

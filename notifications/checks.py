@@ -26,7 +26,8 @@ def _retry_horizon() -> float:
     factor = float(settings.RETRY_BACKOFF)
     cap = float(settings.RETRY_BACKOFF_MAX)
     attempts = int(settings.MAX_ATTEMPTS)
-    return sum(min(cap, factor * 2**i) for i in range(attempts)) + attempts * float(settings.CLAIM_LEASE)
+    backoff = sum(min(cap, factor * 2**i) for i in range(attempts)) + attempts * float(settings.CLAIM_LEASE)
+    return max(backoff, float(settings.GIVE_UP_AFTER))
 
 
 @register(TAG, Tags.compatibility)
@@ -87,24 +88,36 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E005",
             )
         )
-    elif float(timeout) * 3 > lease or float(timeout) * 3 > consumer_timeout:
+    elif float(timeout) * 3 > consumer_timeout:
         errors.append(
             Error(
-                f"EMAIL_TIMEOUT={timeout}s is not far below the claim lease ({lease}s) and RabbitMQ's "
-                f"consumer_timeout ({consumer_timeout}s): a slow send could outlive its claim.",
-                hint="Keep EMAIL_TIMEOUT at most a third of NOTIFICATIONS_CLAIM_LEASE "
-                "and NOTIFICATIONS_CONSUMER_TIMEOUT.",
+                f"EMAIL_TIMEOUT={timeout}s is not far below RabbitMQ's consumer_timeout ({consumer_timeout}s): "
+                "a slow send could outlive the worker's hold on its message.",
+                hint="Keep EMAIL_TIMEOUT at most a third of NOTIFICATIONS_CONSUMER_TIMEOUT.",
                 id="notifications.E006",
             )
         )
     hard = conf.task_time_limit
-    if not hard or float(hard) >= lease or float(hard) >= consumer_timeout:
+    if not hard or float(hard) >= consumer_timeout:
         errors.append(
             Error(
-                f"The task hard time limit ({hard}) must be set and below the claim lease ({lease}s) and "
-                f"consumer_timeout ({consumer_timeout}s), so a stuck delivery is killed before its claim expires.",
-                hint="Set CELERY_TASK_TIME_LIMIT below NOTIFICATIONS_CLAIM_LEASE.",
+                f"The task hard time limit ({hard}) must be set and below RabbitMQ's consumer_timeout "
+                f"({consumer_timeout}s): it bounds how long a stuck delivery holds its message and renews "
+                "its claims.",
+                hint="Set CELERY_TASK_TIME_LIMIT below NOTIFICATIONS_CONSUMER_TIMEOUT.",
                 id="notifications.E007",
+            )
+        )
+    renew = settings.CLAIM_RENEW_INTERVAL
+    renew = float(renew) if renew else lease / 5
+    if lease <= 0 or renew <= 0 or renew > lease / 3:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_CLAIM_RENEW_INTERVAL ({renew}s) must be positive and at most a third of "
+                f"NOTIFICATIONS_CLAIM_LEASE ({lease}s): a live worker would lose its claims to a takeover "
+                "after a single late renewal.",
+                hint="Leave NOTIFICATIONS_CLAIM_RENEW_INTERVAL unset (a fifth of the lease) or lower it.",
+                id="notifications.E012",
             )
         )
     retention = int(settings.SENT_RETENTION_DAYS) * 86400
@@ -115,7 +128,8 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 f"Sent-email records are kept {retention}s, less than twice the longest retry horizon "
                 f"({horizon:.0f}s): "
                 "a late redelivery could find no record and send again.",
-                hint="Raise NOTIFICATIONS_SENT_RETENTION_DAYS or lower NOTIFICATIONS_MAX_ATTEMPTS / RETRY_BACKOFF_MAX.",
+                hint="Raise NOTIFICATIONS_SENT_RETENTION_DAYS or lower NOTIFICATIONS_MAX_ATTEMPTS / RETRY_BACKOFF_MAX "
+                "/ GIVE_UP_AFTER.",
                 id="notifications.E008",
             )
         )

@@ -17,8 +17,12 @@ DEFAULTS: dict[str, Any] = {
     # What a redelivery does when the previous holder died mid-send:
     # "resend" (at-least-once, same Message-ID) or "hold" (at-most-once, a person decides).
     "AMBIGUOUS": "resend",
-    # Seconds a worker's claim is exclusive. Must exceed the task's hard time limit.
-    "CLAIM_LEASE": 300.0,
+    # Seconds a claim stays exclusive after its holder last renewed it. A live holder
+    # renews its claims every CLAIM_RENEW_INTERVAL while it works on them, so this is
+    # what a dead or cut-off worker costs the emails it held.
+    "CLAIM_LEASE": 15.0,
+    # Seconds between renewals (None: a fifth of the lease).
+    "CLAIM_RENEW_INTERVAL": None,
     # Delivery attempts (transient failures) before a notification ends as failed.
     "MAX_ATTEMPTS": 8,
     # Exponential backoff: factor seconds, doubled per attempt, capped, full jitter.
@@ -34,8 +38,22 @@ DEFAULTS: dict[str, Any] = {
     # Mail-server connections a worker process sends a batch over at once (threads).
     "SEND_CONCURRENCY": 4,
     "RELAY_INTERVAL": 1.0,
-    # How often beat looks for notifications whose retry message was lost.
-    "RECOVER_INTERVAL": 60.0,
+    # How often beat looks for claims whose holder stopped renewing them, and for
+    # notifications whose message was lost.
+    "RECOVER_INTERVAL": 5.0,
+    # Seconds past a lease's end before recovery gives the key a new message (a worker
+    # retrying the key itself usually takes it over first).
+    "RECOVER_GRACE": 2.0,
+    # Seconds after publishing with no worker's claim before a notification's message
+    # counts as lost (only looked for while no delivery message waits in the queue).
+    "RECOVER_UNCLAIMED_AFTER": 60.0,
+    # Seconds a notification may go without reaching any mail server (refused
+    # connections, a wrong password, 421s) before it ends failed. That is no attempt.
+    "GIVE_UP_AFTER": 86400.0,
+    # Largest broker message the relay publishes, in bytes of JSON: a message carries
+    # up to DELIVERY_BATCH_SIZE notifications and no more than this (RabbitMQ refuses
+    # messages above its max_message_size, 16 MiB by default since 4.0).
+    "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,
     # Wake the relay when a notify() commits, so delivery does not wait for beat.
     "RELAY_ON_COMMIT": True,
     # Run the relay loop inside beat (woken through Redis on commit).
@@ -60,11 +78,17 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_QUEUE": "notifications.relay",
     "DEAD_LETTER_EXCHANGE": "notifications.dead",
     "DEAD_LETTER_QUEUE": "notifications.dead",
+    # Where the dead-letter pass leaves messages that carry no notification it can read,
+    # with the reason in a header: for a person, never consumed.
+    "PARKED_QUEUE": "notifications.parked",
     # Server-side prepared statements for the statements run per email and per notify():
     # off behind a pooler that does not keep sessions (PgBouncer in transaction mode).
     "PREPARED_STATEMENTS": True,
     # Database alias the app writes to (the caller's outbox and the delivery records).
     "DATABASE": "default",
+    # Database aliases whose outboxes the relay publishes (None: DATABASE only).
+    # notify(using=...) accepts only these.
+    "RELAY_DATABASES": None,
 }
 
 

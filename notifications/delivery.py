@@ -6,15 +6,17 @@ SMTP transaction begins and cleared when its outcome is recorded, so a worker th
 finds it set on an expired claim knows the previous holder died mid-send: the one
 window nobody can close, which is counted as ambiguous and resolved by the
 ``NOTIFICATIONS_AMBIGUOUS`` setting. Every write after the claim carries the fencing
-token, so a worker that was paused past its lease cannot overwrite its successor.
+token, so a worker that was paused past its lease cannot overwrite its successor; and
+while it lives, a worker renews its leases (``leases.py``), so only a dead or cut-off
+holder loses a claim, within a lease of its last renewal.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import random
-import smtplib
 import socket
 import threading
 import time
@@ -22,13 +24,13 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from django.conf import settings as django_settings
-from django.core.mail import EmailMultiAlternatives, get_connection
 from django.db import DatabaseError, close_old_connections, connections, transaction
+from django.utils import timezone
 
-from . import locks
+from . import locks, mail
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
@@ -37,6 +39,7 @@ from .exceptions import (
     TransientDeliveryError,
 )
 from .faults import crash_point
+from .leases import holder
 from .managers import Finish, Start
 from .models import ClaimState, Notification, SentEmail, message_id_for
 
@@ -58,113 +61,6 @@ class Outcome:
 
 def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def build_message(payload: dict[str, Any]) -> EmailMultiAlternatives:
-    """The email for a payload; both headers are a pure function of the key."""
-    key = payload["key"]
-    message = EmailMultiAlternatives(
-        subject=payload["subject"],
-        body=payload["body"],
-        from_email=payload.get("from_email") or django_settings.DEFAULT_FROM_EMAIL,
-        to=[payload["to"]],
-        headers={"Message-ID": message_id_for(key), "X-Notification-Key": key},
-    )
-    if payload.get("html_body"):
-        message.attach_alternative(payload["html_body"], "text/html")
-    return message
-
-
-# One mail-server connection per sending thread, reused across emails: connecting and
-# saying EHLO costs more than sending a small message. Kept with the pid, so that a
-# forked child never writes to its parent's socket.
-_local = threading.local()
-
-# A connection used this recently is taken as open without asking: mail servers drop
-# idle clients after minutes, not seconds, and a NOOP per email costs a round trip.
-FRESH_SECONDS = 1.0
-
-
-def _drop_connection() -> None:
-    held = getattr(_local, "connection", None)
-    if held is not None and held[0] == os.getpid():
-        try:
-            held[1].close()
-        except Exception:  # closing a broken connection must not mask the outcome
-            pass
-    _local.connection = None
-
-
-def _reusable(backend: Any) -> bool:
-    """A NOOP on a connection that sat idle: a server that timed it out answers no more,
-    and finding that out before MAIL FROM keeps the failure on the safe side (nothing
-    sent)."""
-    smtp = getattr(backend, "connection", None)
-    if smtp is None:  # backends without a socket (console, locmem, most HTTP APIs)
-        return True
-    if time.monotonic() - getattr(_local, "last_used", 0.0) < FRESH_SECONDS:
-        return True
-    try:
-        return int(smtp.noop()[0]) == 250
-    except Exception:
-        return False
-
-
-def _open_connection() -> Any:
-    held = getattr(_local, "connection", None)
-    if held is not None and held[0] == os.getpid() and _reusable(held[1]):
-        return held[1]
-    _drop_connection()
-    backend = get_connection(fail_silently=False)
-    try:
-        backend.open()
-    except smtplib.SMTPResponseException as exc:
-        error = _classify_reply(exc.smtp_code, exc.smtp_error)
-        if isinstance(error, TransientDeliveryError):
-            raise MailServerUnreachable(f"connect: {error}") from exc
-        raise error from exc
-    except Exception as exc:
-        raise MailServerUnreachable(f"connect: {exc!r}") from exc
-    _local.connection = (os.getpid(), backend)
-    return backend
-
-
-def send_email(message: EmailMultiAlternatives) -> str:
-    """Hand the message to the mail server through Django's configured email backend,
-    and classify every failure.
-
-    Failures while connecting (or a reused connection found dead by NOOP) cannot have
-    delivered anything (transient). Once MAIL FROM is sent, an SMTP reply code is
-    definitive (4xx transient, 5xx permanent); anything else (a dropped connection, a
-    timeout waiting for the reply to DATA, an error from a provider's backend) leaves the
-    outcome unknown (ambiguous). After any failure the connection is dropped.
-    """
-    backend = _open_connection()
-    try:
-        sent = backend.send_messages([message])
-    except smtplib.SMTPRecipientsRefused as exc:
-        _drop_connection()
-        code, reply = next(iter(exc.recipients.values()))
-        raise _classify_reply(code, reply) from exc
-    except smtplib.SMTPResponseException as exc:
-        _drop_connection()
-        raise _classify_reply(exc.smtp_code, exc.smtp_error) from exc
-    except Exception as exc:
-        _drop_connection()
-        raise AmbiguousDeliveryError(f"connection lost during the SMTP transaction: {exc!r}") from exc
-    if sent != 1:
-        _drop_connection()
-        raise AmbiguousDeliveryError("the email backend reported no message sent")
-    _local.last_used = time.monotonic()
-    return "250 accepted"
-
-
-def _classify_reply(code: int, reply: bytes | str) -> Exception:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    reason = f"{code} {text}".strip()
-    if 500 <= code < 600:
-        return PermanentDeliveryError(reason)
-    return TransientDeliveryError(reason)
 
 
 def _retry_delay(attempts: int) -> float:
@@ -189,6 +85,28 @@ class _Item:
 
     def start(self, lease: float) -> Start:
         return Start(self.key, self.token, lease, message_id_for(self.key))
+
+
+def _age(payload: dict[str, Any]) -> float:
+    """Seconds since the notification was committed (0 when the payload does not say)."""
+    created = payload.get("created_at")
+    if not created:
+        return 0.0
+    try:
+        when = datetime.fromisoformat(str(created))
+    except ValueError:
+        return 0.0
+    if timezone.is_naive(when):
+        when = timezone.make_aware(when, UTC)
+    return max(0.0, (timezone.now() - when).total_seconds())
+
+
+def _unreachable_delay(age: float) -> float:
+    """Backoff while the mail server cannot be reached, which is not an attempt: a
+    quarter of the notification's age, between the backoff factor and its cap, with
+    jitter, so an outage of minutes costs seconds of retries and one of hours, minutes."""
+    ceiling = min(float(settings.RETRY_BACKOFF_MAX), max(float(settings.RETRY_BACKOFF), age / 4))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> list[Outcome]:
@@ -217,20 +135,27 @@ def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> li
         # The same key twice in one message: one delivery, reported twice.
         batch.setdefault(payload["key"], payload)
     keys = list(batch)
-    with locks.fast_path(keys, ttl=lease + budget) as mine:
+    with locks.fast_path(keys, ttl=lease) as locked:
         for key in keys:
-            if key not in mine:
-                outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=1.0)
-        to_send = _claim([p for k, p in batch.items() if k in mine], lease, db, outcomes)
-        _send_all(to_send, lease, db, began + budget, outcomes)
+            if key not in locked.keys:
+                wait = min(lease, locked.busy_for.get(key, 1.0)) + 0.2
+                outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=wait)
+        try:
+            to_send = _claim([p for k, p in batch.items() if k in locked.keys], lease, db, outcomes, locked.token)
+            _send_all(to_send, lease, db, began + budget, outcomes)
+        finally:
+            holder.release(keys)
     return [outcomes[p["key"]] for p in payloads]
 
 
-def _claim(batch: list[dict[str, Any]], lease: float, db: str, outcomes: dict[str, Outcome]) -> list[_Item]:
+def _claim(
+    batch: list[dict[str, Any]], lease: float, db: str, outcomes: dict[str, Outcome], lock_token: bytes | None
+) -> list[_Item]:
     """The batch's one transaction: record, claim, and settle what cannot be sent.
-    Returns the items to send."""
+    Returns the items to send, held by this process (their leases renewed) from now."""
     if not batch:
         return []
+    sent_at = time.monotonic()  # the transaction, and the leases it sets, begin after this
     with transaction.atomic(using=db):
         pks = Notification.objects.record_many(batch, db)
         claims = SentEmail.objects.claim_many([(p["key"], pks[p["key"]]) for p in batch], owner_name(), lease, db)
@@ -243,16 +168,18 @@ def _claim(batch: list[dict[str, Any]], lease: float, db: str, outcomes: dict[st
                 outcomes[key] = Outcome(key, "retry", detail="claimed by another worker", retry_in=claim.retry_in)
             elif claim.outcome == "done":
                 outcomes[key] = Outcome(key, "duplicate", detail=claim.state)
+            elif claim.ambiguous and settings.AMBIGUOUS == "hold":
+                # Before the attempt limit: a send that may have reached the server is
+                # for a person to decide, never a "failed" that a retry would resend.
+                logger.warning("%s: previous holder died mid-send; outcome unknown, held", key)
+                reason = "held: a previous send may have reached the mail server; decide in the admin"
+                settled.append(Finish(key, claim.token, ClaimState.HELD, reason, claim.attempts, ambiguous=True))
+                outcomes[key] = Outcome(key, "held", detail=reason, attempts=claim.attempts)
             elif claim.attempts >= int(settings.MAX_ATTEMPTS):
                 # Every attempt so far ended with its worker dying mid-send: stop here.
                 reason = f"gave up after {claim.attempts} attempts; the last ended without a recorded outcome"
                 settled.append(Finish(key, claim.token, ClaimState.FAILED, reason, claim.attempts, claim.ambiguous))
                 outcomes[key] = Outcome(key, "failed", detail=reason, attempts=claim.attempts)
-            elif claim.ambiguous and settings.AMBIGUOUS == "hold":
-                logger.warning("%s: previous holder died mid-send; outcome unknown, held", key)
-                reason = "held: a previous send may have reached the mail server; decide in the admin"
-                settled.append(Finish(key, claim.token, ClaimState.HELD, reason, claim.attempts, ambiguous=True))
-                outcomes[key] = Outcome(key, "held", detail=reason, attempts=claim.attempts)
             else:
                 if claim.ambiguous:
                     logger.warning("%s: previous holder died mid-send; outcome unknown, resending", key)
@@ -260,6 +187,8 @@ def _claim(batch: list[dict[str, Any]], lease: float, db: str, outcomes: dict[st
         if settled:
             _check_written(settled, SentEmail.objects.settle(settled, None, db)[0])
         SentEmail.objects.mark_sending([(pks[i.key], i.ambiguous) for i in to_send], db)
+    tokens = {lock_token} if lock_token else set()
+    holder.hold({i.key: i.token for i in to_send}, sent_at, {i.key: t for i in to_send for t in tokens})
     return to_send
 
 
@@ -277,21 +206,44 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _lanes[1]
 
 
+@dataclass
+class _Lanes:
+    """What the lanes of one batch share."""
+
+    queue: deque[_Item]
+    lease: float
+    db: str
+    deadline: float
+    outcomes: dict[str, Outcome]
+    unreachable: threading.Event
+    stop: threading.Event
+
+
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
     """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once,
     each lane taking the next item when its last is recorded (as ``_send_lane`` says).
     The round trips to the mail server and the database are waits, so lanes overlap
-    them, and a slow email holds up only its own lane."""
-    lanes = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
-    queue = deque(to_send)
-    unreachable = threading.Event()
-    if lanes == 1:
-        _send_lane(queue, lease, db, deadline, outcomes, unreachable)
+    them, and a slow email holds up only its own lane.
+
+    The lanes are threads, also when there is one, and the task only waits for them: the
+    soft time limit (or anything else that interrupts the task) lands in that wait, and
+    then the lanes finish the email each is sending, record it, release the rest untried
+    and stop, so no lane outlives its task.
+    """
+    if not to_send:
         return
-    pool = _executor(lanes)
-    futures = [pool.submit(_send_lane, queue, lease, db, deadline, outcomes, unreachable) for _ in range(lanes)]
-    errors = [f.exception() for f in futures]  # waits for every lane
-    for error in errors:
+    size = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
+    shared = _Lanes(deque(to_send), lease, db, deadline, outcomes, threading.Event(), threading.Event())
+    pool = _executor(size)
+    futures = [pool.submit(_send_lane, shared) for _ in range(size)]
+    try:
+        concurrent.futures.wait(futures)
+    except BaseException:
+        shared.stop.set()
+        concurrent.futures.wait(futures)
+        raise
+    for future in futures:
+        error = future.exception()
         if error is not None:
             raise error
 
@@ -303,64 +255,113 @@ def _next(queue: deque[_Item]) -> _Item | None:
         return None
 
 
-def _send_lane(
-    queue: deque[_Item],
-    lease: float,
-    db: str,
-    deadline: float,
-    outcomes: dict[str, Outcome],
-    unreachable: threading.Event,
-) -> None:
+def _send_lane(lanes: _Lanes) -> None:
     """Send items one by one over this thread's connection. Committed before each send:
     that item's ``send_started_at``, in the same statement that records the previous
     item's outcome, so a batch costs one database round trip per email and the window
-    of unknown outcome stays one email wide. Once the mail server cannot be reached (by
-    any lane), or the time budget is spent, what is left is released untried."""
+    of unknown outcome stays one email wide.
+
+    Before that statement the lane makes sure its connection to the mail server is open:
+    a server that cannot be reached costs no attempt and no ambiguity, and then no lane
+    tries the rest of the batch now. Once the time budget is spent, or the task stops,
+    what is left is released untried."""
     settled: list[Finish] = []
     last: Outcome | None = None
     while True:
-        if unreachable.is_set() or time.monotonic() > deadline:
-            why = "the mail server is unreachable" if unreachable.is_set() else "this batch's time budget ran out"
-            reason = f"not attempted: {why}"
-            retry_in = last.retry_in if last is not None and unreachable.is_set() else 0.0
-            while (left := _next(queue)) is not None:
-                settled.append(Finish(left.key, left.token, ClaimState.RELEASED, reason, left.attempts))
-                outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in)
-        item = _next(queue)
-        start = item.start(lease) if item is not None else None
-        written, started = _settle(settled, start, db)
+        if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
+            settled += _release_rest(lanes, last)
+        item = _next(lanes.queue)
+        if item is not None:
+            try:
+                mail.connection()
+            except MailServerUnreachable as exc:
+                finish, last = _unreachable(item, exc)
+                lanes.outcomes[item.key] = last
+                settled.append(finish)
+                lanes.unreachable.set()
+                continue
+        start = item.start(lanes.lease) if item is not None else None
+        sent_at = time.monotonic()
+        written, started = _settle(settled, start, lanes.db)
         _check_written(settled, written)
+        holder.release(f.key for f in settled)
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
         settled, last = [], None
         if item is None:
             return
         if not started:  # taken over since the claim: not ours to send
-            outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
+            lanes.outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
+            holder.release([item.key])
             continue
+        holder.renewed(item.key, item.token, sent_at)
         # Committed: send_started_at is set. From here to the outcome record is the window.
         crash_point("before_send", item.key)
-        finish, last, reachable = _attempt(item)
-        outcomes[item.key] = last
+        finish, last, reachable = _attempt(item, lanes.lease)
+        lanes.outcomes[item.key] = last
         settled = [finish]
         if not reachable:
-            unreachable.set()
+            lanes.unreachable.set()
 
 
-def _attempt(item: _Item) -> tuple[Finish, Outcome, bool]:
+def _release_rest(lanes: _Lanes, last: Outcome | None) -> list[Finish]:
+    """Release the items no lane has taken yet, untried (no attempt, no ambiguity)."""
+    if lanes.unreachable.is_set():
+        why = "the mail server is unreachable"
+    elif lanes.stop.is_set():
+        why = "the task was stopped (time limit or shutdown)"
+    else:
+        why = "this batch's time budget ran out"
+    reason = f"not attempted: {why}"
+    retry_in = last.retry_in if last is not None and lanes.unreachable.is_set() else 0.0
+    released = []
+    while (left := _next(lanes.queue)) is not None:
+        released.append(Finish(left.key, left.token, ClaimState.RELEASED, reason, left.attempts))
+        lanes.outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in)
+    return released
+
+
+def _unreachable(item: _Item, exc: Exception) -> tuple[Finish, Outcome]:
+    """The mail server could not be reached for ``item``: nothing was sent, so it is no
+    attempt; it is tried again after a backoff that grows with its age, and only a
+    notification that could not be handed over for ``NOTIFICATIONS_GIVE_UP_AFTER``
+    seconds ends failed."""
+    key, age = item.key, _age(item.payload)
+    give_up = float(settings.GIVE_UP_AFTER)
+    if age > give_up:
+        reason = f"gave up: the mail server could not be reached for {age / 3600:.1f} h; last error: {exc}"
+        return Finish(key, item.token, ClaimState.FAILED, reason, item.attempts), Outcome(
+            key, "failed", detail=reason, attempts=item.attempts
+        )
+    reason = f"not attempted: the mail server is unreachable ({exc})"
+    finish = Finish(key, item.token, ClaimState.RELEASED, reason, item.attempts)
+    return finish, Outcome(key, "retry", detail=reason, retry_in=_unreachable_delay(age), attempts=item.attempts)
+
+
+def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
     """One SMTP transaction: what to record, what to report, and whether the mail
     server is reachable (False: do not try the rest of the batch now)."""
     key, attempts = item.key, item.attempts + 1
+    # The lease is certainly ours for a while yet? A process paused (or cut off from its
+    # database) since the start was stamped must not send on a claim that may be gone.
+    if holder.remaining(key, item.token) < lease / 2:
+        reason = "not attempted: the claim's lease could not be renewed in time"
+        finish = Finish(key, item.token, ClaimState.RELEASED, reason, item.attempts)
+        return finish, Outcome(key, "retry", detail=reason, retry_in=1.0, attempts=item.attempts), True
     try:
-        response = send_email(build_message(item.payload))
+        response = mail.send(mail.build_message(item.payload))
     except PermanentDeliveryError as exc:
         finish = Finish(key, item.token, ClaimState.FAILED, str(exc), attempts)
         return finish, Outcome(key, "failed", detail=str(exc), attempts=attempts), True
     except AmbiguousDeliveryError as exc:
         return (*_after_transient(item, exc, ambiguous=True), True)
+    except MailServerUnreachable as exc:
+        return (*_unreachable(item, exc), False)
     except TransientDeliveryError as exc:
-        finish, outcome = _after_transient(item, exc, ambiguous=False)
-        return finish, outcome, not isinstance(exc, MailServerUnreachable)
+        return (*_after_transient(item, exc, ambiguous=False), True)
+    except Exception as exc:  # building the message (Django, a custom backend's code)
+        finish = Finish(key, item.token, ClaimState.FAILED, f"the email could not be built: {exc!r}", attempts)
+        return finish, Outcome(key, "failed", detail=finish.response, attempts=attempts), True
     crash_point("after_reply", key)
     finish = Finish(key, item.token, ClaimState.SENT, response, attempts)
     return finish, Outcome(key, "sent", detail=response, attempts=attempts), True
@@ -404,3 +405,22 @@ def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[se
             connections[db].close()
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def requeue_through_outbox(payloads: Sequence[dict[str, Any]]) -> int:
+    """Queue ``payloads`` again as outbox rows of this service's database, for when the
+    broker will not take their next message now; return how many rows were added (a
+    notification with an unpublished row already gets none). The relay publishes them
+    as soon as the broker takes messages again, and the claims keep it to one email."""
+    from .models import OutboxMessage
+
+    db = settings.DATABASE
+    unique = list({p["key"]: p for p in payloads}.values())
+    with transaction.atomic(using=db):
+        pks = Notification.objects.record_many(unique, db)
+        added = OutboxMessage.objects.queue_again(sorted(pks.values()), db)
+    if added:
+        from .relay import wake_relay
+
+        transaction.on_commit(wake_relay, using=db)
+    return added

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -45,12 +46,24 @@ def _name(key: str) -> str:
     return _key(f"lock:{key}")
 
 
+@dataclass
+class Locked:
+    """What ``fast_path`` took: the keys this worker holds (``token`` is their lock's
+    value), and for the others how long until their lock runs out."""
+
+    keys: set[str]
+    token: bytes | None
+    busy_for: dict[str, float] = field(default_factory=dict)
+
+
 @contextmanager
-def fast_path(keys: Sequence[str], ttl: float) -> Iterator[set[str]]:
+def fast_path(keys: Sequence[str], ttl: float) -> Iterator[Locked]:
     """Lock a batch of keys, as redis-py's ``Lock`` would lock each (SET NX PX with a
     random token, released by its compare-and-delete script), in one pipelined round
     trip each way. Yield the keys this worker holds; the others are being delivered by
-    another worker right now, so skip them for the moment.
+    another worker right now, so skip them until their lock runs out (``busy_for``).
+    The holder's lease renewals extend the locks (``extend``), so a lock lives as long
+    as the claim it guards and no longer.
 
     Redis errors yield every key: the database claim still protects them.
     """
@@ -62,13 +75,18 @@ def fast_path(keys: Sequence[str], ttl: float) -> Iterator[set[str]]:
             for key in keys:
                 pipe.set(_name(key), token, nx=True, px=px)
             acquired = pipe.execute()
+            others = [key for key, ok in zip(keys, acquired, strict=True) if not ok]
+            for key in others:
+                pipe.pttl(_name(key))
+            left = pipe.execute() if others else []
     except RedisError as exc:
         logger.warning("redis locks unavailable, relying on the database claim: %s", exc)
-        yield set(keys)
+        yield Locked(set(keys), None)
         return
     mine = {key for key, ok in zip(keys, acquired, strict=True) if ok}
+    busy_for = {key: max(0, int(ms)) / 1000 for key, ms in zip(others, left, strict=True)}
     try:
-        yield mine
+        yield Locked(mine, token, busy_for)
     finally:
         if mine:
             try:
@@ -80,6 +98,27 @@ def fast_path(keys: Sequence[str], ttl: float) -> Iterator[set[str]]:
             except RedisError:
                 # Expired, flushed or Redis restarted: nothing to release.
                 pass
+
+
+@lru_cache(maxsize=4)
+def _extend_script(url: str) -> Any:
+    # redis-py's own: set the lock's time to live anew if it still holds our token.
+    return _client(url).register_script(Lock.LUA_REACQUIRE_SCRIPT)
+
+
+def extend(tokens: dict[str, bytes], ttl: float) -> None:
+    """Give the fast-path locks of ``tokens`` (key -> lock token) ``ttl`` seconds anew,
+    in one pipelined round trip; a lock another worker holds now is left alone."""
+    if not tokens:
+        return
+    try:
+        reacquire = _extend_script(settings.REDIS_URL)
+        with client().pipeline(transaction=False) as pipe:
+            for key, token in tokens.items():
+                reacquire(keys=[_name(key)], args=[token, max(1, int(ttl * 1000))], client=pipe)
+            pipe.execute()
+    except RedisError:
+        pass  # the fast path only saves work; the database lease decides
 
 
 def clear(name: str) -> None:

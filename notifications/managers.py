@@ -273,6 +273,32 @@ class OutboxMessageManager(models.Manager[Any]):
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [list(outbox_ids)])
 
+    def mark_refused(self, refused: Sequence[tuple[int, str]], using: str) -> None:
+        """End notifications the broker cannot carry ``failed`` with the reason (unless a
+        worker already moved them further), in the relay's transaction."""
+        from .models import Notification
+
+        notif = _q(Notification._meta.db_table)
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f'UPDATE {notif} n SET "status" = \'failed\', "last_error" = u.reason, "updated_at" = now() '
+                f"FROM unnest(%s::bigint[], %s::text[]) AS u(id, reason) "
+                f"WHERE n.\"id\" = u.id AND n.\"status\" IN ('created', 'published')",
+                [[pk for pk, _ in refused], [reason for _, reason in refused]],
+            )
+
+    def queue_again(self, notification_ids: Sequence[int], using: str) -> int:
+        """A new unpublished row for each notification that has none; return how many."""
+        outbox = _q(self.model._meta.db_table)
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f'INSERT INTO {outbox} ("notification_id") SELECT u.id FROM unnest(%s::bigint[]) AS u(id) '
+                f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = u.id '
+                f'AND o."published_at" IS NULL) ORDER BY u.id',
+                [list(notification_ids)],
+            )
+            return cursor.rowcount
+
     def backlog(self, using: str = "default") -> int:
         return self.using(using).filter(published_at__isnull=True).count()
 
@@ -315,6 +341,15 @@ class Finish:
     response: str
     attempts: int
     ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What ``SentEmailManager.fail_unless_live`` recorded."""
+
+    state: str  # failed | held
+    reason: str
+    ambiguous: bool
 
 
 @dataclass(frozen=True)
@@ -424,7 +459,7 @@ class SentEmailManager(models.Manager[Any]):
             parts.append(
                 f"v AS ({values}), "
                 f'f AS (UPDATE {t} s SET "state" = v.state, "send_started_at" = NULL, "response" = v.response, '
-                f'"lease_expires_at" = NULL, "ambiguous_count" = s."ambiguous_count" + v.amb, '
+                f'"lease_expires_at" = NULL, "ambiguous_count" = s."ambiguous_count" + v.amb, "attempts" = v.attempts, '
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE s."sent_at" END, '
                 f'"updated_at" = now() FROM v WHERE s."key" = v.k AND s."token" = v.token '
                 f'AND s."state" = \'claimed\' RETURNING s."key", s."notification_id"), '
@@ -451,21 +486,60 @@ class SentEmailManager(models.Manager[Any]):
         rows = _prepared(using, sql, params)
         return {key for kind, key in rows if kind == "f"}, any(kind == "s" for kind, _ in rows)
 
-    def fail_unless_live(self, key: str, notification_pk: int, reason: str, using: str) -> bool:
-        """Record ``key`` as failed unless it was sent, already finished, or is claimed by a
-        live worker right now. True if this call marked it failed."""
+    def renew(self, held: Sequence[tuple[str, int]], lease: float, using: str) -> set[str]:
+        """Extend the leases of ``(key, token)`` claims this worker still holds by ``lease``
+        seconds from now, in one statement; return the keys renewed (a stale token, or a
+        claim settled meanwhile, is left alone)."""
+        if not held:
+            return set()
         t = self._table()
         sql = (
-            f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", "attempts", '
-            f"\"ambiguous_count\", \"message_id\", \"response\") VALUES (%s, %s, 'failed', 1, '', 0, 0, '', %s) "
-            f'ON CONFLICT ("key") DO UPDATE SET "state" = \'failed\', "response" = EXCLUDED."response", '
-            f'"token" = {t}."token" + 1, "send_started_at" = NULL, "updated_at" = now() '
-            f"WHERE {_claimable(t)} "
-            f'RETURNING "id"'
+            f'UPDATE {t} s SET "lease_expires_at" = now() + make_interval(secs => %s) '
+            f"FROM unnest(%s::text[], %s::bigint[]) AS u(k, token) "
+            f'WHERE s."key" = u.k AND s."token" = u.token AND s."state" = \'claimed\' RETURNING s."key"'
         )
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [key, notification_pk, reason])
-            return cursor.fetchone() is not None
+            cursor.execute(sql, [lease, [k for k, _ in held], [tok for _, tok in held]])
+            return {row[0] for row in cursor.fetchall()}
+
+    def fail_unless_live(self, key: str, notification_pk: int, reason: str, hold: bool, using: str) -> Finished | None:
+        """Record ``key`` as failed if no worker ever claimed it, or its holder died (an
+        expired claim); return what was recorded, or None. A key that was sent, is
+        finished, is held by a live worker, or was released for a retry (whose message
+        is on its way, or is recovered) is left alone.
+
+        A claim whose holder had started the SMTP transaction may have reached the mail
+        server: that is counted ambiguous, and with ``hold`` (at-most-once) the key is
+        held for a person instead of failed, so that no retry can send it twice. Must run
+        in a transaction (the row is locked while deciding).
+        """
+        t = self._table()
+        dead = f'({t}."state" = \'claimed\' AND {t}."lease_expires_at" < now())'
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f'SELECT "send_started_at" IS NOT NULL FROM {t} WHERE "key" = %s AND {dead} FOR UPDATE',
+                [key],
+            )
+            row = cursor.fetchone()
+            started = bool(row and row[0])
+            state = "held" if started and hold else "failed"
+            if started:
+                reason += "; a send had started, so the mail server may have the email"
+                if hold:
+                    reason = f"held: {reason}; decide in the admin"
+            cursor.execute(
+                f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", "attempts", '
+                f'"ambiguous_count", "message_id", "response") VALUES (%s, %s, %s, 1, \'\', 0, 0, \'\', %s) '
+                f'ON CONFLICT ("key") DO UPDATE SET "state" = EXCLUDED."state", "response" = EXCLUDED."response", '
+                f'"token" = {t}."token" + 1, "send_started_at" = NULL, "lease_expires_at" = NULL, '
+                f'"ambiguous_count" = {t}."ambiguous_count" + %s, "updated_at" = now() '
+                f"WHERE {dead} "
+                f'RETURNING "id"',
+                [key, notification_pk, state, reason, 1 if started else 0],
+            )
+            if cursor.fetchone() is None:
+                return None
+        return Finished(state=state, reason=reason, ambiguous=started)
 
     def reopen(self, keys: Sequence[str], from_states: Sequence[str], using: str) -> int:
         """Make finished keys claimable again (admin retry); never a sent one."""
@@ -482,13 +556,22 @@ class SentEmailManager(models.Manager[Any]):
         """Claims whose lease has run out: their worker died or is paused."""
         return self.using(using).filter(state="claimed", lease_expires_at__lt=timezone.now())
 
-    def requeue_stalled(self, older_than: float, using: str) -> list[str]:
+    def requeue_stalled(self, expired_for: float, quiet_for: float, released_for: float, using: str) -> list[str]:
         """Give stalled keys a new outbox row; return their keys.
 
-        Stalled: released for retry, or claimed with a lease long expired, and untouched
-        for ``older_than`` seconds. That happens only when the message that should carry
-        the next attempt was lost (a retry publish that failed, a dead-lettered message);
-        the new row goes out through the relay, and the claim still guarantees one email.
+        Stalled is either of:
+
+        - claimed, with a lease expired ``expired_for`` seconds ago and no write for
+          ``quiet_for`` seconds: its holder died or was cut off and stopped renewing. Its
+          message may be held by a worker that cannot finish it (cut off from the
+          database) until the task's hard time limit, so the key does not wait for it:
+          the new row's message takes the claim over (counted ambiguous if a send had
+          started);
+        - released for a retry and untouched for ``released_for`` seconds: the message
+          that should carry the retry was lost (a publish that failed, a dead letter).
+
+        The row is touched, so the next pass leaves it alone for ``quiet_for`` seconds;
+        the claim still allows one email, whatever else is in flight for the key.
         """
         from .models import OutboxMessage
 
@@ -496,14 +579,46 @@ class SentEmailManager(models.Manager[Any]):
         outbox = _q(OutboxMessage._meta.db_table)
         sql = (
             f'WITH stalled AS (UPDATE {t} SET "updated_at" = now() WHERE "id" IN ('
-            f'SELECT "id" FROM {t} WHERE "notification_id" IS NOT NULL AND "updated_at" < now() - '
-            f"make_interval(secs => %s) AND (\"state\" = 'released' OR (\"state\" = 'claimed' AND "
-            f'"lease_expires_at" < now() - make_interval(secs => %s))) '
+            f'SELECT "id" FROM {t} WHERE "notification_id" IS NOT NULL AND ('
+            f'("state" = \'claimed\' AND "lease_expires_at" < now() - make_interval(secs => %s) '
+            f'AND "updated_at" < now() - make_interval(secs => %s)) OR '
+            f'("state" = \'released\' AND "updated_at" < now() - make_interval(secs => %s))) '
             f'ORDER BY "id" LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING "key", "notification_id"), '
             f'queued AS (INSERT INTO {outbox} ("notification_id") SELECT "notification_id" FROM stalled '
             f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = stalled."notification_id" '
             f'AND o."published_at" IS NULL)) '
             f'SELECT "key" FROM stalled'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(sql, [expired_for, quiet_for, released_for])
+            return [row[0] for row in cursor.fetchall()]
+
+    def requeue_unclaimed(self, older_than: float, using: str) -> list[str]:
+        """Give a new outbox row to notifications published ``older_than`` seconds ago
+        that no worker ever claimed; return their keys.
+
+        Their message was lost before any worker recorded it: dropped by a broker or a
+        person (a purged queue), or dead-lettered where nobody settles it. Only rows
+        published from this database are seen, so run it where the notifications are
+        relayed (in this project, one database). Touches ``updated_at`` (the relay does
+        again when it publishes), so a key is requeued at most once per ``older_than``.
+        """
+        from .models import Notification, OutboxMessage
+
+        t = self._table()
+        notification = _q(Notification._meta.db_table)
+        outbox = _q(OutboxMessage._meta.db_table)
+        sql = (
+            f'WITH lost AS (UPDATE {notification} SET "updated_at" = now() WHERE "id" IN ('
+            f'SELECT n."id" FROM {notification} n WHERE n."status" = \'published\' '
+            f'AND n."published_at" < now() - make_interval(secs => %s) '
+            f'AND n."updated_at" < now() - make_interval(secs => %s) '
+            f'AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s."key" = n."key") '
+            f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
+            f'AND o."published_at" IS NULL) '
+            f'ORDER BY n."id" LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING "id", "key"), '
+            f'queued AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM lost) '
+            f'SELECT "key" FROM lost'
         )
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [older_than, older_than])

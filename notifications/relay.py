@@ -9,6 +9,7 @@ broker is down the transaction rolls back and the rows wait for the next pass.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -26,10 +27,30 @@ WAKE_LIST = "relay:wakeups"  # what the relay loop in beat blocks on
 LOOP_ALIVE = "relay:loop"  # the relay loop's heartbeat
 
 
+def databases() -> list[str]:
+    """The database aliases whose outboxes this service's relay publishes."""
+    return list(settings.RELAY_DATABASES or [settings.DATABASE])
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(alias: str) -> str:
+    """Which database an alias is, as every process of the service (and no other
+    service) names it: its server and name, not the alias."""
+    import hashlib
+
+    from django.db import connections
+
+    conf = connections.settings.get(alias, {})
+    where = f"{conf.get('HOST', '')}:{conf.get('PORT', '')}/{conf.get('NAME', '')}"
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
+
 def key(name: str) -> str:
-    """A relay Redis key of this service: services that share a Redis and a broker
-    have their own relay queue, and so their own wake-ups."""
-    return f"{name}:{settings.RELAY_QUEUE}"
+    """A relay Redis key of this service: named by its relay queue and by the databases
+    it relays, so that services sharing a Redis and a broker (even under the default
+    queue name) never take each other's wake-ups or heartbeat."""
+    dbs = ",".join(sorted(_identity(alias) for alias in databases()))
+    return f"{name}:{settings.RELAY_QUEUE}:{dbs}"
 
 
 def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
@@ -46,11 +67,18 @@ def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
             return 0
         first = pending[0].payload["key"]
         crash_point("relay_after_claim", first)
-        broker.publish_deliveries(current_app, [m.payload for m in pending])
+        refused = {r.key: r.reason for r in broker.publish_deliveries(current_app, [m.payload for m in pending])}
         crash_point("relay_after_confirm", first)
         # Confirms are in: only now may the rows count as published. A crash before
         # this commit republishes them, and the worker's claim makes that harmless.
         OutboxMessage.objects.mark_published([m.outbox_id for m in pending], db)
+        if refused:
+            # What the broker cannot carry ends failed, visibly, instead of being taken
+            # again by every pass in front of the rows behind it.
+            logger.error("%d notification(s) the broker cannot carry, e.g. %s", len(refused), next(iter(refused)))
+            OutboxMessage.objects.mark_refused(
+                [(m.notification_id, refused[m.payload["key"]]) for m in pending if m.payload["key"] in refused], db
+            )
     return len(pending)
 
 
@@ -67,14 +95,16 @@ def drain(using: str | None = None, budget: float = 10.0) -> int:
     size = int(settings.RELAY_BATCH_SIZE)
     deadline = time.monotonic() + budget
     total = 0
-    while True:
-        published = relay_batch(using, size)
-        total += published
-        if published < size:
-            return total
-        if time.monotonic() >= deadline:
-            wake_relay()
-            return total
+    for db in [using] if using else databases():
+        while True:
+            published = relay_batch(db, size)
+            total += published
+            if published < size:
+                break
+            if time.monotonic() >= deadline:
+                wake_relay()
+                return total
+    return total
 
 
 def wake_relay() -> None:
@@ -185,17 +215,24 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     linger = float(settings.RELAY_LINGER)
     alive_for = max(5.0, 3 * interval)
     while not stop.is_set():
-        locks.heartbeat(key(LOOP_ALIVE), alive_for)
-        if locks.wait(key(WAKE_LIST), interval) and linger > 0:
-            stop.wait(linger)
-            _hold_while_behind(stop, linger, alive_for)
+        healthy = False  # this pass published (or found nothing to publish)
         try:
             drain(using, budget=alive_for / 2)
         except Exception as exc:  # broker or database away: the next round tries again
+            # No heartbeat for a failed pass: if this loop cannot publish (its database
+            # or broker connection is broken, say) while others could, the workers'
+            # relay task takes over once the heartbeat lapses.
             logger.warning("relay pass failed, retrying: %r", exc)
             close_old_connections()
-            connections[using or settings.DATABASE].close()
+            for db in [using] if using else databases():
+                connections[db].close()
             stop.wait(min(interval, 1.0))
+        else:
+            healthy = True
+            locks.heartbeat(key(LOOP_ALIVE), alive_for)
+        if locks.wait(key(WAKE_LIST), interval) and linger > 0:
+            stop.wait(linger)
+            _hold_while_behind(stop, linger, alive_for if healthy else 0.0)
     locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
 
 
@@ -219,7 +256,7 @@ def _hold_while_behind(stop: threading.Event, step: float, alive_for: float) -> 
         if stop.wait(step):
             return
         now = time.monotonic()
-        if now - beat >= 1.0:  # still alive: commits keep waking this loop, not the workers
+        if alive_for and now - beat >= 1.0:  # alive and publishing: commits keep waking this loop
             locks.heartbeat(key(LOOP_ALIVE), alive_for)
             beat = now
 
@@ -234,13 +271,23 @@ def start_loop() -> threading.Thread:
 
 
 def recover_stalled(using: str | None = None) -> list[str]:
-    """Requeue keys whose next attempt's message was lost (see
-    ``SentEmailManager.requeue_stalled``). Quiet for longer than any retry backoff plus
-    three leases means no message for them is in flight."""
+    """Give a new message to keys whose delivery stalled (see
+    ``SentEmailManager.requeue_stalled`` and ``requeue_unclaimed``): claims whose holder
+    stopped renewing them, retries whose message was lost, and notifications whose
+    message was lost before any worker claimed them. The last are looked for only while
+    no delivery message waits in the queue, so that a backlog is not mistaken for loss."""
+    from celery import current_app
+
+    from . import broker
     from .models import SentEmail
 
-    older_than = float(settings.RETRY_BACKOFF_MAX) + 3 * float(settings.CLAIM_LEASE)
-    keys = SentEmail.objects.requeue_stalled(older_than, using or settings.DATABASE)
+    db = using or settings.DATABASE
+    lease = float(settings.CLAIM_LEASE)
+    grace = float(settings.RECOVER_GRACE)
+    released_for = float(settings.RETRY_BACKOFF_MAX) + 2 * lease + 60.0
+    keys = SentEmail.objects.requeue_stalled(grace, lease + grace, released_for, db)
+    if broker.deliveries_waiting(current_app) == 0:
+        keys += SentEmail.objects.requeue_unclaimed(float(settings.RECOVER_UNCLAIMED_AFTER), db)
     if keys:
         logger.warning("requeued %d stalled notification(s), e.g. %s", len(keys), keys[0])
         wake_relay()

@@ -29,16 +29,36 @@ def _countdown(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
 
-def _retry(task: Any, seconds: float, exc: Exception | None = None, args: list[Any] | None = None) -> Exception:
-    """``task.retry()``, except that a retry that cannot be published (the broker is
-    restarting) requeues this message instead of Celery's default of rejecting it, which
-    would dead-letter a perfectly good notification."""
+def _retry(task: Any, seconds: float, exc: Exception | None = None, args: list[Any] | None = None) -> None:
+    """``task.retry()``, except when the retry cannot be published (the broker is
+    restarting, or refuses publishes while consumers still work). Celery would then
+    reject the message, which dead-letters a good notification; requeueing it instead
+    counts against the queue's delivery limit, so a brown-out of a few rounds would
+    dead-letter it all the same. So the notifications go back through the outbox of
+    this service's database (the relay publishes them when the broker takes messages
+    again) and this message is done. Only if the database cannot take them either is
+    the message requeued.
+
+    Raises ``Retry`` (published), returns None (through the outbox) or raises
+    ``Reject(requeue=True)``.
+    """
     try:
-        return task.retry(args=args, countdown=_countdown(seconds), exc=exc)  # type: ignore[no-any-return]
+        task.retry(args=args, countdown=_countdown(seconds), exc=exc)
     except Reject as rejected:
         reason = getattr(rejected, "reason", rejected)
-        logger.warning("retry not published (%s); requeueing the message", reason)
-        return Reject(reason, requeue=True)
+        payloads = _payloads(args if args is not None else list(task.request.args or []))
+        try:
+            queued = delivery.requeue_through_outbox(payloads)
+        except Exception as db_exc:
+            logger.warning("retry not published (%s) nor queued in the outbox (%r); requeueing", reason, db_exc)
+            raise Reject(reason, requeue=True) from None
+        logger.warning("retry not published (%s); %d notification(s) queued in the outbox instead", reason, queued)
+
+
+def _payloads(args: list[Any]) -> list[dict[str, Any]]:
+    """The notifications of a task's arguments: ``deliver_many``'s list or ``deliver``'s one."""
+    first = args[0] if args else []
+    return list(first) if isinstance(first, list) else [first]
 
 
 # Errors that say nothing about the emails themselves (infrastructure hiccups): retry the
@@ -67,12 +87,13 @@ def _deliver(task: Any, payloads: list[dict[str, Any]]) -> list[delivery.Outcome
         logger.warning(
             "%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0].get("key"), exc, delay
         )
-        raise _retry(task, delay, exc) from None
+        _retry(task, delay, exc)
+        return [delivery.Outcome(p["key"], "retry", detail=f"queued in the outbox after {exc!r}") for p in payloads]
     again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
     if again:
         delay = max(o.retry_in for _, o in again) + random.uniform(0, 0.5)
         args = [[p for p, _ in again]] if task.name == broker.DELIVER_MANY_TASK else [again[0][0]]
-        raise _retry(task, delay, args=args)
+        _retry(task, delay, args=args)
     return outcomes
 
 
@@ -100,11 +121,24 @@ def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     if len(payloads) > 1 and (self.request.delivery_info or {}).get("redelivered"):
         try:
             broker.publish_deliveries(self.app, payloads, per_message=1)
-        except Exception as exc:  # keep the batch; the next delivery tries again
-            raise Reject(f"could not split the batch: {exc!r}", requeue=True) from None
+        except Exception as exc:
+            # The broker takes no publishes now: through the outbox instead (see _retry).
+            try:
+                queued = delivery.requeue_through_outbox(payloads)
+            except Exception:
+                raise Reject(f"could not split the batch: {exc!r}", requeue=True) from None
+            logger.warning("redelivered batch of %d queued in the outbox (%r)", queued, exc)
+            return {"split": len(payloads), "through_outbox": queued}
         logger.warning("redelivered batch of %d split into single messages", len(payloads))
         return {"split": len(payloads)}
-    outcomes = _deliver(self, payloads)
+    try:
+        outcomes = _deliver(self, payloads)
+    finally:
+        # The task's own database connection may have died while the lanes sent (a
+        # terminated session): Celery stores the result on it next, and a failure there
+        # would count the task failed and dead-letter a message whose outcomes are all
+        # recorded. Dropped here when unusable, it is opened anew for the result.
+        close_old_connections()
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1

@@ -78,6 +78,18 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# A process cut off from PostgreSQL finds out in seconds rather than at the kernel's
+# TCP timeouts (minutes): its statements fail, and its claims lapse to live workers.
+DATABASES["default"].setdefault("OPTIONS", {}).update(
+    {
+        "connect_timeout": 5,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10000,
+    }
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"
@@ -104,12 +116,14 @@ DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "notifications@localho
 NOTIFICATIONS_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 NOTIFICATIONS_MESSAGE_ID_DOMAIN = os.environ.get("NOTIFICATIONS_MESSAGE_ID_DOMAIN", "notifications.local")
 NOTIFICATIONS_AMBIGUOUS = os.environ.get("NOTIFICATIONS_AMBIGUOUS", "resend")
-NOTIFICATIONS_CLAIM_LEASE = env_float("NOTIFICATIONS_CLAIM_LEASE", 300.0)
+# A live worker renews its claims every fifth of the lease; a dead or cut-off one loses
+# them this many seconds after its last renewal.
+NOTIFICATIONS_CLAIM_LEASE = env_float("NOTIFICATIONS_CLAIM_LEASE", 15.0)
 NOTIFICATIONS_MAX_ATTEMPTS = int(os.environ.get("NOTIFICATIONS_MAX_ATTEMPTS", "8"))
 NOTIFICATIONS_RETRY_BACKOFF = env_float("NOTIFICATIONS_RETRY_BACKOFF", 2.0)
 NOTIFICATIONS_RETRY_BACKOFF_MAX = env_float("NOTIFICATIONS_RETRY_BACKOFF_MAX", 600.0)
 NOTIFICATIONS_RELAY_INTERVAL = env_float("NOTIFICATIONS_RELAY_INTERVAL", 1.0)
-NOTIFICATIONS_RECOVER_INTERVAL = env_float("NOTIFICATIONS_RECOVER_INTERVAL", 60.0)
+NOTIFICATIONS_RECOVER_INTERVAL = env_float("NOTIFICATIONS_RECOVER_INTERVAL", 5.0)
 NOTIFICATIONS_RELAY_LINGER = env_float("NOTIFICATIONS_RELAY_LINGER", 0.02)
 NOTIFICATIONS_RELAY_HOLD_MAX = env_float("NOTIFICATIONS_RELAY_HOLD_MAX", 1.0)
 NOTIFICATIONS_RELAY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_RELAY_BATCH_SIZE", "200"))
@@ -141,8 +155,8 @@ CELERY_DB_REUSE_MAX = int(os.environ.get("NOTIFICATIONS_DB_REUSE_MAX", "1000"))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 CELERY_BROKER_HEARTBEAT = 30
-# Hard limit: far below the claim lease (so a killed child's claim is stale before
-# the lease ends) and below RabbitMQ's consumer_timeout (30 min by default).
+# Hard limit: below RabbitMQ's consumer_timeout (30 min by default); it also bounds how
+# long a stuck delivery renews its claims.
 CELERY_TASK_SOFT_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_SOFT_TIME_LIMIT", 90.0)
 CELERY_TASK_TIME_LIMIT = env_float("NOTIFICATIONS_TASK_TIME_LIMIT", 120.0)
 # Off unless watched: Flower turns events on in the workers it monitors (its enable_events

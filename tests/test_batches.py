@@ -124,6 +124,10 @@ def test_keys_repeated_in_one_message_are_delivered_once(smtp_server, workers):
 
 
 def test_an_unreachable_mail_server_releases_the_rest_of_the_batch_without_an_attempt(workers):
+    """Finding 8: "mail server unreachable" used to count as an attempt, so an outage of a
+    few minutes failed the head of every batch for good. Nothing was handed over: no
+    attempt, no ambiguity; the notifications wait (bounded by GIVE_UP_AFTER) and go out
+    once the server is back."""
     from tests import smtp
     from tests.settings import _free_port
 
@@ -137,13 +141,15 @@ def test_an_unreachable_mail_server_releases_the_rest_of_the_batch_without_an_at
         timeout=30,
         what=lambda: list(SentEmail.objects.filter(key__in=keys).values_list("state", "attempts", "response")),
     )
-    attempts = sorted(SentEmail.objects.filter(key__in=keys).values_list("attempts", flat=True))
-    # Each pass tries the first one, finds no server, and releases the rest untried.
-    assert attempts.count(0) == 5 and attempts[-1] >= 1
+    records = SentEmail.objects.filter(key__in=keys)
+    # Each pass finds no server before stamping any send: no attempt, nothing ambiguous.
+    assert set(records.values_list("attempts", "ambiguous_count")) == {(0, 0)}
+    assert all("unreachable" in r for r in records.values_list("response", flat=True))
     server = smtp.start(port)
     try:
         assert set(_all_final(keys, timeout=60).values()) == {"sent"}
         assert all(server.count(k) == 1 for k in keys)
+        assert set(Notification.objects.filter(key__in=keys).values_list("attempts", "ambiguous_count")) == {(1, 0)}
     finally:
         server.controller.stop()
 

@@ -157,16 +157,18 @@ def test_transient_errors_until_retries_run_out_end_failed(smtp_server, workers)
 
 
 def test_mail_server_down_then_up_delivers(smtp_server, workers, settings):
-    """Connection refused is transient: nothing can have been delivered, so no ambiguity."""
+    """Connection refused is transient: nothing can have been delivered, so no ambiguity,
+    and no attempt either (finding 8: an outage must not use up the attempts)."""
     worker = workers.start(EMAIL_PORT="1")  # nothing listens on port 1
     kwargs = notification_kwargs()
     key = f"tests:{kwargs['notification_id']}:42"
     notify(**kwargs)
-    wait_for(lambda: Notification.objects.filter(key=key, status="retrying", attempts__gte=1).exists())
+    wait_for(lambda: Notification.objects.filter(key=key, status="retrying", last_error__contains="unreachable").exists())
+    assert Notification.objects.get(key=key).attempts == 0
     worker.stop()
     workers.start()
     sent = _status(key, "sent")
-    assert sent.ambiguous_count == 0 and sent.attempts >= 2
+    assert sent.ambiguous_count == 0 and sent.attempts == 1
     assert smtp_server.count(key) == 1
     assert Notification.objects.filter(key=key, attempts=F("attempts")).count() == 1
 
