@@ -163,7 +163,9 @@ def test_mail_server_down_then_up_delivers(smtp_server, workers, settings):
     kwargs = notification_kwargs()
     key = f"tests:{kwargs['notification_id']}:42"
     notify(**kwargs)
-    wait_for(lambda: Notification.objects.filter(key=key, status="retrying", last_error__contains="unreachable").exists())
+    wait_for(
+        lambda: Notification.objects.filter(key=key, status="retrying", last_error__contains="unreachable").exists()
+    )
     assert Notification.objects.get(key=key).attempts == 0
     worker.stop()
     workers.start()

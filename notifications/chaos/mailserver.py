@@ -47,6 +47,7 @@ class Plan:
     # client has not heard so), or answer 421 without keeping it when the hold ends.
     keep: bool = True
     drop: bool = False  # close the connection without a reply
+    hangup: bool = False  # accept, then close the connection (an idle client timed out)
 
 
 @dataclass
@@ -113,6 +114,10 @@ class RecordingHandler:
                 return "421 4.3.0 dropped"
             if plan.reply:
                 return plan.reply
+            if plan.hangup:
+                self._record(key, msg, envelope, session)
+                asyncio.get_running_loop().call_soon(server.transport.close)  # after the reply
+                return "250 2.0.0 OK queued"
         weather = self._weather_now()
         if weather is not None:
             if weather.kind == "4xx":

@@ -1,0 +1,123 @@
+"""A TCP relay between a process and PostgreSQL that can cut the line: the chaos run's
+(and the tests') way to cut one worker off from its database without touching the
+others or needing root.
+
+While cut, the relay neither reads nor accepts: the worker's packets are taken by the
+kernel and never answered, its statements hang, and nothing tells it so, which is what
+a partition or a hung network path looks like from the worker's side. Restored, the
+bytes that waited flow on, late, as they would after a partition heals.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Pair:
+    client: socket.socket
+    server: socket.socket
+    pending: dict[socket.socket, bytes] = field(default_factory=dict)
+
+    def other(self, sock: socket.socket) -> socket.socket:
+        return self.server if sock is self.client else self.client
+
+
+class LineCut:
+    """``LineCut(port=5432).start()`` listens on 127.0.0.1:``self.port`` and forwards to
+    the target; ``cut()`` and ``restore()`` switch the line; ``stop()`` closes it all."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5432) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = int(self.listener.getsockname()[1])
+        self.selector = selectors.DefaultSelector()
+        self.pairs: dict[socket.socket, _Pair] = {}
+        self._cut = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="netcut", daemon=True)
+
+    @property
+    def is_cut(self) -> bool:
+        return self._cut.is_set()
+
+    def start(self) -> LineCut:
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self._thread.start()
+        return self
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for sock in list(self.pairs):
+            sock.close()
+        self.listener.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._cut.is_set():
+                self._stop.wait(0.05)
+                continue
+            for key, _ in self.selector.select(timeout=0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self.listener:
+                    self._accept()
+                elif sock in self.pairs:
+                    self._forward(sock)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            server = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        pair = _Pair(client, server)
+        for sock in (client, server):
+            sock.setblocking(False)
+            self.pairs[sock] = pair
+            self.selector.register(sock, selectors.EVENT_READ)
+
+    def _forward(self, sock: socket.socket) -> None:
+        pair = self.pairs[sock]
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(pair)
+            return
+        try:
+            pair.other(sock).sendall(data)
+        except BlockingIOError:  # the peer's buffer is full: finish in blocking mode
+            target = pair.other(sock)
+            target.setblocking(True)
+            try:
+                target.sendall(data)
+            finally:
+                target.setblocking(False)
+        except OSError:
+            self._close(pair)
+
+    def _close(self, pair: _Pair) -> None:
+        for sock in (pair.client, pair.server):
+            if sock in self.pairs:
+                self.selector.unregister(sock)
+                del self.pairs[sock]
+            sock.close()
