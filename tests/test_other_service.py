@@ -89,3 +89,19 @@ def test_other_service_notify_is_delivered_and_recorded_here(other_service_db, s
     run_in_other_service("relay")
     assert Notification.objects.filter(key=key).count() == 1
     assert smtp_server.count(key) == 1
+
+
+def test_a_relay_loop_here_is_not_taken_for_the_other_services(other_service_db):
+    """Finding 4: the loop's heartbeat was named by the relay queue alone, so a second
+    service keeping the default queue name saw this one's heartbeat and its relay task
+    returned 0 for ever. Wake-ups and heartbeat are this service's databases' own."""
+    from notifications import relay
+
+    loop = relay.start_loop()
+    try:
+        wait_for(relay.loop_alive, what="this service's loop heartbeat")
+        out = run_in_other_service("shell", "-c", "from notifications import relay; print('ALIVE', relay.loop_alive())")
+        assert "ALIVE False" in out
+    finally:
+        loop.stop.set()  # type: ignore[attr-defined]
+        loop.join(timeout=20)

@@ -270,3 +270,95 @@ def test_beats_relay_task_leaves_its_pass_to_a_live_relay_loop(no_wakeups):
     assert tasks.relay_outbox() >= 1
     assert published(n)
     assert [n.key] in take_deliveries()
+
+
+@pytest.fixture
+def empty_queue(no_wakeups):
+    from notifications import broker
+
+    with current_app.connection_for_write() as conn:
+        for queue in broker.queues():
+            queue(conn.default_channel).declare()
+    take_deliveries()
+
+
+def test_messages_are_split_by_size_as_well_as_count(settings, empty_queue):
+    """Finding 3: a message carried up to 50 notifications whatever their size. Bodies of
+    40,000 non-ASCII characters are about 240 KB of JSON each: a 1 MB message takes 4."""
+    from notifications.relay import relay_batch
+
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 1_000_000
+    created = [notify(**notification_kwargs(body="é" * 40_000)) for _ in range(10)]
+    assert relay_batch() == 10
+    messages = take_deliveries()
+    assert sorted(k for m in messages for k in m) == sorted(n.key for n in created)
+    assert [len(m) for m in messages] == [4, 4, 2]
+
+
+def test_a_notification_too_large_for_a_message_fails_and_the_rows_behind_it_flow(settings, empty_queue):
+    """Finding 3: one notification the broker cannot take made every relay pass roll back
+    and take the same oldest rows again. It ends failed with the reason; the others go."""
+    from notifications.relay import relay_batch
+
+    big = notify(**notification_kwargs(body="\x01" * 200_000))  # 1.2 MB as escaped JSON
+    small = [notify(**notification_kwargs()) for _ in range(3)]
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 1_000_000
+    assert relay_batch() == 4
+    assert [k for m in take_deliveries() for k in m] == [n.key for n in small]
+    failed = Notification.objects.get(pk=big.pk)
+    assert failed.status == "failed" and "NOTIFICATIONS_MAX_MESSAGE_BYTES" in failed.last_error
+    assert not OutboxMessage.objects.filter(published_at__isnull=True).exists()
+
+
+def _rabbit_max_message_size(size: int) -> None:
+    subprocess.run(
+        ["rabbitmqctl", "-q", "eval", f"application:set_env(rabbit, max_message_size, {size})."],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_a_notification_the_broker_refuses_fails_and_the_rows_behind_it_flow(empty_queue):
+    """Finding 3, with the broker's own limit below ours (RabbitMQ 4 refuses messages over
+    16 MiB by default): the broker closes the channel without saying which message; each
+    goes again on its own, and only the refused one ends failed."""
+    from notifications.relay import relay_batch
+
+    before = [notify(**notification_kwargs()) for _ in range(2)]
+    big = notify(**notification_kwargs(body="x" * 300_000))
+    after = [notify(**notification_kwargs()) for _ in range(2)]
+    _rabbit_max_message_size(200_000)
+    try:
+        assert relay_batch() == 5
+    finally:
+        _rabbit_max_message_size(134_217_728)  # RabbitMQ 3.x's default
+    delivered = sorted(k for m in take_deliveries() for k in m)
+    assert delivered == sorted(n.key for n in before + after)
+    failed = Notification.objects.get(pk=big.pk)
+    assert failed.status == "failed" and "the broker refused" in failed.last_error
+
+
+def test_a_relay_loop_whose_passes_fail_shows_no_heartbeat(settings, caplog):
+    """Finding 14: the loop refreshed its heartbeat even when every pass failed, so the
+    workers' relay task never took over from a loop that could not reach its database."""
+    import logging
+
+    from django.db import connections
+
+    from notifications import relay
+
+    connections.settings["unreachable"] = {**connections.settings["default"], "PORT": "1"}
+    settings.NOTIFICATIONS_RELAY_DATABASES = ["unreachable"]
+    caplog.set_level(logging.WARNING, logger="notifications.relay")
+    loop = relay.start_loop()
+    try:
+        wait_for(lambda: "relay pass failed" in caplog.text, what="a failed pass")
+        wait_for(lambda: caplog.text.count("relay pass failed") >= 2, what="a second failed pass")
+        assert not relay.loop_alive()
+    finally:
+        loop.stop.set()  # type: ignore[attr-defined]
+        loop.join(timeout=20)
+        connections["unreachable"].close()
+        del connections.settings["unreachable"]
+    assert not loop.is_alive()
