@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -78,6 +79,124 @@ def test_staff_without_permissions_cannot_see_notifications(client: Client, djan
     user = django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
     client.force_login(user)
     assert client.get(reverse(CHANGELIST)).status_code == 403
+
+
+# Who may run which action. Each test names the finding it guards: the actions had no
+# permission check, so any staff user who could see notifications could resend a held
+# ambiguous one (a possible second email), close it as sent (an email suppressed), or
+# retry failed ones.
+
+ACTIONS = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+
+
+def staff(django_user_model: Any, username: str, *permissions: str) -> Any:
+    """A staff user (not a superuser) holding exactly ``permissions`` (codenames of the
+    notifications app)."""
+    user = django_user_model.objects.create_user(username, password="pw", is_staff=True)
+    granted = list(Permission.objects.filter(content_type__app_label="notifications", codename__in=permissions))
+    assert sorted(p.codename for p in granted) == sorted(permissions)
+    user.user_permissions.set(granted)
+    return user
+
+
+def logged_in(user: Any) -> Client:
+    client = Client()
+    assert client.login(username=user.get_username(), password="pw")
+    return client
+
+
+def offered(client: Client) -> list[str]:
+    """The actions in the changelist's action menu, as the user sees them."""
+    response = client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    form = response.context["action_form"]
+    return [] if form is None else [name for name, _ in form.fields["action"].choices if name]
+
+
+def pending() -> tuple[Notification, Notification]:
+    """A failed notification and a held ambiguous one: what the actions act on."""
+    return make("failed", "failed"), make("ambiguous", "held")
+
+
+@pytest.mark.django_db
+def test_view_only_staff_sees_the_changelist_but_no_actions(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. A view-only user is offered none."""
+    failed, held = pending()
+    client = logged_in(staff(django_user_model, "viewer", "view_notification"))
+    response = client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert failed.key in page and held.key in page
+    assert offered(client) == []
+    assert 'name="action"' not in page
+    for description in ("Retry failed", "Resend held ambiguous", "Mark held ambiguous"):
+        assert description not in page
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", [*ACTIONS, "delete_selected"])
+@pytest.mark.parametrize("confirmed", [False, True], ids=["from-the-menu", "with-index-and-post"])
+def test_view_only_staff_posting_an_action_changes_nothing(
+    django_user_model: Any, action: str, confirmed: bool
+) -> None:
+    """Finding: admin actions had no permission check, so a view-only user could POST
+    "Resend held ambiguous" (a possible second email), "Mark held ambiguous as sent" (an
+    email suppressed) or "Retry failed". Now the statuses, the sent-email records and the
+    outbox rows (where every email starts) stay as they were."""
+    failed, held = pending()
+    before = [state(failed), state(held)]
+    client = logged_in(staff(django_user_model, "viewer", "view_notification"))
+    data: dict[str, Any] = {"action": action, "_selected_action": [failed.pk, held.pk]}
+    if confirmed:  # the other form of the request: the menu's button index, a confirmation
+        data.update(index="0", post="yes")
+    response = client.post(reverse(CHANGELIST), data, follow=True)
+    assert response.status_code == 200
+    shown_messages = [str(m) for m in response.context["messages"]]
+    assert not any("queued" in m or "marked as sent" in m for m in shown_messages)
+    assert [state(failed), state(held)] == before == [("failed", "failed", 1), ("ambiguous", "held", 1)]
+    assert Notification.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_change_permission_retries_failed_but_cannot_resolve_ambiguous(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. Retry failed needs the change
+    permission; resending or closing a held ambiguous notification needs more."""
+    failed, held = pending()
+    client = logged_in(staff(django_user_model, "operator", "view_notification", "change_notification"))
+    assert offered(client) == ["retry_failed"]
+    for action in ("resend_ambiguous", "mark_ambiguous_sent"):
+        assert act(client, action, held) == ["No action selected."]
+        assert state(held) == ("ambiguous", "held", 1)
+    assert act(client, "retry_failed", failed, held) == ["1 failed notification(s) queued again."]
+    assert state(failed) == ("created", "released", 2)
+    assert state(held) == ("ambiguous", "held", 1)
+
+
+@pytest.mark.django_db
+def test_resolve_ambiguous_permission_resends_and_closes_held_notifications(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. The two ambiguous-resolution
+    actions need notifications.resolve_ambiguous, and it is enough for them."""
+    failed, held = pending()
+    other = make("ambiguous", "held")
+    client = logged_in(staff(django_user_model, "resolver", "view_notification", "resolve_ambiguous"))
+    assert offered(client) == ["resend_ambiguous", "mark_ambiguous_sent"]
+    assert act(client, "retry_failed", failed) == ["No action selected."]
+    assert state(failed) == ("failed", "failed", 1)
+    assert act(client, "resend_ambiguous", held) == ["1 ambiguous notification(s) queued for resending."]
+    assert state(held) == ("created", "released", 2)
+    assert act(client, "mark_ambiguous_sent", other) == ["1 notification(s) marked as sent."]
+    assert state(other) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_superuser_is_offered_every_action(admin_client: Client) -> None:
+    """Finding: admin actions had no permission check. A superuser keeps all of them."""
+    assert offered(admin_client) == ACTIONS
+
+
+def test_the_resolve_ambiguous_permission_is_declared_on_notification() -> None:
+    """Finding: admin actions had no permission check; the permission they need now exists."""
+    assert ("resolve_ambiguous", "Can resend or close held ambiguous notifications") in (Notification._meta.permissions)
 
 
 # Finding notifications.
@@ -162,6 +281,42 @@ def test_records_are_read_only(admin_client: Client, model: str) -> None:
     assert bulk.status_code in (200, 302)
     assert type(obj).objects.filter(pk=obj.pk).exists()
     assert state(n) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["outboxmessage", "sentemail"])
+def test_records_stay_read_only_for_staff_granted_every_permission(django_user_model: Any, model: str) -> None:
+    """The outbox and the sent-email records stay read-only whatever permissions a user
+    is given: add, change and delete are refused by the admin itself."""
+    n = make("sent", "sent")
+    obj = OutboxMessage.objects.get(notification=n) if model == "outboxmessage" else SentEmail.objects.get(key=n.key)
+    codenames = [f"{verb}_{model}" for verb in ("add", "change", "delete", "view")]
+    client = logged_in(staff(django_user_model, "keen", *codenames))
+    url = f"admin:notifications_{model}"
+    changelist = client.get(reverse(f"{url}_changelist"))
+    assert changelist.status_code == 200 and n.key in changelist.content.decode()
+    assert changelist.context["action_form"] is None  # not even delete_selected
+    assert client.get(reverse(f"{url}_add")).status_code == 403
+    assert client.post(reverse(f"{url}_change", args=[obj.pk]), {"state": "released"}).status_code == 403
+    assert client.post(reverse(f"{url}_delete", args=[obj.pk]), {"post": "yes"}).status_code == 403
+    client.post(
+        reverse(f"{url}_changelist"), {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"}
+    )
+    assert type(obj).objects.filter(pk=obj.pk).exists()
+    assert state(n) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_notifications_cannot_be_added_or_deleted_even_with_those_permissions(django_user_model: Any) -> None:
+    n = make("failed", "failed")
+    codenames = [f"{verb}_notification" for verb in ("add", "delete", "view")]
+    client = logged_in(staff(django_user_model, "keen", *codenames))
+    assert offered(client) == []
+    assert client.get(reverse("admin:notifications_notification_add")).status_code == 403
+    assert (
+        client.post(reverse("admin:notifications_notification_delete", args=[n.pk]), {"post": "yes"}).status_code == 403
+    )
+    assert state(n) == ("failed", "failed", 1)
 
 
 @pytest.mark.django_db
