@@ -449,3 +449,106 @@ def test_retry_after_retries_ran_out_delivers_once(admin_client: Client, smtp_se
     assert act(admin_client, "retry_failed", sent) == ["0 failed notification(s) queued again."]
     assert state(sent) == ("sent", "sent", 2)
     assert smtp_server.count(key) == 1
+
+
+# The admin probe the chaos run calls (notifications/chaos/admin_probe.py).
+
+
+@pytest.mark.django_db
+def test_admin_probe_finds_that_a_view_only_user_changes_nothing(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. The probe tries every action as a
+    view-only user on failed and held ambiguous notifications and sees no change."""
+    from notifications.chaos.admin_probe import probe
+
+    failed = [make("failed", "failed") for _ in range(3)]
+    held = [make("ambiguous", "held") for _ in range(2)]
+    untouched = make("sent", "sent")
+    report = probe(limit=2)
+    assert report["changelist"] == 200 and report["offered"] == []
+    assert report["selected"] == {"failed": 2, "ambiguous": 2}
+    assert sorted(report["actions"]) == sorted([*ACTIONS, "delete_selected"])
+    assert all(a["responses"] == [200, 200] and a["changes"] == [] for a in report["actions"].values())
+    assert report["changed"] is False
+    assert [state(n) for n in failed] == [("failed", "failed", 1)] * 3
+    assert [state(n) for n in held] == [("ambiguous", "held", 1)] * 2
+    assert state(untouched) == ("sent", "sent", 1)
+    user = django_user_model.objects.get(username=report["user"])
+    assert user.is_staff and not user.is_superuser and not user.has_usable_password()
+    assert sorted(user.get_all_permissions()) == ["notifications.view_notification"]
+
+
+@pytest.mark.django_db
+def test_admin_probe_reuses_its_user_and_takes_back_anything_more_than_view(django_user_model: Any) -> None:
+    from notifications.chaos.admin_probe import PROBE_USER, probe
+
+    user = staff(django_user_model, PROBE_USER, "view_notification", "change_notification", "resolve_ambiguous")
+    user.is_superuser = True
+    user.save()
+    held = make("ambiguous", "held")
+    report = probe()
+    assert report["offered"] == [] and report["changed"] is False
+    assert state(held) == ("ambiguous", "held", 1)
+    assert django_user_model.objects.filter(username=PROBE_USER).count() == 1
+    again = django_user_model.objects.get(username=PROBE_USER)
+    assert not again.is_superuser
+    assert sorted(again.get_all_permissions()) == ["notifications.view_notification"]
+
+
+@pytest.mark.django_db
+def test_admin_probe_reports_what_an_unchecked_action_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: admin actions had no permission check. With the checks taken away again
+    (every permission granted), the probe reports each row an action changed."""
+    from notifications.admin import NotificationAdmin
+    from notifications.chaos.admin_probe import probe
+
+    monkeypatch.setattr(NotificationAdmin, "has_change_permission", lambda self, request, obj=None: True)
+    monkeypatch.setattr(NotificationAdmin, "has_resolve_ambiguous_permission", lambda self, request: True)
+    failed = make("failed", "failed")
+    held = make("ambiguous", "held")
+    report = probe()
+    assert report["changed"] is True
+    assert report["offered"] == ACTIONS
+    assert report["actions"]["retry_failed"]["changes"] == [
+        f"{failed.key}: status failed, sent-email failed, 1 outbox row(s) -> "
+        "status created, sent-email released, 2 outbox row(s)"
+    ]
+    assert report["actions"]["resend_ambiguous"]["changes"] == [
+        f"{held.key}: status ambiguous, sent-email held, 1 outbox row(s) -> "
+        "status created, sent-email released, 2 outbox row(s)"
+    ]
+    assert report["actions"]["delete_selected"]["changes"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_probe_command_prints_json_for_the_database_it_is_pointed_at() -> None:
+    """Finding: admin actions had no permission check. ``python -m
+    notifications.chaos.admin_probe`` run against a database, as the chaos run does (the
+    project's settings, no DJANGO_SECRET_KEY), prints that nothing changed."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    failed = make("failed", "failed")
+    held = make("ambiguous", "held")
+    env = child_env(DJANGO_SETTINGS_MODULE="project.settings")
+    for name in ("DJANGO_SECRET_KEY", "DJANGO_DEBUG"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "notifications.chaos.admin_probe"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["selected"] == {"failed": 1, "ambiguous": 1}
+    assert report["offered"] == [] and report["changed"] is False
+    assert {name: a["changes"] for name, a in report["actions"].items()} == {
+        name: [] for name in [*ACTIONS, "delete_selected"]
+    }
+    assert state(failed) == ("failed", "failed", 1)
+    assert state(held) == ("ambiguous", "held", 1)
