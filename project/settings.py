@@ -25,9 +25,12 @@ def env_float(name: str, default: float) -> float:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-# A missing key falls back to one that `manage.py check --deploy` flags (security.W009),
-# so local use needs no setup and production cannot miss it silently.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "django-insecure-local-only-set-DJANGO_SECRET_KEY"
+# Without DJANGO_SECRET_KEY, debug mode (local use) gets a fixed key that is public, and
+# production mode gets none: Django then refuses every use of the key (sessions, CSRF
+# tokens, password resets) with ImproperlyConfigured, and the web process refuses to start
+# (project/wsgi.py). Workers, beat and migrate never use the key, so they start without one.
+LOCAL_SECRET_KEY = "django-insecure-local-only-set-DJANGO_SECRET_KEY"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or (LOCAL_SECRET_KEY if DEBUG else "")
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]

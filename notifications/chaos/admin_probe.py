@@ -40,7 +40,7 @@ def probe(*, username: str = PROBE_USER, limit: int = LIMIT) -> dict[str, Any]:
     """
     from django.conf import settings
     from django.core.exceptions import ImproperlyConfigured
-    from django.test.utils import override_settings, setup_test_environment, teardown_test_environment
+    from django.test.utils import setup_test_environment, teardown_test_environment
 
     with ExitStack() as stack:
         try:
@@ -52,9 +52,11 @@ def probe(*, username: str = PROBE_USER, limit: int = LIMIT) -> dict[str, Any]:
         try:
             settings.SECRET_KEY  # noqa: B018  (raises when the key is empty)
         except ImproperlyConfigured:
-            # A process without DJANGO_SECRET_KEY (workers, the chaos run): the probe's
-            # session is signed with a key of its own, used by nothing else.
-            stack.enter_context(override_settings(SECRET_KEY=secrets.token_urlsafe(50)))
+            # A process without DJANGO_SECRET_KEY (as the chaos run's are): the probe's
+            # session is signed with a key of its own for the call, then the key is empty
+            # again. (override_settings cannot: it reads the empty key back on exit.)
+            settings.SECRET_KEY = secrets.token_urlsafe(50)
+            stack.callback(setattr, settings, "SECRET_KEY", "")
         return _probe(username, limit)
 
 
