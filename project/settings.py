@@ -154,6 +154,10 @@ CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", Fals
 
 # Queues, routes and the relay's beat entries come from notifications.broker.configure(),
 # called in project/celery.py, so every service that installs the app shares one topology.
+# configure() routes only the pipeline's own tasks. The one other task this project runs,
+# Celery's daily cleanup of expired results (beat schedules it for the django-db backend),
+# goes with the pipeline's maintenance passes to the relay queue the project's workers consume.
+CELERY_TASK_ROUTES = {"celery.backend_cleanup": {"queue": "notifications.relay", "routing_key": "notifications.relay"}}
 NOTIFICATIONS_DELIVERY_LIMIT = int(os.environ.get("NOTIFICATIONS_DELIVERY_LIMIT", "10"))
 
 LOGGING = {
