@@ -1,6 +1,11 @@
 """The operator's view: notifications with their status, the outbox and the sent-email
 records (read-only), and actions that retry through the outbox without ever allowing a
-second email for a key that was sent."""
+second email for a key that was sent.
+
+Each action names the permission it needs, so Django offers it (and runs it) only for
+users who hold it: retrying a failed notification needs the change permission on
+Notification; resending or closing a held ambiguous one, which may send a second copy or
+suppress an email, needs ``notifications.resolve_ambiguous``."""
 
 from __future__ import annotations
 
@@ -78,17 +83,28 @@ class NotificationAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    @admin.action(description="Retry failed notifications through the outbox")
+    def has_resolve_ambiguous_permission(self, request: HttpRequest) -> bool:
+        """Whether the user may resend or close held ambiguous notifications (the
+        ``resolve_ambiguous`` permission of Notification's ``Meta.permissions``)."""
+        return request.user.has_perm(f"{self.opts.app_label}.resolve_ambiguous")
+
+    @admin.action(description="Retry failed notifications through the outbox", permissions=["change"])
     def retry_failed(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         count = _requeue(queryset.filter(status=Status.FAILED), [ClaimState.FAILED], Status.CREATED)
         self.message_user(request, f"{count} failed notification(s) queued again.", messages.SUCCESS)
 
-    @admin.action(description="Resend held ambiguous notifications (the recipient may get a second copy)")
+    @admin.action(
+        description="Resend held ambiguous notifications (the recipient may get a second copy)",
+        permissions=["resolve_ambiguous"],
+    )
     def resend_ambiguous(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         count = _requeue(queryset.filter(status=Status.AMBIGUOUS), [ClaimState.HELD], Status.CREATED)
         self.message_user(request, f"{count} ambiguous notification(s) queued for resending.", messages.WARNING)
 
-    @admin.action(description="Mark held ambiguous notifications as sent (no resend)")
+    @admin.action(
+        description="Mark held ambiguous notifications as sent (no resend)",
+        permissions=["resolve_ambiguous"],
+    )
     def mark_ambiguous_sent(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
         db = settings.DATABASE
         with transaction.atomic(using=db):

@@ -81,6 +81,12 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
     configuration (not at import: ``celery.py`` is imported while Django settings load).
     ``maintenance=False`` leaves out the passes that belong to the notification service
     (recovery of stalled retries, dead letters, purge): a calling service only relays.
+
+    It adds the pipeline's queues to ``task_queues``, routes the pipeline's tasks (the
+    ``notifications.*`` names) to them through ``task_routes`` and adds beat entries;
+    the app's default queue, exchange and routing key stay as they were, so the app's
+    own tasks go where they went before. An app that named no ``task_queues`` keeps its
+    default queue among them, so a worker started without ``-Q`` still consumes it.
     """
     if getattr(app, "configured", False):
         _apply(app, maintenance)
@@ -120,20 +126,28 @@ class DeadLetterUndecodable(bootsteps.StartStopStep):
         parent.on_decode_error = on_decode_error
 
 
-def _apply(app: Celery, maintenance: bool) -> None:
+def routes() -> dict[str, dict[str, str]]:
+    """The pipeline's tasks by name, and the queue each one goes to."""
     deliver = {"queue": settings.DELIVER_QUEUE, "routing_key": settings.DELIVER_QUEUE}
     relay = {"queue": settings.RELAY_QUEUE, "routing_key": settings.RELAY_QUEUE}
-    routes = dict(app.conf.task_routes or {})
-    routes.update(
-        {
-            DELIVER_TASK: deliver,
-            DELIVER_MANY_TASK: deliver,
-            RELAY_TASK: relay,
-            PURGE_TASK: relay,
-            RECOVER_TASK: relay,
-            DEAD_LETTERS_TASK: relay,
-        }
-    )
+    return {
+        DELIVER_TASK: deliver,
+        DELIVER_MANY_TASK: deliver,
+        RELAY_TASK: relay,
+        PURGE_TASK: relay,
+        RECOVER_TASK: relay,
+        DEAD_LETTERS_TASK: relay,
+    }
+
+
+def _apply(app: Celery, maintenance: bool) -> None:
+    own_routes = app.conf.task_routes
+    task_routes: Any
+    if own_routes is None or isinstance(own_routes, dict):
+        task_routes = {**(own_routes or {}), **routes()}
+    else:  # a router, or a list of them: ours are asked first
+        own = list(own_routes) if isinstance(own_routes, list | tuple) else [own_routes]
+        task_routes = [routes(), *own]
     interval = float(settings.RELAY_INTERVAL)
     schedule = dict(app.conf.beat_schedule or {})
     # The safety net: on-commit wake-ups make delivery fast, this pass makes it certain.
@@ -155,18 +169,12 @@ def _apply(app: Celery, maintenance: bool) -> None:
         )
     if DeadLetterUndecodable not in app.steps["consumer"]:
         app.steps["consumer"].add(DeadLetterUndecodable)
-    existing = [q for q in (app.conf.task_queues or []) if q.name not in _names()]
-    app.conf.update(
-        task_queues=[*existing, *queues()],
-        task_default_queue=app.conf.task_default_queue
-        if app.conf.task_default_queue != "celery"
-        else settings.DELIVER_QUEUE,
-        task_default_exchange=settings.EXCHANGE,
-        task_default_exchange_type="topic",
-        task_default_routing_key=settings.DELIVER_QUEUE,
-        task_routes=routes,
-        beat_schedule=schedule,
-    )
+    # Without task_queues, Celery declares and consumes the app's default queue; once
+    # they are set it consumes only those, so the default queue joins them (built by
+    # Celery from the app's own task_default_* settings).
+    own_queues = list(app.conf.task_queues or app.amqp.Queues([]).values())
+    existing = [q for q in own_queues if q.name not in _names()]
+    app.conf.update(task_queues=[*existing, *queues()], task_routes=task_routes, beat_schedule=schedule)
 
 
 def _names() -> set[str]:

@@ -64,6 +64,9 @@ class Notification(models.Model):
             models.Index(fields=["user_id"], name="notifications_user_idx"),
         ]
         ordering = ["-id"]
+        # The two admin actions that decide an ambiguous send: one may send a second
+        # copy, the other closes a notification that perhaps never arrived.
+        permissions = [("resolve_ambiguous", "Can resend or close held ambiguous notifications")]
 
     def __str__(self) -> str:
         return self.key

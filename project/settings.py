@@ -25,9 +25,12 @@ def env_float(name: str, default: float) -> float:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-# A missing key falls back to one that `manage.py check --deploy` flags (security.W009),
-# so local use needs no setup and production cannot miss it silently.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or "django-insecure-local-only-set-DJANGO_SECRET_KEY"
+# Without DJANGO_SECRET_KEY, debug mode (local use) gets a fixed key that is public, and
+# production mode gets none: Django then refuses every use of the key (sessions, CSRF
+# tokens, password resets) with ImproperlyConfigured, and the web process refuses to start
+# (project/wsgi.py). Workers, beat and migrate never use the key, so they start without one.
+LOCAL_SECRET_KEY = "django-insecure-local-only-set-DJANGO_SECRET_KEY"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or (LOCAL_SECRET_KEY if DEBUG else "")
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
@@ -165,6 +168,10 @@ CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", Fals
 
 # Queues, routes and the relay's beat entries come from notifications.broker.configure(),
 # called in project/celery.py, so every service that installs the app shares one topology.
+# configure() routes only the pipeline's own tasks. The one other task this project runs,
+# Celery's daily cleanup of expired results (beat schedules it for the django-db backend),
+# goes with the pipeline's maintenance passes to the relay queue the project's workers consume.
+CELERY_TASK_ROUTES = {"celery.backend_cleanup": {"queue": "notifications.relay", "routing_key": "notifications.relay"}}
 NOTIFICATIONS_DELIVERY_LIMIT = int(os.environ.get("NOTIFICATIONS_DELIVERY_LIMIT", "10"))
 
 LOGGING = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -78,6 +79,124 @@ def test_staff_without_permissions_cannot_see_notifications(client: Client, djan
     user = django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
     client.force_login(user)
     assert client.get(reverse(CHANGELIST)).status_code == 403
+
+
+# Who may run which action. Each test names the finding it guards: the actions had no
+# permission check, so any staff user who could see notifications could resend a held
+# ambiguous one (a possible second email), close it as sent (an email suppressed), or
+# retry failed ones.
+
+ACTIONS = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+
+
+def staff(django_user_model: Any, username: str, *permissions: str) -> Any:
+    """A staff user (not a superuser) holding exactly ``permissions`` (codenames of the
+    notifications app)."""
+    user = django_user_model.objects.create_user(username, password="pw", is_staff=True)
+    granted = list(Permission.objects.filter(content_type__app_label="notifications", codename__in=permissions))
+    assert sorted(p.codename for p in granted) == sorted(permissions)
+    user.user_permissions.set(granted)
+    return user
+
+
+def logged_in(user: Any) -> Client:
+    client = Client()
+    assert client.login(username=user.get_username(), password="pw")
+    return client
+
+
+def offered(client: Client) -> list[str]:
+    """The actions in the changelist's action menu, as the user sees them."""
+    response = client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    form = response.context["action_form"]
+    return [] if form is None else [name for name, _ in form.fields["action"].choices if name]
+
+
+def pending() -> tuple[Notification, Notification]:
+    """A failed notification and a held ambiguous one: what the actions act on."""
+    return make("failed", "failed"), make("ambiguous", "held")
+
+
+@pytest.mark.django_db
+def test_view_only_staff_sees_the_changelist_but_no_actions(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. A view-only user is offered none."""
+    failed, held = pending()
+    client = logged_in(staff(django_user_model, "viewer", "view_notification"))
+    response = client.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert failed.key in page and held.key in page
+    assert offered(client) == []
+    assert 'name="action"' not in page
+    for description in ("Retry failed", "Resend held ambiguous", "Mark held ambiguous"):
+        assert description not in page
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", [*ACTIONS, "delete_selected"])
+@pytest.mark.parametrize("confirmed", [False, True], ids=["from-the-menu", "with-index-and-post"])
+def test_view_only_staff_posting_an_action_changes_nothing(
+    django_user_model: Any, action: str, confirmed: bool
+) -> None:
+    """Finding: admin actions had no permission check, so a view-only user could POST
+    "Resend held ambiguous" (a possible second email), "Mark held ambiguous as sent" (an
+    email suppressed) or "Retry failed". Now the statuses, the sent-email records and the
+    outbox rows (where every email starts) stay as they were."""
+    failed, held = pending()
+    before = [state(failed), state(held)]
+    client = logged_in(staff(django_user_model, "viewer", "view_notification"))
+    data: dict[str, Any] = {"action": action, "_selected_action": [failed.pk, held.pk]}
+    if confirmed:  # the other form of the request: the menu's button index, a confirmation
+        data.update(index="0", post="yes")
+    response = client.post(reverse(CHANGELIST), data, follow=True)
+    assert response.status_code == 200
+    shown_messages = [str(m) for m in response.context["messages"]]
+    assert not any("queued" in m or "marked as sent" in m for m in shown_messages)
+    assert [state(failed), state(held)] == before == [("failed", "failed", 1), ("ambiguous", "held", 1)]
+    assert Notification.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_change_permission_retries_failed_but_cannot_resolve_ambiguous(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. Retry failed needs the change
+    permission; resending or closing a held ambiguous notification needs more."""
+    failed, held = pending()
+    client = logged_in(staff(django_user_model, "operator", "view_notification", "change_notification"))
+    assert offered(client) == ["retry_failed"]
+    for action in ("resend_ambiguous", "mark_ambiguous_sent"):
+        assert act(client, action, held) == ["No action selected."]
+        assert state(held) == ("ambiguous", "held", 1)
+    assert act(client, "retry_failed", failed, held) == ["1 failed notification(s) queued again."]
+    assert state(failed) == ("created", "released", 2)
+    assert state(held) == ("ambiguous", "held", 1)
+
+
+@pytest.mark.django_db
+def test_resolve_ambiguous_permission_resends_and_closes_held_notifications(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. The two ambiguous-resolution
+    actions need notifications.resolve_ambiguous, and it is enough for them."""
+    failed, held = pending()
+    other = make("ambiguous", "held")
+    client = logged_in(staff(django_user_model, "resolver", "view_notification", "resolve_ambiguous"))
+    assert offered(client) == ["resend_ambiguous", "mark_ambiguous_sent"]
+    assert act(client, "retry_failed", failed) == ["No action selected."]
+    assert state(failed) == ("failed", "failed", 1)
+    assert act(client, "resend_ambiguous", held) == ["1 ambiguous notification(s) queued for resending."]
+    assert state(held) == ("created", "released", 2)
+    assert act(client, "mark_ambiguous_sent", other) == ["1 notification(s) marked as sent."]
+    assert state(other) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_superuser_is_offered_every_action(admin_client: Client) -> None:
+    """Finding: admin actions had no permission check. A superuser keeps all of them."""
+    assert offered(admin_client) == ACTIONS
+
+
+def test_the_resolve_ambiguous_permission_is_declared_on_notification() -> None:
+    """Finding: admin actions had no permission check; the permission they need now exists."""
+    assert ("resolve_ambiguous", "Can resend or close held ambiguous notifications") in (Notification._meta.permissions)
 
 
 # Finding notifications.
@@ -162,6 +281,42 @@ def test_records_are_read_only(admin_client: Client, model: str) -> None:
     assert bulk.status_code in (200, 302)
     assert type(obj).objects.filter(pk=obj.pk).exists()
     assert state(n) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["outboxmessage", "sentemail"])
+def test_records_stay_read_only_for_staff_granted_every_permission(django_user_model: Any, model: str) -> None:
+    """The outbox and the sent-email records stay read-only whatever permissions a user
+    is given: add, change and delete are refused by the admin itself."""
+    n = make("sent", "sent")
+    obj = OutboxMessage.objects.get(notification=n) if model == "outboxmessage" else SentEmail.objects.get(key=n.key)
+    codenames = [f"{verb}_{model}" for verb in ("add", "change", "delete", "view")]
+    client = logged_in(staff(django_user_model, "keen", *codenames))
+    url = f"admin:notifications_{model}"
+    changelist = client.get(reverse(f"{url}_changelist"))
+    assert changelist.status_code == 200 and n.key in changelist.content.decode()
+    assert changelist.context["action_form"] is None  # not even delete_selected
+    assert client.get(reverse(f"{url}_add")).status_code == 403
+    assert client.post(reverse(f"{url}_change", args=[obj.pk]), {"state": "released"}).status_code == 403
+    assert client.post(reverse(f"{url}_delete", args=[obj.pk]), {"post": "yes"}).status_code == 403
+    client.post(
+        reverse(f"{url}_changelist"), {"action": "delete_selected", "_selected_action": [obj.pk], "post": "yes"}
+    )
+    assert type(obj).objects.filter(pk=obj.pk).exists()
+    assert state(n) == ("sent", "sent", 1)
+
+
+@pytest.mark.django_db
+def test_notifications_cannot_be_added_or_deleted_even_with_those_permissions(django_user_model: Any) -> None:
+    n = make("failed", "failed")
+    codenames = [f"{verb}_notification" for verb in ("add", "delete", "view")]
+    client = logged_in(staff(django_user_model, "keen", *codenames))
+    assert offered(client) == []
+    assert client.get(reverse("admin:notifications_notification_add")).status_code == 403
+    assert (
+        client.post(reverse("admin:notifications_notification_delete", args=[n.pk]), {"post": "yes"}).status_code == 403
+    )
+    assert state(n) == ("failed", "failed", 1)
 
 
 @pytest.mark.django_db
@@ -294,3 +449,106 @@ def test_retry_after_retries_ran_out_delivers_once(admin_client: Client, smtp_se
     assert act(admin_client, "retry_failed", sent) == ["0 failed notification(s) queued again."]
     assert state(sent) == ("sent", "sent", 2)
     assert smtp_server.count(key) == 1
+
+
+# The admin probe the chaos run calls (notifications/chaos/admin_probe.py).
+
+
+@pytest.mark.django_db
+def test_admin_probe_finds_that_a_view_only_user_changes_nothing(django_user_model: Any) -> None:
+    """Finding: admin actions had no permission check. The probe tries every action as a
+    view-only user on failed and held ambiguous notifications and sees no change."""
+    from notifications.chaos.admin_probe import probe
+
+    failed = [make("failed", "failed") for _ in range(3)]
+    held = [make("ambiguous", "held") for _ in range(2)]
+    untouched = make("sent", "sent")
+    report = probe(limit=2)
+    assert report["changelist"] == 200 and report["offered"] == []
+    assert report["selected"] == {"failed": 2, "ambiguous": 2}
+    assert sorted(report["actions"]) == sorted([*ACTIONS, "delete_selected"])
+    assert all(a["responses"] == [200, 200] and a["changes"] == [] for a in report["actions"].values())
+    assert report["changed"] is False
+    assert [state(n) for n in failed] == [("failed", "failed", 1)] * 3
+    assert [state(n) for n in held] == [("ambiguous", "held", 1)] * 2
+    assert state(untouched) == ("sent", "sent", 1)
+    user = django_user_model.objects.get(username=report["user"])
+    assert user.is_staff and not user.is_superuser and not user.has_usable_password()
+    assert sorted(user.get_all_permissions()) == ["notifications.view_notification"]
+
+
+@pytest.mark.django_db
+def test_admin_probe_reuses_its_user_and_takes_back_anything_more_than_view(django_user_model: Any) -> None:
+    from notifications.chaos.admin_probe import PROBE_USER, probe
+
+    user = staff(django_user_model, PROBE_USER, "view_notification", "change_notification", "resolve_ambiguous")
+    user.is_superuser = True
+    user.save()
+    held = make("ambiguous", "held")
+    report = probe()
+    assert report["offered"] == [] and report["changed"] is False
+    assert state(held) == ("ambiguous", "held", 1)
+    assert django_user_model.objects.filter(username=PROBE_USER).count() == 1
+    again = django_user_model.objects.get(username=PROBE_USER)
+    assert not again.is_superuser
+    assert sorted(again.get_all_permissions()) == ["notifications.view_notification"]
+
+
+@pytest.mark.django_db
+def test_admin_probe_reports_what_an_unchecked_action_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: admin actions had no permission check. With the checks taken away again
+    (every permission granted), the probe reports each row an action changed."""
+    from notifications.admin import NotificationAdmin
+    from notifications.chaos.admin_probe import probe
+
+    monkeypatch.setattr(NotificationAdmin, "has_change_permission", lambda self, request, obj=None: True)
+    monkeypatch.setattr(NotificationAdmin, "has_resolve_ambiguous_permission", lambda self, request: True)
+    failed = make("failed", "failed")
+    held = make("ambiguous", "held")
+    report = probe()
+    assert report["changed"] is True
+    assert report["offered"] == ACTIONS
+    assert report["actions"]["retry_failed"]["changes"] == [
+        f"{failed.key}: status failed, sent-email failed, 1 outbox row(s) -> "
+        "status created, sent-email released, 2 outbox row(s)"
+    ]
+    assert report["actions"]["resend_ambiguous"]["changes"] == [
+        f"{held.key}: status ambiguous, sent-email held, 1 outbox row(s) -> "
+        "status created, sent-email released, 2 outbox row(s)"
+    ]
+    assert report["actions"]["delete_selected"]["changes"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_probe_command_prints_json_for_the_database_it_is_pointed_at() -> None:
+    """Finding: admin actions had no permission check. ``python -m
+    notifications.chaos.admin_probe`` run against a database, as the chaos run does (the
+    project's settings, no DJANGO_SECRET_KEY), prints that nothing changed."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    failed = make("failed", "failed")
+    held = make("ambiguous", "held")
+    env = child_env(DJANGO_SETTINGS_MODULE="project.settings")
+    for name in ("DJANGO_SECRET_KEY", "DJANGO_DEBUG"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "notifications.chaos.admin_probe"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["selected"] == {"failed": 1, "ambiguous": 1}
+    assert report["offered"] == [] and report["changed"] is False
+    assert {name: a["changes"] for name, a in report["actions"].items()} == {
+        name: [] for name in [*ACTIONS, "delete_selected"]
+    }
+    assert state(failed) == ("failed", "failed", 1)
+    assert state(held) == ("ambiguous", "held", 1)
