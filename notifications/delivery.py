@@ -271,6 +271,12 @@ def _send_lane(lanes: _Lanes) -> None:
         if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
             settled += _release_rest(lanes, last)
         item = _next(lanes.queue)
+        if item is not None and settled and not mail.has_connection():
+            # Connecting may take up to EMAIL_TIMEOUT: record the last outcome first, so
+            # that the window in which a crash leaves it unknown stays one email wide.
+            _check_written(settled, _settle(settled, None, lanes.db)[0])
+            holder.release(f.key for f in settled)
+            settled = []
         if item is not None:
             try:
                 mail.connection()

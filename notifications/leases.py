@@ -27,7 +27,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import Error as DatabaseError
+from django.db import close_old_connections, connections
 
 from .conf import settings
 

@@ -125,6 +125,11 @@ def _alive(backend: Any) -> bool:
         return False
 
 
+def has_connection() -> bool:
+    """Whether this thread holds a connection (that may still need its NOOP)."""
+    return _held() is not None
+
+
 def connection() -> Any:
     """This thread's open connection to the mail server, opened (and logged in) if it
     has none, checked with NOOP if it sat idle. Raises ``MailServerUnreachable`` for

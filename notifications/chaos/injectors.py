@@ -82,6 +82,7 @@ def worker_kill(run: ChaosRun, rng: random.Random) -> str:
     if target is None:
         return "skipped: no idle worker"
     try:
+        run.note_victims(target.children(), "worker_kill")
         target.kill()
         time.sleep(rng.uniform(0.2, 2.0))
         target.restart()
@@ -99,6 +100,7 @@ def child_kill(run: ChaosRun, rng: random.Random) -> str:
         if not children:
             return f"skipped: {target.name} has no pool child"
         child = rng.choice(children)
+        run.note_victims([child], "child_kill")
         subprocess.run(["kill", "-KILL", str(child)], capture_output=True)
         return f"SIGKILL pool child {child} of {target.name}"
     finally:
@@ -130,6 +132,7 @@ def worker_stop(run: ChaosRun, rng: random.Random) -> str:
         return "skipped: no idle worker"
     pause = run.lease + rng.uniform(2.0, 6.0)
     try:
+        run.note_victims(target.children(), "worker_stop")
         target.signal_group(signal.SIGSTOP)
         time.sleep(pause)
         target.signal_group(signal.SIGCONT)
@@ -236,6 +239,55 @@ def pg_terminate(run: ChaosRun, rng: random.Random) -> str:
     return f"terminated {done.stdout.strip() or '?'} PostgreSQL sessions (workers, relays, caller)"
 
 
+def pg_cut(run: ChaosRun, rng: random.Random) -> str:
+    """Cut worker0's line to PostgreSQL (its packets are taken and never answered) for
+    two to three leases, then restore it: its claims must lapse to the other workers,
+    and its late writes meet the fencing token."""
+    if run.line is None:
+        return "skipped: no worker behind a line that can be cut"
+    with run.lock:
+        if "worker0" in run.busy:
+            return "skipped: worker0 busy"
+        run.busy.add("worker0")
+    seconds = run.lease * rng.uniform(2.0, 3.0)
+    try:
+        run.note_victims(run.fleet.procs["worker0"].children(), "pg_cut")
+        run.line.cut()
+        time.sleep(seconds)
+        run.line.restore()
+    finally:
+        _release(run, "worker0")
+    return f"worker0 cut off from PostgreSQL for {seconds:.1f}s"
+
+
+def admin_probe(run: ChaosRun, rng: random.Random) -> str:
+    """A view-only staff user tries every admin action on the failed and held
+    notifications of the moment (``notifications.chaos.admin_probe``); the run fails if
+    anything changed."""
+    import json
+    import sys
+
+    from .run import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "notifications.chaos.admin_probe"],
+        cwd=ROOT,
+        env=run.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        result = json.loads(done.stdout)
+    except ValueError:
+        run.probe_failures.append(f"the admin probe did not run: {done.stderr[-500:]}")
+        return f"error: rc {done.returncode}"
+    if result.get("changed"):
+        run.probe_failures.append(f"a view-only admin user changed something: {json.dumps(result)[:1000]}")
+    selected = result.get("selected", {})
+    return f"view-only admin user tried every action on {selected}: changed={result.get('changed')}"
+
+
 def _weather(kind: str, rate: float, delay: float = 0.0) -> Callable[[ChaosRun, random.Random], str]:
     def inject(run: ChaosRun, rng: random.Random) -> str:
         seconds = rng.uniform(2.0, 5.0)
@@ -248,7 +300,7 @@ def _weather(kind: str, rate: float, delay: float = 0.0) -> Callable[[ChaosRun, 
 def smtp_hang(run: ChaosRun, rng: random.Random) -> str:
     seconds = rng.uniform(2.0, 4.0)
     run.mail.add_weather("hang", 0.2, seconds, run.hang_reply)
-    return f"mail server: replies held {run.hang_reply:.0f}s (past every client timeout) on 20% for {seconds:.1f}s"
+    return f"mail server: replies held {run.hang_reply:.0f}s (past the client's timeout) on 20% for {seconds:.1f}s"
 
 
 INJECTORS: dict[str, Injector] = {
@@ -265,6 +317,8 @@ INJECTORS: dict[str, Injector] = {
         Injector("redis_flush", False, redis_flush),
         Injector("redis_restart", True, redis_restart),
         Injector("pg_terminate", False, pg_terminate),
+        Injector("pg_cut", False, pg_cut),
+        Injector("admin_probe", False, admin_probe),
         Injector("smtp_4xx", False, _weather("4xx", 0.5)),
         Injector("smtp_drop", False, _weather("drop", 0.3)),
         Injector("smtp_slow", False, _weather("slow", 0.2)),
@@ -272,7 +326,7 @@ INJECTORS: dict[str, Injector] = {
     ]
 }
 # Not scheduled: always present in the caller's traffic when selected.
-TRAFFIC_FAULTS = ("smtp_5xx", "poison")
+TRAFFIC_FAULTS = ("smtp_5xx", "poison", "undecodable", "oversized")
 ALL_FAULTS = (*INJECTORS, *TRAFFIC_FAULTS)
 
 

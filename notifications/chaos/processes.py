@@ -95,7 +95,7 @@ class Fleet:
         proc.start()
         return proc
 
-    def worker(self, name: str, concurrency: int) -> Proc:
+    def worker(self, name: str, concurrency: int, **env: str) -> Proc:
         return self.add(
             name,
             [
@@ -115,6 +115,7 @@ class Fleet:
                 "-Q",
                 "notifications.deliver,notifications.relay",
             ],
+            **env,
         )
 
     def beat(self, name: str = "beat") -> Proc:

@@ -30,6 +30,11 @@ class Verdict:
         return not self.failures
 
 
+# Kinds of call whose notification committed (an "oversized" one committed only if
+# notify() took it: then it must end failed as too large for a broker message).
+COMMITTED_KINDS = ("new", "bounce", "poison", "undecodable", "large", "oversized")
+
+
 def judge(
     *,
     calls: list[dict[str, Any]],
@@ -38,8 +43,13 @@ def judge(
     claims: dict[str, dict[str, Any]],
     mode: str,
     poison_expected: bool,
+    victims: list[dict[str, Any]] | None = None,
+    takeover_limit: float = 30.0,
 ) -> Verdict:
-    committed = {c["key"]: c["at"] for c in calls if c["kind"] in ("new", "bounce", "poison")}
+    committed = {c["key"]: c["at"] for c in calls if c["kind"] in COMMITTED_KINDS}
+    refused = [c["key"] for c in calls if c["kind"] == "refused"]
+    refused_written = sorted(k for k in refused if k in notifications)
+    invalid = [c["key"] for c in calls if c["kind"] == "invalid"]
     rolled_back = {c["key"] for c in calls if c["kind"] == "rollback"}
     errors = [c["key"] for c in calls if c["kind"] == "error"]
     copies: Counter[str] = Counter(r.key for r in received)
@@ -66,12 +76,15 @@ def judge(
     stuck = sorted(k for k, c in claims.items() if c["state"] == "claimed")
 
     def reason(key: str, error: str) -> str:
+        if "dead-lettered" in error:
+            # Only a poison notification may end here: a good one dead-lettered is a loss.
+            return "dead-lettered (poison)" if ":poison-" in key else "other"
+        if "more than a broker message may carry" in error or "the broker refused" in error:
+            return "too large for a message" if ":oversized-" in key else "other"
         if error.startswith("5") or " 5" in error[:12]:
-            return "permanent reply (5xx)"
+            return "permanent reply (5xx)" if ":bounce-" in key else "other"
         if "gave up after" in error:
             return "retries exhausted"
-        if "dead-lettered" in error:
-            return "dead-lettered (poison)" if ":poison-" in key else "dead-lettered (delivery limit)"
         return "other"
 
     failed_by = Counter(reason(k, n["last_error"]) for k, n in failed.items())
@@ -80,6 +93,15 @@ def judge(
     poison_not_failed = sorted(k for k in poison_keys if k not in failed)
 
     latency = [first_at[k] - committed[k] for k in committed if k in first_at]
+    # Takeover: from a worker's death (or pause, or cut-off) to the moment each claim it
+    # held was settled by another (sent, held or failed), as the database recorded it.
+    takeovers: list[float] = []
+    for victim in victims or []:
+        note = notifications.get(victim["key"])
+        if note is None:
+            continue
+        settled = note["sent_at"] if note["status"] == "sent" and note["sent_at"] else note["updated_at"]
+        takeovers.append(max(0.0, settled - victim["at"]))
     window = [
         n["sent_at"] - last_at[k]
         for k, n in notifications.items()
@@ -107,6 +129,10 @@ def judge(
         "stuck_claims": len(stuck),
         "caller_errors": len(errors),
         "latency_commit_to_smtp_s": percentiles(latency),
+        "takeovers": len(takeovers),
+        "takeover_s": percentiles(takeovers),
+        "refused_at_notify": len(refused),
+        "refused_yet_written": len(refused_written),
         "ambiguous_window_s": percentiles(window),
     }
     failures = []
@@ -132,11 +158,23 @@ def judge(
         failures.append(f"{len(poison_not_failed)} poison notification(s) not ended as failed")
     if errors:
         failures.append(f"the caller gave up on {len(errors)} call(s)")
+    if invalid:
+        failures.append(f"{len(invalid)} call(s) refused as invalid that were valid, e.g. {invalid[:3]}")
+    if refused_written:
+        failures.append(f"{len(refused_written)} refused call(s) wrote a notification, e.g. {refused_written[:3]}")
+    slow = sorted(takeovers)
+    if slow and slow[min(len(slow) - 1, int(0.99 * len(slow)))] > takeover_limit:
+        failures.append(
+            f"takeover p99 {slow[min(len(slow) - 1, int(0.99 * len(slow)))]:.1f}s is over {takeover_limit:.0f}s "
+            f"(longest {slow[-1]:.1f}s)"
+        )
     return Verdict(report=report, failures=failures)
 
 
 def render(report: dict[str, Any]) -> str:
+    setup = report.get("setup", {})
     rows = [
+        ("settings changed from project/settings.py", json.dumps(setup.get("settings_changed", "?"))),
         ("mode (NOTIFICATIONS_AMBIGUOUS)", report["mode"]),
         ("notifications expected (committed)", report["notifications_expected"]),
         ("delivered (distinct keys at the SMTP server)", report["delivered_distinct"]),
@@ -153,6 +191,12 @@ def render(report: dict[str, Any]) -> str:
         ("failed, by reason", json.dumps(report["failed_by_reason"]) if report["failed_by_reason"] else "0"),
         ("claims stuck after the drain", report["stuck_claims"]),
         ("latency commit -> SMTP, p50 / p99 / max (s)", _p(report["latency_commit_to_smtp_s"])),
+        (
+            f"takeover of {report.get('takeovers', 0)} claim(s) of dead, paused or cut-off workers, "
+            "p50 / p99 / max (s)",
+            _p(report.get("takeover_s") or percentiles([])),
+        ),
+        ("oversized calls refused at notify() (nothing written)", report.get("refused_at_notify", 0)),
         ("ambiguous window end of DATA -> result committed, p50 / p99 / max (s)", _p(report["ambiguous_window_s"])),
         ("time to drain after the faults stopped (s)", report.get("drain_seconds")),
         ("faults injected", ", ".join(f"{k} {v}" for k, v in sorted(report.get("faults", {}).items()))),

@@ -42,18 +42,40 @@ class Options:
     concurrency: int = 2
     mode: str = "resend"
     fault_every: float = 3.0
-    drain_timeout: float = 300.0
-    consumer_timeout: float = 30.0
+    drain_timeout: float = 60.0
+    consumer_timeout: float | None = None  # RabbitMQ's own unless given
     redis_db: int = 15
     poison: int = 3
     out: Path = Path("chaos-report.json")
     keep: bool = False
+    # Settings changed for the run (environment variable -> value); none by default:
+    # the run proves project/settings.py as shipped, and the report lists any change.
+    changes: dict[str, str] = field(default_factory=dict)
+
+
+# What the report quotes of the settings the pipeline ran with.
+REPORTED_SETTINGS = (
+    "NOTIFICATIONS_CLAIM_LEASE",
+    "NOTIFICATIONS_CLAIM_RENEW_INTERVAL",
+    "NOTIFICATIONS_RECOVER_INTERVAL",
+    "NOTIFICATIONS_MAX_ATTEMPTS",
+    "NOTIFICATIONS_RETRY_BACKOFF",
+    "NOTIFICATIONS_RETRY_BACKOFF_MAX",
+    "NOTIFICATIONS_DELIVERY_LIMIT",
+    "NOTIFICATIONS_RELAY_INTERVAL",
+    "NOTIFICATIONS_MAX_MESSAGE_BYTES",
+    "EMAIL_TIMEOUT",
+    "CELERY_TASK_SOFT_TIME_LIMIT",
+    "CELERY_TASK_TIME_LIMIT",
+)
+
+
+# The promise: a dead or cut-off worker's notifications are delivered (or held) within
+# this many seconds of its death, p99, with the shipped settings.
+TAKEOVER_LIMIT = 30.0
 
 
 class ChaosRun:
-    lease = 10.0
-    email_timeout = 2.0
-
     def __init__(self, options: Options, log: Any = print) -> None:
         self.o = options
         self.say = log
@@ -61,8 +83,9 @@ class ChaosRun:
         self.database = f"chaos_{self.id}"
         self.vhost = f"notifications-chaos-{self.id}"
         self.redis_db = options.redis_db
-        self.slow_reply = self.email_timeout + 1.5
-        self.hang_reply = 20.0
+        self.line: Any = None  # the database line of worker0, which the pg_cut fault cuts
+        self.victims: list[dict[str, Any]] = []  # claims held by killed or cut-off workers
+        self.probe_failures: list[str] = []  # what a view-only admin user managed to change
         self.lock = threading.Lock()
         self.busy: set[str] = set()
         self.faults: list[dict[str, Any]] = []
@@ -81,6 +104,8 @@ class ChaosRun:
     # -- services ------------------------------------------------------------------------
 
     def restore_consumer_timeout(self, lowered: bool) -> None:
+        if self.o.consumer_timeout is None:
+            return
         value = int(self.o.consumer_timeout * 1000) if lowered else self._consumer_timeout_before
         if value is None:
             return
@@ -101,37 +126,58 @@ class ChaosRun:
             conn.execute(sql)
 
     def env(self) -> dict[str, str]:
+        """The pipeline's environment: the run's own database, vhost, Redis db and mail
+        server, the mode under test, and nothing else but ``--set`` changes, so that what
+        runs is ``project/settings.py`` as shipped (settings given in this process's
+        environment are left out too)."""
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("NOTIFICATIONS_", "CELERY_BROKER", "EMAIL_", "DATABASE"))
+            if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE", "DJANGO_", "REDIS_"))
         }
         env.update(
             DJANGO_SETTINGS_MODULE="project.settings",
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
             DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{self.database}",
-            CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}",
+            CELERY_BROKER_URL=self.broker_url(),
             REDIS_URL=f"redis://127.0.0.1:6379/{self.redis_db}",
             EMAIL_HOST="127.0.0.1",
             EMAIL_PORT=str(self.mail.port),
-            EMAIL_TIMEOUT=str(self.email_timeout),
             NOTIFICATIONS_AMBIGUOUS=self.o.mode,
-            NOTIFICATIONS_CLAIM_LEASE=str(self.lease),
-            NOTIFICATIONS_TASK_SOFT_TIME_LIMIT="6",
-            NOTIFICATIONS_TASK_TIME_LIMIT="8",
-            NOTIFICATIONS_RETRY_BACKOFF="1",
-            NOTIFICATIONS_RETRY_BACKOFF_MAX="4",
-            NOTIFICATIONS_MAX_ATTEMPTS="10",
-            NOTIFICATIONS_DELIVERY_LIMIT="10",
-            NOTIFICATIONS_RELAY_INTERVAL="0.5",
-            NOTIFICATIONS_RECOVER_INTERVAL="5",
-            NOTIFICATIONS_CONSUMER_TIMEOUT=str(self.o.consumer_timeout),
+            # Logging only: the pipeline's warnings, not every delivery.
             NOTIFICATIONS_LOG_LEVEL="WARNING",
         )
+        if self.o.consumer_timeout is not None:
+            env["NOTIFICATIONS_CONSUMER_TIMEOUT"] = str(self.o.consumer_timeout)
         if "poison" in self.o.faults:
             env["NOTIFICATIONS_CRASH_POINTS"] = "before_claim=chaos:poison-"
+        env.update(self.o.changes)
         return env
+
+    def broker_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+
+    def effective_settings(self) -> dict[str, Any]:
+        """The settings the pipeline's processes run with, as they read them."""
+        code = (
+            "import json, django; django.setup()\n"
+            "from django.conf import settings\n"
+            "from notifications.conf import settings as conf\n"
+            f"names = {list(REPORTED_SETTINGS)!r}\n"
+            "out = {}\n"
+            "for name in names:\n"
+            "    short = name.removeprefix('NOTIFICATIONS_')\n"
+            "    out[name] = getattr(conf, short) if name != short else getattr(settings, name)\n"
+            "print(json.dumps(out))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=60
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"could not read the settings:\n{done.stderr[-2000:]}")
+        values: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return values
 
     def setup(self) -> None:
         self.say(f"chaos run {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}")
@@ -145,16 +191,33 @@ class ChaosRun:
         self.restore_consumer_timeout(lowered=True)
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
         migrate(ROOT, self.env())
+        self.settings = self.effective_settings()
+        self.lease = float(self.settings["NOTIFICATIONS_CLAIM_LEASE"])
+        self.email_timeout = float(self.settings["EMAIL_TIMEOUT"])
+        self.slow_reply = self.email_timeout + 1.5  # the server keeps it; the client gave up
+        self.hang_reply = self.email_timeout + 5.0
         self.fleet = Fleet(root=ROOT, env=self.env(), logs=self.workdir)
+        if "pg_cut" in self.o.faults:
+            from .netcut import LineCut
+
+            self.line = LineCut(port=5432).start()
         for i in range(self.o.workers):
-            self.fleet.worker(f"worker{i}", self.o.concurrency)
+            if i == 0 and self.line is not None:  # worker0 reaches PostgreSQL through a line that can be cut
+                url = f"postgres://postgres@127.0.0.1:{self.line.port}/{self.database}"
+                self.fleet.worker(f"worker{i}", self.o.concurrency, DATABASE_URL=url)
+            else:
+                self.fleet.worker(f"worker{i}", self.o.concurrency)
         self.fleet.beat()
         for proc in self.fleet.workers():
             self.fleet.wait_ready(proc)
 
     def teardown(self) -> None:
+        if self.line is not None:
+            self.line.restore()
         if hasattr(self, "fleet"):
             self.fleet.stop_all()
+        if self.line is not None:
+            self.line.stop()
         self.restore_consumer_timeout(lowered=False)
         if hasattr(self, "mail"):
             self.mail.stop()
@@ -170,6 +233,8 @@ class ChaosRun:
     def traffic(self) -> subprocess.Popen[bytes]:
         self.calls_file = self.workdir / "calls.jsonl"
         poison = self.o.poison if "poison" in self.o.faults else 0
+        undecodable = max(2, self.o.n // 500) if "undecodable" in self.o.faults else 0
+        oversized = max(1, self.o.n // 2500) if "oversized" in self.o.faults else 0
         cmd = [
             sys.executable,
             "-m",
@@ -182,6 +247,10 @@ class ChaosRun:
             str(self.o.n / self.o.duration),
             "--poison",
             str(poison),
+            "--undecodable",
+            str(undecodable),
+            "--oversized",
+            str(oversized),
             "--out",
             str(self.calls_file),
         ]
@@ -238,11 +307,16 @@ class ChaosRun:
         verdict.report["drain_seconds"] = round(drained - faults_stopped, 1) if drained else None
         verdict.report["drained"] = drained is not None
         verdict.report["faults"] = dict(_count(f["kind"] for f in self.faults))
+        calls = verdict.report["calls"]
+        traffic = {
+            "smtp_5xx": calls.get("bounce", 0),
+            "poison": calls.get("poison", 0),
+            "undecodable": calls.get("undecodable", 0),
+            "oversized": calls.get("large", 0) + calls.get("oversized", 0) + calls.get("refused", 0),
+        }
         for kind in TRAFFIC_FAULTS:
             if kind in self.o.faults:
-                verdict.report["faults"][kind] = verdict.report["calls"].get(
-                    "bounce" if kind == "smtp_5xx" else "poison", 0
-                )
+                verdict.report["faults"][kind] = traffic[kind]
         verdict.report["fault_log"] = self.faults
         verdict.report["setup"] = {
             "n": self.o.n,
@@ -250,13 +324,14 @@ class ChaosRun:
             "seed": self.o.seed,
             "workers": self.o.workers,
             "concurrency": self.o.concurrency,
-            "claim_lease": self.lease,
-            "email_timeout": self.email_timeout,
-            "consumer_timeout": self.o.consumer_timeout,
+            "settings": self.settings,
+            "settings_changed": dict(self.o.changes) or "none: project/settings.py as shipped",
+            "rabbitmq_consumer_timeout": self.o.consumer_timeout or "the broker's own",
             "faults_selected": self.o.faults,
         }
         if drained is None:
             verdict.failures.append(f"not drained within {self.o.drain_timeout:.0f}s after the faults stopped")
+        verdict.failures += self.probe_failures
         return verdict
 
     def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
@@ -267,9 +342,11 @@ class ChaosRun:
                     "ambiguous_count": row[2],
                     "last_error": row[3],
                     "sent_at": row[4].timestamp() if row[4] else None,
+                    "updated_at": row[5].timestamp(),
                 }
                 for row in conn.execute(
-                    "SELECT key, status, ambiguous_count, last_error, sent_at FROM notifications_notification"
+                    "SELECT key, status, ambiguous_count, last_error, sent_at, updated_at "
+                    "FROM notifications_notification"
                 )
             }
             claims = {
@@ -283,9 +360,24 @@ class ChaosRun:
         keys = set()
         for line in self.calls_file.read_text().splitlines():
             call = json.loads(line)
-            if call["kind"] in ("new", "bounce", "poison"):
+            if call["kind"] in report.COMMITTED_KINDS:
                 keys.add(call["key"])
         return keys
+
+    def note_victims(self, pids: list[int], fault: str) -> None:
+        """Before a worker is killed, paused or cut off: the claims its pool processes
+        hold now, whose takeover the report times."""
+        owners = [f"{socket.gethostname()}:{pid}" for pid in pids]
+        try:
+            with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
+                rows = conn.execute(
+                    "SELECT key FROM notifications_sentemail WHERE state = 'claimed' AND owner = ANY(%s)", [owners]
+                ).fetchall()
+        except psycopg.Error:
+            return
+        at = time.time()
+        with self.lock:
+            self.victims += [{"key": row[0], "fault": fault, "at": at} for row in rows]
 
     def drain(self) -> float | None:
         committed = self._committed()
@@ -318,6 +410,8 @@ class ChaosRun:
             claims=claims,
             mode=self.o.mode,
             poison_expected="poison" in self.o.faults,
+            victims=self.victims,
+            takeover_limit=TAKEOVER_LIMIT,
         )
 
 

@@ -30,9 +30,25 @@ class Command(BaseCommand):
         parser.add_argument("--workers", type=int, default=3)
         parser.add_argument("--concurrency", type=int, default=2)
         parser.add_argument("--mode", choices=["resend", "hold"], default="resend", help="NOTIFICATIONS_AMBIGUOUS")
-        parser.add_argument("--drain-timeout", type=float, default=300.0)
         parser.add_argument(
-            "--consumer-timeout", type=float, default=30.0, help="RabbitMQ consumer_timeout for the run"
+            "--drain-timeout",
+            type=float,
+            default=60.0,
+            help="seconds after the faults stop by which everything must be delivered (default 60)",
+        )
+        parser.add_argument(
+            "--consumer-timeout",
+            type=float,
+            default=None,
+            help="lower RabbitMQ's consumer_timeout to this for the run (default: leave the broker's)",
+        )
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="change a setting for the run, as an environment variable (e.g. NOTIFICATIONS_CLAIM_LEASE=10); "
+            "the report lists every change. Without it the run proves project/settings.py as shipped.",
         )
         parser.add_argument("--redis-db", type=int, default=15)
         parser.add_argument("--poison", type=int, default=3, help="poison notifications (with the poison fault)")
@@ -55,6 +71,12 @@ class Command(BaseCommand):
             unknown = sorted(set(faults) - set(ALL_FAULTS))
             if unknown:
                 raise CommandError(f"--faults: unknown kind(s) {unknown}; known: {', '.join(ALL_FAULTS)}")
+        changes = {}
+        for item in o["set"]:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise CommandError(f"--set {item!r}: expected NAME=VALUE")
+            changes[name] = value
         options = Options(
             n=o["n"],
             duration=o["duration"],
@@ -70,6 +92,7 @@ class Command(BaseCommand):
             poison=o["poison"],
             out=Path(o["report"]),
             keep=o["keep"],
+            changes=changes,
         )
         verdict = ChaosRun(options, log=lambda line: self.stdout.write(line)).run()
         Path(o["report"]).write_text(json.dumps({**verdict.report, "failures": verdict.failures}, indent=2))
