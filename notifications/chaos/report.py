@@ -96,12 +96,15 @@ def judge(
     # Takeover: from a worker's death (or pause, or cut-off) to the moment each claim it
     # held was settled by another (sent, held or failed), as the database recorded it.
     takeovers: list[float] = []
+    by_fault: dict[str, list[float]] = {}
     for victim in victims or []:
         note = notifications.get(victim["key"])
         if note is None:
             continue
         settled = note["sent_at"] if note["status"] == "sent" and note["sent_at"] else note["updated_at"]
-        takeovers.append(max(0.0, settled - victim["at"]))
+        took = max(0.0, settled - victim["at"])
+        takeovers.append(took)
+        by_fault.setdefault(victim["fault"], []).append(took)
     window = [
         n["sent_at"] - last_at[k]
         for k, n in notifications.items()
@@ -131,6 +134,7 @@ def judge(
         "latency_commit_to_smtp_s": percentiles(latency),
         "takeovers": len(takeovers),
         "takeover_s": percentiles(takeovers),
+        "takeover_by_fault_s": {k: percentiles(v) | {"claims": len(v)} for k, v in sorted(by_fault.items())},
         "refused_at_notify": len(refused),
         "refused_yet_written": len(refused_written),
         "ambiguous_window_s": percentiles(window),
