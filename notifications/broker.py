@@ -26,6 +26,7 @@ PURGE_TASK = "notifications.purge"
 RECOVER_TASK = "notifications.recover"
 DEAD_LETTERS_TASK = "notifications.dead_letters"
 CONFIRM_TIMEOUT = 10.0
+CELERY_CONSUMER = "celery.worker.consumer:Consumer"
 
 
 def dead_letter_queue() -> Queue:
@@ -75,6 +76,9 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
     configuration (not at import: ``celery.py`` is imported while Django settings load).
     ``maintenance=False`` leaves out the passes that belong to the notification service
     (recovery of stalled retries, dead letters, purge): a calling service only relays.
+    Workers get ``notifications.consumer.Consumer`` unless the app names a consumer of
+    its own: it keeps a node that is down from stalling them when ``broker_url`` lists
+    a cluster's nodes.
     """
     if getattr(app, "configured", False):
         _apply(app, maintenance)
@@ -126,7 +130,11 @@ def _apply(app: Celery, maintenance: bool) -> None:
             "notifications-purge", {"task": PURGE_TASK, "schedule": 3600.0, "options": {"expires": 600.0}}
         )
     existing = [q for q in (app.conf.task_queues or []) if q.name not in _names()]
+    consumer = app.conf.worker_consumer
+    if consumer == CELERY_CONSUMER:  # a service with a consumer of its own keeps it
+        consumer = "notifications.consumer:Consumer"
     app.conf.update(
+        worker_consumer=consumer,
         task_queues=[*existing, *queues()],
         task_default_queue=app.conf.task_default_queue
         if app.conf.task_default_queue != "celery"
