@@ -30,6 +30,7 @@ PURGE_TASK = "notifications.purge"
 RECOVER_TASK = "notifications.recover"
 DEAD_LETTERS_TASK = "notifications.dead_letters"
 CONFIRM_TIMEOUT = 10.0
+CELERY_CONSUMER = "celery.worker.consumer:Consumer"
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
     the app's default queue, exchange and routing key stay as they were, so the app's
     own tasks go where they went before. An app that named no ``task_queues`` keeps its
     default queue among them, so a worker started without ``-Q`` still consumes it.
+
+    Workers get ``notifications.consumer.Consumer`` unless the app names a consumer of
+    its own: it keeps a node that is down from stalling them when ``broker_url`` lists
+    a cluster's nodes.
     """
     if getattr(app, "configured", False):
         _apply(app, maintenance)
@@ -174,7 +179,15 @@ def _apply(app: Celery, maintenance: bool) -> None:
     # Celery from the app's own task_default_* settings).
     own_queues = list(app.conf.task_queues or app.amqp.Queues([]).values())
     existing = [q for q in own_queues if q.name not in _names()]
-    app.conf.update(task_queues=[*existing, *queues()], task_routes=task_routes, beat_schedule=schedule)
+    consumer = app.conf.worker_consumer
+    if consumer == CELERY_CONSUMER:  # a service with a consumer of its own keeps it
+        consumer = "notifications.consumer:Consumer"
+    app.conf.update(
+        worker_consumer=consumer,
+        task_queues=[*existing, *queues()],
+        task_routes=task_routes,
+        beat_schedule=schedule,
+    )
 
 
 def _names() -> set[str]:
