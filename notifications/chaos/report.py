@@ -205,6 +205,14 @@ def render(report: dict[str, Any]) -> str:
         ("time to drain after the faults stopped (s)", report.get("drain_seconds")),
         ("faults injected", ", ".join(f"{k} {v}" for k, v in sorted(report.get("faults", {}).items()))),
     ]
+    for pause in (report.get("cluster") or {}).get("pauses", []):
+        rows.append(
+            (
+                f"RabbitMQ leader {pause['kind']} ({pause['node']}): delivery paused (s)",
+                f"{pause['delivery_pause']} (normal gap {pause['baseline_delivery_gap']}; "
+                f"down {pause['down_seconds']}s, new leader {pause['new_leader']})",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 

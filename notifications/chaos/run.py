@@ -51,6 +51,8 @@ class Options:
     # Settings changed for the run (environment variable -> value); none by default:
     # the run proves project/settings.py as shipped, and the report lists any change.
     changes: dict[str, str] = field(default_factory=dict)
+    # A three-node RabbitMQ cluster of the run's own instead of the machine's broker.
+    cluster: bool = False
 
 
 # What the report quotes of the settings the pipeline ran with.
@@ -86,6 +88,7 @@ class ChaosRun:
         self.line: Any = None  # the database line of worker0, which the pg_cut fault cuts
         self.victims: list[dict[str, Any]] = []  # claims held by killed or cut-off workers
         self.probe_failures: list[str] = []  # what a view-only admin user managed to change
+        self.cluster: Any = None
         self.lock = threading.Lock()
         self.busy: set[str] = set()
         self.faults: list[dict[str, Any]] = []
@@ -117,6 +120,9 @@ class ChaosRun:
 
             sh(*REDIS_START)
             wait(lambda: sh("redis-cli", "ping").stdout.strip() == "PONG", 30, 0.2)
+        if self.cluster is not None:
+            self.cluster.ensure_running()
+            return
         if sh("rabbitmqctl", "-q", "await_startup", timeout=180).returncode != 0:
             sh("rabbitmqctl", "-q", "start_app")
             sh("rabbitmqctl", "-q", "await_startup", timeout=180)
@@ -156,6 +162,8 @@ class ChaosRun:
         return env
 
     def broker_url(self) -> str:
+        if self.cluster is not None:
+            return str(self.cluster.broker_url(self.vhost))
         return f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
 
     def effective_settings(self) -> dict[str, Any]:
@@ -184,11 +192,21 @@ class ChaosRun:
         self.ensure_services()
         self.mail = mailserver.start(free_port(), seed=self.o.seed)
         self._admin_sql(f'CREATE DATABASE "{self.database}"')
-        add_vhost(self.vhost)
-        before = sh("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout).").stdout
-        digits = "".join(ch for ch in before if ch.isdigit())
-        self._consumer_timeout_before = digits or "1800000"
-        self.restore_consumer_timeout(lowered=True)
+        if self.o.cluster:
+            from .cluster import Cluster
+
+            self.cluster = Cluster(
+                self.workdir / "rabbit", self.id, consumer_timeout=self.o.consumer_timeout, log=self.say
+            )
+            seconds = self.cluster.start()
+            self.say(f"RabbitMQ cluster of {len(self.cluster.nodes)} nodes up in {seconds:.1f}s")
+            self.cluster.add_vhost(self.vhost)
+        else:
+            add_vhost(self.vhost)
+            before = sh("rabbitmqctl", "-q", "eval", "application:get_env(rabbit, consumer_timeout).").stdout
+            digits = "".join(ch for ch in before if ch.isdigit())
+            self._consumer_timeout_before = digits or "1800000"
+            self.restore_consumer_timeout(lowered=True)
         sh("redis-cli", "-n", str(self.redis_db), "flushdb")
         migrate(ROOT, self.env())
         self.settings = self.effective_settings()
@@ -210,6 +228,8 @@ class ChaosRun:
         self.fleet.beat()
         for proc in self.fleet.workers():
             self.fleet.wait_ready(proc)
+        if self.cluster is not None:
+            self.cluster.wait_members(self.vhost)
 
     def teardown(self) -> None:
         if self.line is not None:
@@ -218,10 +238,13 @@ class ChaosRun:
             self.fleet.stop_all()
         if self.line is not None:
             self.line.stop()
-        self.restore_consumer_timeout(lowered=False)
+        if self.cluster is not None:
+            self.cluster.teardown()
+        else:
+            self.restore_consumer_timeout(lowered=False)
         if hasattr(self, "mail"):
             self.mail.stop()
-        if not self.o.keep:
+        if not self.o.keep and self.cluster is None:
             sh("rabbitmqctl", "-q", "delete_vhost", self.vhost)
             try:
                 self._admin_sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -259,7 +282,7 @@ class ChaosRun:
 
     def schedule(self) -> list[tuple[float, str]]:
         rng = random.Random(self.o.seed)
-        kinds = [k for k in self.o.faults if k in INJECTORS]
+        kinds = [k for k in self.o.faults if k in self.injectors()]
         if not kinds:
             return []
         count = max(len(kinds), int(self.o.duration / self.o.fault_every))
@@ -267,8 +290,26 @@ class ChaosRun:
         rng.shuffle(order)
         while len(order) < count:
             order.append(rng.choice(kinds))
-        times = sorted(rng.uniform(1.0, max(2.0, self.o.duration)) for _ in order)
-        return list(zip(times, order, strict=True))
+        plan = []
+        for kind in order:
+            # A node fault needs traffic after it, or the pause it causes cannot be seen.
+            end = self.o.duration - 10.0 if kind.startswith("rabbit_leader") else self.o.duration
+            plan.append((rng.uniform(1.0, max(2.0, end)), kind))
+        return sorted(plan)
+
+    def injectors(self) -> dict[str, Any]:
+        """The faults of this run: with a cluster of its own, the leader faults replace
+        the machine node's restart, and closing connections closes the cluster's."""
+        if self.cluster is None and not self.o.cluster:
+            return dict(INJECTORS)
+        from .cluster import rabbit_leader_kill, rabbit_leader_stop
+        from .injectors import Injector
+
+        out = {k: v for k, v in INJECTORS.items() if k not in ("rabbit_restart", "rabbit_close")}
+        out["rabbit_close"] = Injector("rabbit_close", False, _cluster_close)
+        out["rabbit_leader_stop"] = Injector("rabbit_leader_stop", False, rabbit_leader_stop)
+        out["rabbit_leader_kill"] = Injector("rabbit_leader_kill", False, rabbit_leader_kill)
+        return out
 
     def run(self) -> report.Verdict:
         try:
@@ -289,7 +330,7 @@ class ChaosRun:
             delay = t0 + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            threads.append(run_in_background(self, INJECTORS[kind], random.Random(rng.random())))
+            threads.append(run_in_background(self, self.injectors()[kind], random.Random(rng.random())))
         caller.wait()
         for thread in threads:
             thread.join(timeout=120)
@@ -332,6 +373,8 @@ class ChaosRun:
         if drained is None:
             verdict.failures.append(f"not drained within {self.o.drain_timeout:.0f}s after the faults stopped")
         verdict.failures += self.probe_failures
+        if self.cluster is not None:
+            verdict.report["cluster"] = self.cluster.summary()
         return verdict
 
     def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
@@ -413,6 +456,11 @@ class ChaosRun:
             victims=self.victims,
             takeover_limit=TAKEOVER_LIMIT,
         )
+
+
+def _cluster_close(run: ChaosRun, rng: random.Random) -> str:
+    closed = run.cluster.close_connections(run.vhost)
+    return f"closed {closed} connection(s) on vhost {run.vhost} across the cluster"
 
 
 def _count(items: Any) -> dict[str, int]:

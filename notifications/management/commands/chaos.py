@@ -54,6 +54,12 @@ class Command(BaseCommand):
         parser.add_argument("--poison", type=int, default=3, help="poison notifications (with the poison fault)")
         parser.add_argument("--report", default="chaos-report.json", help="where to write the JSON report")
         parser.add_argument("--keep", action="store_true", help="keep the run's database and vhost")
+        parser.add_argument(
+            "--cluster",
+            action="store_true",
+            help="run against a three-node RabbitMQ cluster of the run's own on loopback (adds the faults "
+            "rabbit_leader_stop and rabbit_leader_kill; rabbit_restart is left out)",
+        )
 
     def handle(self, *args: Any, **o: Any) -> None:
         try:
@@ -62,15 +68,20 @@ class Command(BaseCommand):
             from notifications.chaos.run import ChaosRun, Options
         except ImportError as exc:  # aiosmtpd comes with the dev extra
             raise CommandError(f"the chaos run needs the dev extra (pip install -e '.[dev]'): {exc}") from exc
+        cluster_faults = ["rabbit_leader_stop", "rabbit_leader_kill"]
+        known = [*ALL_FAULTS, *cluster_faults]
         if o["faults"] == "all":
-            faults = list(ALL_FAULTS)
+            faults = [f for f in ALL_FAULTS if not (o["cluster"] and f == "rabbit_restart")]
+            faults += cluster_faults if o["cluster"] else []
         elif o["faults"] == "none":
             faults = []
         else:
             faults = [f.strip() for f in o["faults"].split(",") if f.strip()]
-            unknown = sorted(set(faults) - set(ALL_FAULTS))
+            unknown = sorted(set(faults) - set(known))
             if unknown:
-                raise CommandError(f"--faults: unknown kind(s) {unknown}; known: {', '.join(ALL_FAULTS)}")
+                raise CommandError(f"--faults: unknown kind(s) {unknown}; known: {', '.join(known)}")
+            if not o["cluster"] and set(faults) & set(cluster_faults):
+                raise CommandError("--faults: rabbit_leader_stop and rabbit_leader_kill need --cluster")
         changes = {}
         for item in o["set"]:
             name, sep, value = item.partition("=")
@@ -93,6 +104,7 @@ class Command(BaseCommand):
             out=Path(o["report"]),
             keep=o["keep"],
             changes=changes,
+            cluster=o["cluster"],
         )
         verdict = ChaosRun(options, log=lambda line: self.stdout.write(line)).run()
         Path(o["report"]).write_text(json.dumps({**verdict.report, "failures": verdict.failures}, indent=2))
