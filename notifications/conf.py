@@ -45,8 +45,10 @@ DEFAULTS: dict[str, Any] = {
     # retrying the key itself usually takes it over first).
     "RECOVER_GRACE": 2.0,
     # Seconds after publishing with no worker's claim before a notification's message
-    # counts as lost (only looked for while no delivery message waits in the queue).
-    "RECOVER_UNCLAIMED_AFTER": 60.0,
+    # counts as lost (only looked for while no delivery message waits in the queue). A
+    # worker cut off from its database holds the messages it had taken unclaimed; one
+    # that was only slow costs a message that finds its claim settled.
+    "RECOVER_UNCLAIMED_AFTER": 15.0,
     # Seconds a notification may go without reaching any mail server (refused
     # connections, a wrong password, 421s) before it ends failed. That is no attempt.
     "GIVE_UP_AFTER": 86400.0,

@@ -205,6 +205,11 @@ def render(report: dict[str, Any]) -> str:
         ("time to drain after the faults stopped (s)", report.get("drain_seconds")),
         ("faults injected", ", ".join(f"{k} {v}" for k, v in sorted(report.get("faults", {}).items()))),
     ]
+    gaps = report.get("delivery_gap_after_fault_s") or {}
+    if gaps:
+        rows.append(
+            ("longest gap in deliveries within 30 s of a fault (s)", ", ".join(f"{k} {v}" for k, v in gaps.items()))
+        )
     for pause in (report.get("cluster") or {}).get("pauses", []):
         rows.append(
             (

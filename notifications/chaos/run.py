@@ -326,6 +326,7 @@ class ChaosRun:
         threads = []
         t0 = time.monotonic()
         self.started = t0
+        self.started_wall = time.time()
         for at, kind in plan:
             delay = t0 + at - time.monotonic()
             if delay > 0:
@@ -359,6 +360,7 @@ class ChaosRun:
             if kind in self.o.faults:
                 verdict.report["faults"][kind] = traffic[kind]
         verdict.report["fault_log"] = self.faults
+        verdict.report["delivery_gap_after_fault_s"] = self.gaps_after_faults()
         verdict.report["setup"] = {
             "n": self.o.n,
             "duration": self.o.duration,
@@ -376,6 +378,21 @@ class ChaosRun:
         if self.cluster is not None:
             verdict.report["cluster"] = self.cluster.summary()
         return verdict
+
+    def gaps_after_faults(self, window: float = 30.0) -> dict[str, float]:
+        """Per fault kind, the longest time no email reached the mail server within
+        ``window`` seconds of one of its faults: what the fault cost delivery (with
+        steady traffic and faults far apart; overlapping faults share their gaps)."""
+        arrivals = sorted(r.wall for r in self.mail.all_messages())
+        out: dict[str, float] = {}
+        for fault in self.faults:
+            start = self.started_wall + fault["at"]
+            inside = [t for t in arrivals if start - 1.0 <= t <= start + window]
+            if len(inside) < 2:
+                continue
+            gap = max(b - a for a, b in zip(inside, inside[1:], strict=False))
+            out[fault["kind"]] = round(max(out.get(fault["kind"], 0.0), gap), 2)
+        return dict(sorted(out.items()))
 
     def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
         with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
