@@ -283,8 +283,10 @@ def publish_deliveries(
         conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
         try:
             try:
-                _publish_on_new_channel(app, conn, queue, declare, batches)
-            except PreconditionFailed:
+                _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
+            except PreconditionFailed as exc:
+                if not _too_large(exc):  # a queue declared otherwise, say: the rows wait
+                    raise
                 for batch in batches:
                     refused += _publish_alone(app, conn, queue, declare, batch)
         except Exception:
@@ -300,9 +302,11 @@ def _publish_alone(
     from amqp.exceptions import PreconditionFailed
 
     try:
-        _publish_on_new_channel(app, conn, queue, declare, [batch])
+        _publish_on_new_channel(app, conn, queue, declare, [batch], _confirm_timeout([batch]))
         return []
     except PreconditionFailed as exc:
+        if not _too_large(exc):
+            raise
         if len(batch) == 1:
             return [Refused(str(batch[0]["key"]), f"the broker refused the message: {exc}")]
     refused: list[Refused] = []
@@ -311,16 +315,42 @@ def _publish_alone(
     return refused
 
 
+def _too_large(exc: Exception) -> bool:
+    """Whether the broker refused a publish for its size (RabbitMQ's max_message_size),
+    as opposed to any other precondition (a queue declared with other arguments)."""
+    text = str(exc)
+    return "message size" in text and "max size" in text
+
+
+def _confirm_timeout(batches: list[list[dict[str, Any]]]) -> float:
+    """Seconds to wait for the confirms of ``batches``: ``CONFIRM_TIMEOUT``, and a second
+    more per MiB, so that a pass of large notifications is not timed out (and published
+    again, and again) by a broker that is merely slower than that."""
+    size = sum(_bound(p) for batch in batches for p in batch)
+    return CONFIRM_TIMEOUT + size / (1024 * 1024)
+
+
 def _publish_on_new_channel(
-    app: Celery, conn: Any, queue: Queue, declare: list[Queue], batches: list[list[dict[str, Any]]]
+    app: Celery,
+    conn: Any,
+    queue: Queue,
+    declare: list[Queue],
+    batches: list[list[dict[str, Any]]],
+    timeout: float = CONFIRM_TIMEOUT,
 ) -> None:
     channel = conn.channel()
-    _publish_confirmed(app, conn, channel, queue, declare, batches)
+    _publish_confirmed(app, conn, channel, queue, declare, batches, timeout)
     channel.close()
 
 
 def _publish_confirmed(
-    app: Celery, conn: Any, channel: Any, queue: Queue, declare: list[Queue], batches: list[list[dict[str, Any]]]
+    app: Celery,
+    conn: Any,
+    channel: Any,
+    queue: Queue,
+    declare: list[Queue],
+    batches: list[list[dict[str, Any]]],
+    timeout: float = CONFIRM_TIMEOUT,
 ) -> None:
     from amqp.exceptions import MessageNacked
     from kombu import Producer
@@ -356,12 +386,12 @@ def _publish_confirmed(
             retry=False,
         )
         pending.add(tag)
-    deadline = time.monotonic() + CONFIRM_TIMEOUT
+    deadline = time.monotonic() + timeout
     # A basic.return (unroutable) arrives before its ack and raises from drain_events.
     while pending and not nacked:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"{len(pending)} publish(es) unconfirmed after {CONFIRM_TIMEOUT}s")
+            raise TimeoutError(f"{len(pending)} publish(es) unconfirmed after {timeout:.0f}s")
         conn.drain_events(timeout=left)
     if nacked:
         raise MessageNacked(f"the broker refused {len(nacked)} message(s)")

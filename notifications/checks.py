@@ -160,6 +160,17 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                     id="notifications.E011",
                 )
             )
+    relayed = settings.RELAY_DATABASES
+    if relayed is not None and settings.DATABASE not in relayed:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_RELAY_DATABASES={list(relayed)!r} leaves out NOTIFICATIONS_DATABASE "
+                f"({settings.DATABASE!r}): retries, recoveries and admin resends queued there would never "
+                "be published.",
+                hint=f"Add {settings.DATABASE!r} to NOTIFICATIONS_RELAY_DATABASES (or leave it unset).",
+                id="notifications.E013",
+            )
+        )
     return errors
 
 

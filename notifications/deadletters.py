@@ -29,6 +29,16 @@ from .conf import settings
 logger = logging.getLogger(__name__)
 
 
+def _unavailable() -> tuple[type[BaseException], ...]:
+    from django.db import InterfaceError, OperationalError
+    from kombu.exceptions import OperationalError as BrokerError
+
+    return (InterfaceError, OperationalError, BrokerError, ConnectionError, TimeoutError)
+
+
+_UNAVAILABLE = _unavailable()
+
+
 def _death(headers: dict[str, Any]) -> tuple[str, int]:
     """Why and after how many deliveries the queue dead-lettered a message."""
     for death in headers.get("x-death") or []:
@@ -86,17 +96,19 @@ def _decodable(payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def fail(payload: dict[str, Any], reason: str) -> bool:
+def fail(payload: dict[str, Any], reason: str, crashed: bool = False) -> bool:
     """End one notification ``failed`` with ``reason`` (never one that was sent, or that a
-    live worker holds); held instead, in hold mode, if a send of it had started. True
-    if this call recorded it."""
+    live worker holds); held instead, in hold mode, if a send of it had started. A claim
+    released for a retry is left to that retry's message, unless ``crashed``: it was
+    that message which kept crashing its worker (or cannot travel at all). True if this
+    call recorded it."""
     from .models import Notification, SentEmail, Status
 
     db = settings.DATABASE
     with transaction.atomic(using=db):
         pk = Notification.objects.record(payload, db)
         finished = SentEmail.objects.fail_unless_live(
-            payload["key"], pk, reason, hold=settings.AMBIGUOUS == "hold", using=db
+            payload["key"], pk, reason, hold=settings.AMBIGUOUS == "hold", using=db, released=crashed
         )
         if finished is None:
             return False
@@ -126,7 +138,15 @@ def settle(limit: int = 100) -> list[str]:
             message = queue.get(no_ack=False, accept=["json"])
             if message is None:
                 break
-            keys += _settle_one(current_app, conn, message)
+            try:
+                keys += _settle_one(current_app, conn, message)
+            except _UNAVAILABLE:
+                raise  # the database or the broker is away: the message waits for the next pass
+            except Exception as exc:
+                # Something in this message itself (a key too long to store, say): it
+                # goes to the parked queue with the error, and the pass goes on.
+                logger.exception("dead letter could not be settled")
+                _park(conn, message, f"could not be settled: {type(exc).__name__}: {exc}")
             message.ack()
     if keys:
         logger.warning("%d dead-lettered notification(s) ended failed or held, e.g. %s", len(keys), keys[0])
@@ -152,15 +172,17 @@ def _settle_one(app: Any, conn: Any, message: Any) -> list[str]:
         # its own message, so only a poison one ends here again.
         refused = broker.publish_deliveries(app, payloads, per_message=1)
         by_key = {p["key"]: p for p in payloads}
-        return [r.key for r in refused if fail(by_key[r.key], f"dead-lettered: {r.reason}")]
+        return [r.key for r in refused if fail(by_key[r.key], f"dead-lettered: {r.reason}", crashed=True)]
     if reason == "rejected":
+        # A worker refused it after running it (Celery rejects a task that raised): its
+        # claims say what happened, and a retry it released is on its way.
         why = "dead-lettered: a worker refused its message (see the worker's log)"
-    else:
-        why = (
-            f"dead-lettered: delivery crashed its worker {count} times "
-            f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"
-        )
-    return [payloads[0]["key"]] if fail(payloads[0], why) else []
+        return [payloads[0]["key"]] if fail(payloads[0], why) else []
+    why = (
+        f"dead-lettered: delivery crashed its worker {count} times "
+        f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"
+    )
+    return [payloads[0]["key"]] if fail(payloads[0], why, crashed=True) else []
 
 
 def _park(conn: Any, message: Any, reason: str) -> None:

@@ -140,11 +140,11 @@ def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> li
             if key not in locked.keys:
                 wait = min(lease, locked.busy_for.get(key, 1.0)) + 0.2
                 outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=wait)
+        to_send = _claim([p for k, p in batch.items() if k in locked.keys], lease, db, outcomes, locked.token)
         try:
-            to_send = _claim([p for k, p in batch.items() if k in locked.keys], lease, db, outcomes, locked.token)
             _send_all(to_send, lease, db, began + budget, outcomes)
         finally:
-            holder.release(keys)
+            holder.release((i.key, i.token) for i in to_send)
     return [outcomes[p["key"]] for p in payloads]
 
 
@@ -275,7 +275,7 @@ def _send_lane(lanes: _Lanes) -> None:
             # Connecting may take up to EMAIL_TIMEOUT: record the last outcome first, so
             # that the window in which a crash leaves it unknown stays one email wide.
             _check_written(settled, _settle(settled, None, lanes.db)[0])
-            holder.release(f.key for f in settled)
+            holder.release((f.key, f.token) for f in settled)
             settled = []
         if item is not None:
             try:
@@ -290,7 +290,7 @@ def _send_lane(lanes: _Lanes) -> None:
         sent_at = time.monotonic()
         written, started = _settle(settled, start, lanes.db)
         _check_written(settled, written)
-        holder.release(f.key for f in settled)
+        holder.release((f.key, f.token) for f in settled)
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
         settled, last = [], None
@@ -298,7 +298,7 @@ def _send_lane(lanes: _Lanes) -> None:
             return
         if not started:  # taken over since the claim: not ours to send
             lanes.outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
-            holder.release([item.key])
+            holder.release([(item.key, item.token)])
             continue
         holder.renewed(item.key, item.token, sent_at)
         # Committed: send_started_at is set. From here to the outcome record is the window.
@@ -413,18 +413,19 @@ def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[se
     raise AssertionError("unreachable")
 
 
-def requeue_through_outbox(payloads: Sequence[dict[str, Any]]) -> int:
-    """Queue ``payloads`` again as outbox rows of this service's database, for when the
-    broker will not take their next message now; return how many rows were added (a
-    notification with an unpublished row already gets none). The relay publishes them
-    as soon as the broker takes messages again, and the claims keep it to one email."""
+def requeue_through_outbox(payloads: Sequence[dict[str, Any]], due_in: float = 0.0) -> int:
+    """Queue ``payloads`` again as outbox rows of this service's database, due in
+    ``due_in`` seconds (a retry's backoff), for when the broker will not take their next
+    message now; return how many rows were added (a notification with an unpublished
+    row already gets none). The relay publishes them once due and the broker takes
+    messages again, and the claims keep it to one email."""
     from .models import OutboxMessage
 
     db = settings.DATABASE
     unique = list({p["key"]: p for p in payloads}.values())
     with transaction.atomic(using=db):
         pks = Notification.objects.record_many(unique, db)
-        added = OutboxMessage.objects.queue_again(sorted(pks.values()), db)
+        added = OutboxMessage.objects.queue_again(sorted(pks.values()), db, due_in=due_in)
     if added:
         from .relay import wake_relay
 

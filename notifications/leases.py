@@ -102,11 +102,14 @@ class Holder:
             if held is not None and held.token == token:
                 held.valid_until = max(held.valid_until, sent_at + lease_seconds())
 
-    def release(self, keys: Iterable[str]) -> None:
-        """These claims are settled (or given up): stop renewing them."""
+    def release(self, claims: Iterable[tuple[str, int]]) -> None:
+        """These ``(key, token)`` claims are settled (or given up): stop renewing them. By
+        token, so that a task that found a key claimed never drops another's hold on it."""
         with self.lock:
-            for key in keys:
-                self.held.pop(key, None)
+            for key, token in claims:
+                held = self.held.get(key)
+                if held is not None and held.token == token:
+                    del self.held[key]
 
     def remaining(self, key: str, token: int) -> float:
         """Seconds this process may still act on the claim: 0 when it is lost or not held."""
@@ -139,7 +142,7 @@ class Holder:
         db = settings.DATABASE
         sent_at = time.monotonic()
         try:
-            kept = SentEmail.objects.renew([(k, h.token) for k, h in due.items()], lease_seconds(), db)
+            kept, lost = SentEmail.objects.renew([(k, h.token) for k, h in due.items()], lease_seconds(), db)
         except DatabaseError as exc:
             # Not renewed: the lanes see the lease run out and stop sending. The next
             # round tries again on a new connection.
@@ -156,11 +159,10 @@ class Holder:
                     continue
                 if key in kept:
                     held.valid_until = max(held.valid_until, sent_at + lease)
-                else:
+                elif key in lost:
                     held.lost = True
-        lost = [k for k in due if k not in kept]
         if lost:
-            logger.warning("%d claim(s) taken over or settled elsewhere, e.g. %s", len(lost), lost[0])
+            logger.warning("%d claim(s) taken over or settled elsewhere, e.g. %s", len(lost), next(iter(lost)))
         from . import locks
 
         locks.extend({k: h.lock_token for k, h in due.items() if k in kept and h.lock_token}, lease)

@@ -238,7 +238,7 @@ class OutboxMessageManager(models.Manager[Any]):
         sql = (
             f'SELECT o."id", n."id", n."created_at", {cols} FROM {outbox} o '
             f'JOIN {notif} n ON n."id" = o."notification_id" '
-            f'WHERE o."published_at" IS NULL ORDER BY o."id" LIMIT %s '
+            f'WHERE o."published_at" IS NULL AND (o."due_at" IS NULL OR o."due_at" <= now()) ORDER BY o."id" LIMIT %s '
             f"FOR UPDATE OF o SKIP LOCKED"
         )
         with connections[using].cursor() as cursor:
@@ -274,28 +274,36 @@ class OutboxMessageManager(models.Manager[Any]):
             cursor.execute(sql, [list(outbox_ids)])
 
     def mark_refused(self, refused: Sequence[tuple[int, str]], using: str) -> None:
-        """End notifications the broker cannot carry ``failed`` with the reason (unless a
-        worker already moved them further), in the relay's transaction."""
-        from .models import Notification
+        """End notifications the broker cannot carry ``failed`` with the reason, in the
+        relay's transaction: any not sent, failed or held (a retry of one from the
+        outbox too), with its claim if it was released for that retry."""
+        from .models import Notification, SentEmail
 
         notif = _q(Notification._meta.db_table)
+        sent = _q(SentEmail._meta.db_table)
         with connections[using].cursor() as cursor:
             cursor.execute(
-                f'UPDATE {notif} n SET "status" = \'failed\', "last_error" = u.reason, "updated_at" = now() '
-                f"FROM unnest(%s::bigint[], %s::text[]) AS u(id, reason) "
-                f"WHERE n.\"id\" = u.id AND n.\"status\" IN ('created', 'published')",
+                f"WITH u AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS u(id, reason)), "
+                f'n AS (UPDATE {notif} n SET "status" = \'failed\', "last_error" = u.reason, "updated_at" = now() '
+                f"FROM u WHERE n.\"id\" = u.id AND n.\"status\" NOT IN ('sent', 'failed', 'ambiguous') "
+                f'RETURNING n."key", u.reason) '
+                f'UPDATE {sent} s SET "state" = \'failed\', "response" = n.reason, "token" = s."token" + 1, '
+                f'"updated_at" = now() FROM n WHERE s."key" = n."key" AND s."state" = \'released\'',
                 [[pk for pk, _ in refused], [reason for _, reason in refused]],
             )
 
-    def queue_again(self, notification_ids: Sequence[int], using: str) -> int:
-        """A new unpublished row for each notification that has none; return how many."""
+    def queue_again(self, notification_ids: Sequence[int], using: str, due_in: float = 0.0) -> int:
+        """A new unpublished row, due ``due_in`` seconds from now, for each notification
+        that has none; return how many."""
         outbox = _q(self.model._meta.db_table)
         with connections[using].cursor() as cursor:
             cursor.execute(
-                f'INSERT INTO {outbox} ("notification_id") SELECT u.id FROM unnest(%s::bigint[]) AS u(id) '
+                f'INSERT INTO {outbox} ("notification_id", "due_at") '
+                f"SELECT u.id, CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END "
+                f"FROM unnest(%s::bigint[]) AS u(id) "
                 f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = u.id '
                 f'AND o."published_at" IS NULL) ORDER BY u.id',
-                [list(notification_ids)],
+                [due_in, due_in, list(notification_ids)],
             )
             return cursor.rowcount
 
@@ -374,26 +382,35 @@ class SentEmailManager(models.Manager[Any]):
         claimed with an expired lease, is taken over with a larger fencing token; if its
         holder had started the SMTP transaction, the claim is ``ambiguous``. Keys go in
         sorted order, so overlapping batches lock the unique index in the same order.
+
+        A live claim is never locked: new keys are inserted (``ON CONFLICT DO NOTHING``,
+        which locks nothing that exists) and only claimable rows are taken over (locked
+        in key order). ``ON CONFLICT DO UPDATE ... WHERE`` would lock every conflicting
+        row until this transaction ends, live ones too, and a claimer paused or cut off
+        in the middle of it would stop the live holder's renewals.
         """
         if not items:
             return {}
         t = self._table()
         ordered = sorted(items)
         sql = (
-            f'INSERT INTO {t} AS s ("key", "notification_id", "state", "token", "owner", '
+            f"WITH u AS (SELECT k, p, i FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(k, p, i)), "
+            f'ins AS (INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", '
             f'"lease_expires_at", "attempts", "ambiguous_count", "message_id", "response") '
             f"SELECT u.k, u.p, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '' "
-            f"FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(k, p, i) ORDER BY u.i "
-            f'ON CONFLICT ("key") DO UPDATE SET "token" = s."token" + 1, '
-            f'"owner" = EXCLUDED."owner", "lease_expires_at" = EXCLUDED."lease_expires_at", '
-            f'"state" = \'claimed\', "updated_at" = now(), '
-            f'"notification_id" = COALESCE(s."notification_id", EXCLUDED."notification_id") '
-            f"WHERE {_claimable('s')} "
-            f'RETURNING "key", "token", "attempts", "send_started_at"'
+            f'FROM u ORDER BY u.i ON CONFLICT ("key") DO NOTHING '
+            f'RETURNING "key", "token", "attempts", "send_started_at"), '
+            f'takeable AS (SELECT s."id", u.p FROM {t} s JOIN u ON s."key" = u.k WHERE {_claimable("s")} '
+            f'ORDER BY s."key" FOR UPDATE OF s), '
+            f'up AS (UPDATE {t} s SET "token" = s."token" + 1, "owner" = %s, '
+            f'"lease_expires_at" = now() + make_interval(secs => %s), "state" = \'claimed\', "updated_at" = now(), '
+            f'"notification_id" = COALESCE(s."notification_id", takeable.p) FROM takeable WHERE s."id" = takeable."id" '
+            f'RETURNING s."key", s."token", s."attempts", s."send_started_at") '
+            f"SELECT * FROM ins UNION ALL SELECT * FROM up"
         )
         claims: dict[str, Claim] = {}
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [owner, lease, [k for k, _ in ordered], [p for _, p in ordered]])
+            cursor.execute(sql, [[k for k, _ in ordered], [p for _, p in ordered], owner, lease, owner, lease])
             for key, token, attempts, started in cursor.fetchall():
                 claims[key] = Claim("claimed", token=token, attempts=attempts, ambiguous=started is not None)
             others = [k for k, _ in ordered if k not in claims]
@@ -486,27 +503,43 @@ class SentEmailManager(models.Manager[Any]):
         rows = _prepared(using, sql, params)
         return {key for kind, key in rows if kind == "f"}, any(kind == "s" for kind, _ in rows)
 
-    def renew(self, held: Sequence[tuple[str, int]], lease: float, using: str) -> set[str]:
+    def renew(self, held: Sequence[tuple[str, int]], lease: float, using: str) -> tuple[set[str], set[str]]:
         """Extend the leases of ``(key, token)`` claims this worker still holds by ``lease``
-        seconds from now, in one statement; return the keys renewed (a stale token, or a
-        claim settled meanwhile, is left alone)."""
+        seconds from now, in one statement: (the keys renewed, the keys lost: taken over
+        or settled elsewhere). A row another transaction has locked right now is skipped,
+        neither renewed nor lost: the next round renews it (waiting for the lock would
+        hold up the renewal of every other claim)."""
         if not held:
-            return set()
+            return set(), set()
         t = self._table()
+        ordered = sorted(held)
+        pairs: list[Any] = [[k for k, _ in ordered], [tok for _, tok in ordered]]
+        mine = (
+            f'SELECT s."id", s."key" FROM {t} s JOIN unnest(%s::text[], %s::bigint[]) AS u(k, token) '
+            f'ON s."key" = u.k AND s."token" = u.token WHERE s."state" = \'claimed\''
+        )
         sql = (
+            f'WITH mine AS ({mine} ORDER BY s."key" FOR UPDATE OF s SKIP LOCKED) '
             f'UPDATE {t} s SET "lease_expires_at" = now() + make_interval(secs => %s) '
-            f"FROM unnest(%s::text[], %s::bigint[]) AS u(k, token) "
-            f'WHERE s."key" = u.k AND s."token" = u.token AND s."state" = \'claimed\' RETURNING s."key"'
+            f'FROM mine WHERE s."id" = mine."id" RETURNING s."key"'
         )
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [lease, [k for k, _ in held], [tok for _, tok in held]])
-            return {row[0] for row in cursor.fetchall()}
+            cursor.execute(sql, [*pairs, lease])
+            renewed = {row[0] for row in cursor.fetchall()}
+            if len(renewed) == len(ordered):
+                return renewed, set()
+            cursor.execute(mine, pairs)  # a plain read: skipped rows are still ours
+            ours = {row[1] for row in cursor.fetchall()}
+        return renewed, {k for k, _ in ordered} - ours
 
-    def fail_unless_live(self, key: str, notification_pk: int, reason: str, hold: bool, using: str) -> Finished | None:
+    def fail_unless_live(
+        self, key: str, notification_pk: int, reason: str, hold: bool, using: str, released: bool = False
+    ) -> Finished | None:
         """Record ``key`` as failed if no worker ever claimed it, or its holder died (an
         expired claim); return what was recorded, or None. A key that was sent, is
         finished, is held by a live worker, or was released for a retry (whose message
-        is on its way, or is recovered) is left alone.
+        is on its way, or is recovered) is left alone; with ``released``, a released one
+        is failed too (the retry's message itself is what cannot be delivered).
 
         A claim whose holder had started the SMTP transaction may have reached the mail
         server: that is counted ambiguous, and with ``hold`` (at-most-once) the key is
@@ -515,6 +548,8 @@ class SentEmailManager(models.Manager[Any]):
         """
         t = self._table()
         dead = f'({t}."state" = \'claimed\' AND {t}."lease_expires_at" < now())'
+        if released:
+            dead = f"({dead} OR {t}.\"state\" = 'released')"
         with connections[using].cursor() as cursor:
             cursor.execute(
                 f'SELECT "send_started_at" IS NOT NULL FROM {t} WHERE "key" = %s AND {dead} FOR UPDATE',
@@ -593,26 +628,33 @@ class SentEmailManager(models.Manager[Any]):
             cursor.execute(sql, [expired_for, quiet_for, released_for])
             return [row[0] for row in cursor.fetchall()]
 
-    def requeue_unclaimed(self, older_than: float, using: str) -> list[str]:
+    def requeue_unclaimed(self, older_than: float, using: str, at_most: int = 3) -> list[str]:
         """Give a new outbox row to notifications published ``older_than`` seconds ago
         that no worker ever claimed; return their keys.
 
         Their message was lost before any worker recorded it: dropped by a broker or a
-        person (a purged queue), or dead-lettered where nobody settles it. Only rows
-        published from this database are seen, so run it where the notifications are
-        relayed (in this project, one database). Touches ``updated_at`` (the relay does
-        again when it publishes), so a key is requeued at most once per ``older_than``.
+        person (a purged queue), or held by a worker cut off from its database. Only
+        rows published from this database are seen, so run it where the notifications
+        are relayed and delivered (in this project, one database). A notification gets
+        at most ``at_most`` such messages, and none once it is older than half the
+        sent-email retention: run by mistake in a calling service's database (where no
+        claim is ever recorded), it costs a few messages whose claims are settled, and
+        never a second email after the service has purged its records.
+        Touches ``updated_at`` (the relay does again when it publishes), so a key is
+        requeued at most once per ``older_than``.
         """
         from .models import Notification, OutboxMessage
 
         t = self._table()
         notification = _q(Notification._meta.db_table)
         outbox = _q(OutboxMessage._meta.db_table)
+        keep = int(settings.SENT_RETENTION_DAYS) * 86400 / 2
         sql = (
-            f'WITH lost AS (UPDATE {notification} SET "updated_at" = now() WHERE "id" IN ('
-            f'SELECT n."id" FROM {notification} n WHERE n."status" = \'published\' '
+            f'WITH lost AS (UPDATE {notification} SET "updated_at" = now(), "recoveries" = "recoveries" + 1 '
+            f'WHERE "id" IN (SELECT n."id" FROM {notification} n WHERE n."status" = \'published\' '
             f'AND n."published_at" < now() - make_interval(secs => %s) '
-            f'AND n."updated_at" < now() - make_interval(secs => %s) '
+            f'AND n."published_at" > now() - make_interval(secs => %s) '
+            f'AND n."updated_at" < now() - make_interval(secs => %s) AND n."recoveries" < %s '
             f'AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s."key" = n."key") '
             f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
             f'AND o."published_at" IS NULL) '
@@ -621,7 +663,7 @@ class SentEmailManager(models.Manager[Any]):
             f'SELECT "key" FROM lost'
         )
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [older_than, older_than])
+            cursor.execute(sql, [older_than, keep, older_than, at_most])
             return [row[0] for row in cursor.fetchall()]
 
     def purge(self, older_than: timedelta, using: str, batch: int = 5000) -> int:

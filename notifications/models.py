@@ -47,6 +47,9 @@ class Notification(models.Model):
         db_default=0, help_text="Redeliveries that found the previous send's outcome unknown."
     )
     last_error = models.TextField(blank=True, db_default="")
+    recoveries = models.PositiveSmallIntegerField(
+        db_default=0, help_text="Messages recovery gave it after its message was lost before any claim."
+    )
     created_at = models.DateTimeField(db_default=Now())
     published_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
@@ -79,6 +82,7 @@ class Notification(models.Model):
 class OutboxMessage(models.Model):
     notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="outbox_messages")
     created_at = models.DateTimeField(db_default=Now())
+    due_at = models.DateTimeField(null=True, blank=True, help_text="Not published before this time (empty: at once).")
     published_at = models.DateTimeField(null=True, blank=True)
 
     objects = OutboxMessageManager()

@@ -95,15 +95,22 @@ def drain(using: str | None = None, budget: float = 10.0) -> int:
     size = int(settings.RELAY_BATCH_SIZE)
     deadline = time.monotonic() + budget
     total = 0
+    failed: Exception | None = None
     for db in [using] if using else databases():
-        while True:
-            published = relay_batch(db, size)
-            total += published
-            if published < size:
-                break
-            if time.monotonic() >= deadline:
-                wake_relay()
-                return total
+        try:
+            while True:
+                published = relay_batch(db, size)
+                total += published
+                if published < size:
+                    break
+                if time.monotonic() >= deadline:
+                    wake_relay()
+                    return total
+        except Exception as exc:  # one database away must not stop the others' relay
+            logger.warning("relay pass over %s failed: %r", db, exc)
+            failed = exc
+    if failed is not None:
+        raise failed
     return total
 
 

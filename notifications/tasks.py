@@ -44,11 +44,12 @@ def _retry(task: Any, seconds: float, exc: Exception | None = None, args: list[A
     """
     try:
         task.retry(args=args, countdown=_countdown(seconds), exc=exc)
-    except Reject as rejected:
+    except (Reject, SoftTimeLimitExceeded) as rejected:
+        # (The soft time limit may land in the publish: the notifications are the same.)
         reason = getattr(rejected, "reason", rejected)
         payloads = _payloads(args if args is not None else list(task.request.args or []))
         try:
-            queued = delivery.requeue_through_outbox(payloads)
+            queued = delivery.requeue_through_outbox(payloads, due_in=seconds)
         except Exception as db_exc:
             logger.warning("retry not published (%s) nor queued in the outbox (%r); requeueing", reason, db_exc)
             raise Reject(reason, requeue=True) from None
@@ -120,7 +121,7 @@ def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """
     if len(payloads) > 1 and (self.request.delivery_info or {}).get("redelivered"):
         try:
-            broker.publish_deliveries(self.app, payloads, per_message=1)
+            refused = broker.publish_deliveries(self.app, payloads, per_message=1)
         except Exception as exc:
             # The broker takes no publishes now: through the outbox instead (see _retry).
             try:
@@ -129,6 +130,12 @@ def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
                 raise Reject(f"could not split the batch: {exc!r}", requeue=True) from None
             logger.warning("redelivered batch of %d queued in the outbox (%r)", queued, exc)
             return {"split": len(payloads), "through_outbox": queued}
+        if refused:  # too large for the broker now: it cannot be delivered through it
+            from . import deadletters
+
+            by_key = {p["key"]: p for p in payloads}
+            for r in refused:
+                deadletters.fail(by_key[r.key], f"failed: {r.reason}", crashed=True)
         logger.warning("redelivered batch of %d split into single messages", len(payloads))
         return {"split": len(payloads)}
     try:

@@ -91,6 +91,11 @@ DATABASES["default"].setdefault("OPTIONS", {}).update(
         "keepalives_interval": 2,
         "keepalives_count": 3,
         "tcp_user_timeout": 10000,
+        # A transaction left open by a process that was paused or cut off in the middle
+        # of it holds its row locks until the server ends it (the relay's transaction
+        # waits for publisher confirms inside, so this is well above that wait). Not
+        # through PgBouncer in transaction mode: set it on the server's role instead.
+        "options": "-c idle_in_transaction_session_timeout=60000",
     }
 )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -117,11 +117,97 @@ def test_failing_a_claim_whose_send_had_started_counts_the_ambiguity(settings, m
 
 def test_the_dead_letter_pass_leaves_a_claim_released_for_its_retry_alone():
     """A claim released for a retry has its next message on the way (or recovery gives it
-    one): a dead letter of an earlier message of it must not end it failed."""
+    one): a message a worker refused after running it must not end it failed; one that
+    crashed its worker every time is that retry's message, and does."""
     from notifications import deadletters
 
     n = notify(**notification_kwargs())
     first = claim(n, "host:1")
     assert finish(n, first.token, "released", "451 later")
-    assert not deadletters.fail(_payload(n), "dead-lettered: test")
+    assert not deadletters.fail(_payload(n), "dead-lettered: refused")
     assert SentEmail.objects.get(key=n.key).state == "released"
+    assert deadletters.fail(_payload(n), "dead-lettered: crashed", crashed=True)
+    assert SentEmail.objects.get(key=n.key).state == "failed"
+
+
+def test_a_claim_transaction_left_open_does_not_stop_a_live_holders_renewals():
+    """Review: ``ON CONFLICT DO UPDATE ... WHERE`` locked a live claim until the claiming
+    transaction ended, so a claimer paused or cut off in the middle of it stopped every
+    renewal of the live holder, whose leases then lapsed while it was alive and sending."""
+    import threading
+
+    n, other = notify(**notification_kwargs()), notify(**notification_kwargs())
+    first = claim(n, "host:1")
+    started, done = threading.Event(), threading.Event()
+
+    def stuck_claimer() -> None:
+        from django.db import connections, transaction
+
+        try:
+            with transaction.atomic():
+                assert SentEmail.objects.claim_many([(n.key, n.pk)], "host:2", 60, "default")[n.key].outcome == "busy"
+                started.set()
+                done.wait(30)  # paused, or cut off, before its commit
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=stuck_claimer)
+    thread.start()
+    try:
+        assert started.wait(10)
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '3s'")  # a wait for the lock fails the test
+            try:
+                renewed, lost = SentEmail.objects.renew([(n.key, first.token)], 60, "default")
+            finally:
+                cursor.execute("SET statement_timeout = 0")
+        assert (renewed, lost) == ({n.key}, set())
+    finally:
+        done.set()
+        thread.join()
+    del other
+
+
+def test_renewal_skips_a_row_locked_right_now_without_calling_it_lost():
+    import threading
+
+    n = notify(**notification_kwargs())
+    first = claim(n, "host:1")
+    locked, done = threading.Event(), threading.Event()
+
+    def locker() -> None:
+        from django.db import connections, transaction
+
+        try:
+            with transaction.atomic():
+                list(SentEmail.objects.select_for_update().filter(key=n.key))
+                locked.set()
+                done.wait(30)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=locker)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        assert SentEmail.objects.renew([(n.key, first.token)], 60, "default") == (set(), set())
+    finally:
+        done.set()
+        thread.join()
+    assert SentEmail.objects.renew([(n.key, first.token)], 60, "default") == ({n.key}, set())
+    assert SentEmail.objects.renew([(n.key, first.token + 1)], 60, "default") == (set(), {n.key})
+
+
+def test_a_hold_is_released_only_by_the_claim_that_took_it():
+    """Review: a task that found a key claimed released it by key, so the holder's lease
+    was no longer renewed while it sent."""
+    from notifications.leases import holder
+
+    holder.hold({"k": 1}, sent_at=__import__("time").monotonic())
+    try:
+        holder.release([("k", 2)])
+        assert holder.remaining("k", 1) > 0
+        holder.release([("k", 1)])
+        assert holder.remaining("k", 1) == 0
+    finally:
+        holder.release([("k", 1)])

@@ -83,7 +83,11 @@ def test_an_undecodable_message_is_dead_lettered_and_its_notification_delivered(
     workers.start(concurrency=1)
     n = notify(**notification_kwargs(metadata=TYPED))
     wait_for(lambda: Notification.objects.filter(key=n.key, status="sent").exists(), timeout=30)
-    fresh = notify(**notification_kwargs(metadata=TYPED))
+    from django.db import transaction
+
+    with transaction.atomic():
+        fresh = notify(**notification_kwargs(metadata=TYPED))
+        fresh.outbox_messages.all().delete()  # its only message is the old-style one below
     Notification.objects.filter(pk=fresh.pk).update(status="published")
     deadletters.settle()  # whatever earlier tests left
     _old_style_message(Notification.objects.get(pk=fresh.pk))
@@ -157,7 +161,10 @@ def test_a_broker_that_will_not_take_retries_does_not_dead_letter_good_notificat
     broker refuses every delayed retry (no write on Celery's delay exchange) while the
     mail server defers the email more times than the delivery limit (3 in tests): each
     retry goes through the outbox instead, and the email goes out."""
+    from notifications import relay
+
     _permissions("^(?!celery_delayed_27$).*")
+    loop = relay.start_loop()  # beat's relay loop: it publishes the retries once due
     try:
         workers.start(concurrency=1)
         kwargs = notification_kwargs()
@@ -167,5 +174,24 @@ def test_a_broker_that_will_not_take_retries_does_not_dead_letter_good_notificat
         sent = _status(key, "sent", timeout=60)
     finally:
         _permissions(".*")
+        loop.stop.set()  # type: ignore[attr-defined]
+        loop.join(timeout=20)
     assert sent.attempts == 4 and smtp_server.count(key) == 1
     assert queue_depth(conf.DEAD_LETTER_QUEUE) == 0
+
+
+def test_a_dead_letter_that_cannot_be_settled_is_parked_and_does_not_block_the_rest():
+    """Review: a dead letter whose settling raised (a key too long to store) went back to
+    the head of the queue on every pass, and the ones behind it were never settled."""
+    deadletters.settle()
+    n = notify(**notification_kwargs())
+    good = {c: getattr(n, c) for c in NOTIFICATION_COLUMNS}
+    bad = {**good, "key": "x" * 600, "notification_id": "y" * 600}
+    death = {"x-death": [{"reason": "delivery_limit", "count": 3, "queue": conf.DELIVER_QUEUE}]}
+    _dead_letter([[[bad]], {}, {}], broker.DELIVER_MANY_TASK, **death)
+    _dead_letter([[[good]], {}, {}], broker.DELIVER_MANY_TASK, **death)
+    parked_before = queue_depth(conf.PARKED_QUEUE)
+    assert deadletters.settle() == [n.key]
+    assert Notification.objects.get(pk=n.pk).status == "failed"
+    assert queue_depth(conf.DEAD_LETTER_QUEUE) == 0
+    assert queue_depth(conf.PARKED_QUEUE) == parked_before + 1

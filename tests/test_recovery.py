@@ -61,3 +61,24 @@ def test_a_backlog_waiting_in_the_queue_is_not_taken_for_lost(quiet):
     assert recover_stalled() == []  # its message still waits: not lost
     assert take_deliveries() == [[n.key]]
     assert recover_stalled() == [n.key]
+
+
+def test_a_notification_gets_a_bounded_number_of_recovered_messages(quiet):
+    """Review: run where no claim is ever recorded (a calling service's database keeping
+    the notification service's maintenance), recovery requeued every published
+    notification for ever, and once the service had purged its records, sent it again."""
+    n = notify(**notification_kwargs())
+    assert relay_batch() == 1 and take_deliveries() == [[n.key]]
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    for _ in range(3):
+        Notification.objects.filter(pk=n.pk).update(published_at=an_hour_ago, updated_at=an_hour_ago)
+        assert recover_stalled() == [n.key]
+        assert relay_batch() == 1 and take_deliveries() == [[n.key]]
+    Notification.objects.filter(pk=n.pk).update(published_at=an_hour_ago, updated_at=an_hour_ago)
+    assert recover_stalled() == []
+    assert Notification.objects.get(pk=n.pk).recoveries == 3
+    long_ago = timezone.now() - timedelta(days=30)
+    fresh = notify(**notification_kwargs())
+    assert relay_batch() == 1 and take_deliveries() == [[fresh.key]]
+    Notification.objects.filter(pk=fresh.pk).update(published_at=long_ago, updated_at=long_ago)
+    assert recover_stalled() == []  # older than half the retention: its records may be gone

@@ -362,3 +362,68 @@ def test_a_relay_loop_whose_passes_fail_shows_no_heartbeat(settings, caplog):
         connections["unreachable"].close()
         del connections.settings["unreachable"]
     assert not loop.is_alive()
+
+
+def test_a_queue_declared_with_other_arguments_fails_no_notification(settings, empty_queue):
+    """Review: any PRECONDITION_FAILED counted as "the broker cannot carry this one", so a
+    process whose NOTIFICATIONS_DELIVERY_LIMIT differs from the queue's (a caller that
+    declares the shared queue from its own settings) failed every notification. Only a
+    size refusal fails one; anything else leaves the rows for the next pass."""
+    from notifications.relay import relay_batch
+
+    n = notify(**notification_kwargs())
+    settings.NOTIFICATIONS_DELIVERY_LIMIT = settings.NOTIFICATIONS_DELIVERY_LIMIT + 1
+    from kombu import pools
+
+    pools.reset()  # a new process: its connection declares the queue anew
+    current_app._pool = None
+    with pytest.raises(Exception, match="inequivalent arg"):
+        relay_batch()
+    assert Notification.objects.get(pk=n.pk).status == "created"
+    assert OutboxMessage.objects.filter(notification=n, published_at__isnull=True).exists()
+
+
+def test_one_database_away_does_not_stop_the_relay_of_the_others(settings, empty_queue):
+    """Review: the first database that failed stopped the whole pass, in the same order
+    every time, so the databases after it were never relayed during its outage."""
+    from django.db import connections
+
+    from notifications.relay import drain
+
+    n = notify(**notification_kwargs())
+    connections.settings["unreachable"] = {**connections.settings["default"], "PORT": "1"}
+    settings.NOTIFICATIONS_RELAY_DATABASES = ["unreachable", "default"]
+    try:
+        with pytest.raises(Exception, match="connection"):
+            drain()
+    finally:
+        connections["unreachable"].close()
+        del connections.settings["unreachable"]
+    assert take_deliveries() == [[n.key]]
+
+
+def test_a_row_due_later_waits_until_it_is_due(empty_queue):
+    """Retries that go through the outbox keep their backoff (``due_at``)."""
+    from django.utils import timezone
+
+    from notifications.delivery import requeue_through_outbox
+    from notifications.managers import NOTIFICATION_COLUMNS
+    from notifications.relay import relay_batch
+
+    n = notify(**notification_kwargs())
+    assert relay_batch() == 1 and take_deliveries() == [[n.key]]
+    assert requeue_through_outbox([{c: getattr(n, c) for c in NOTIFICATION_COLUMNS}], due_in=60) == 1
+    assert relay_batch() == 0
+    OutboxMessage.objects.filter(notification=n, published_at__isnull=True).update(due_at=timezone.now())
+    assert relay_batch() == 1 and take_deliveries() == [[n.key]]
+
+
+def test_the_confirm_wait_grows_with_what_a_pass_carries():
+    """Review: a pass of large notifications on a slow broker timed out at 10 s every
+    time, was published again and again, and held back the rows behind it."""
+    from notifications import broker
+
+    small = [[{"key": "k", "body": "x" * 100}]]
+    large = [[{"key": f"k{i}", "body": "x" * 1_000_000} for i in range(4)] for _ in range(10)]
+    assert broker._confirm_timeout(small) < broker.CONFIRM_TIMEOUT + 1
+    assert broker._confirm_timeout(large) > broker.CONFIRM_TIMEOUT + 40

@@ -140,7 +140,7 @@ def test_a_lane_sends_nothing_once_its_lease_may_have_run_out(smtp_server):
         item = delivery._Item(_payload(n), token=7, attempts=0, ambiguous=False)
         finish, outcome, reachable = delivery._attempt(item, LEASE)
     finally:
-        holder.release([n.key])
+        holder.release([(n.key, 7)])
     assert (finish.state, outcome.status, finish.attempts) == ("released", "retry", 0)
     assert "lease" in outcome.detail
     assert smtp_server.count(n.key) == 0
@@ -160,7 +160,7 @@ def test_renewals_stop_after_the_hard_time_limit():
     try:
         holder.renew()
     finally:
-        holder.release([fresh.key, stuck.key])
+        holder.release([(fresh.key, 1), (stuck.key, 1)])
     after = dict(SentEmail.objects.filter(key__in=[fresh.key, stuck.key]).values_list("key", "lease_expires_at"))
     assert after[fresh.key] > before[fresh.key]
     assert after[stuck.key] == before[stuck.key]
