@@ -54,6 +54,15 @@ DEFAULTS: dict[str, Any] = {
     # Input limits.
     "MAX_BODY_BYTES": 1024 * 1024,
     "MAX_SUBJECT_LENGTH": 998,
+    # Most items one notify_many() call takes (it writes them in one transaction).
+    "MAX_BATCH_ITEMS": 10000,
+    # The largest broker message the relay publishes, in bytes of JSON (kombu escapes
+    # every non-ASCII character, so a notification can be several times its UTF-8 size).
+    # notify() refuses a notification that alone would not fit.
+    "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,
+    # A repeat of a key with different content: "error" (NotificationConflict) or
+    # "return" (the existing notification, the new content dropped).
+    "KEY_REUSE": "error",
     # Broker names.
     "EXCHANGE": "notifications",
     "DELIVER_QUEUE": "notifications.deliver",

@@ -57,6 +57,36 @@ def delivery_outcomes(key: str) -> list[str]:
     return sorted(found)
 
 
+def take_delivery_payloads(wait: float = 0.5, limit: int = 0) -> list[list[dict[str, Any]]]:
+    """Consume the delivery messages waiting in the queue (no worker runs; all of them, or
+    the first ``limit``), decoded by kombu as a worker decodes them: the notification
+    payloads each one carried (declaring the queues first, as the relay does)."""
+    import queue as queue_module
+
+    from celery import current_app
+
+    from notifications import broker
+
+    messages: list[list[dict[str, Any]]] = []
+    with current_app.connection_for_read() as conn:
+        for declared in (*broker.queues(), broker.dead_letter_queue()):  # so that there is a queue to read
+            declared(conn.default_channel).declare()
+        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
+        queue.queue.no_declare = True
+        try:
+            while not limit or len(messages) < limit:
+                try:
+                    message = queue.get(block=True, timeout=wait)
+                except queue_module.Empty:
+                    return messages
+                args = message.payload[0]  # kombu's decoding, by the message's content type
+                messages.append(args[0] if isinstance(args[0], list) else args)  # deliver_many carries a list
+                message.ack()
+            return messages
+        finally:
+            queue.close()
+
+
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 

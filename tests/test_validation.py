@@ -279,3 +279,150 @@ def test_optional_fields_default_to_empty() -> None:
     n = notify(**notification_kwargs(from_email=None, html_body=None, metadata=None))
     stored = Notification.objects.get(pk=n.pk)
     assert (stored.from_email, stored.html_body, stored.metadata) == ("", "", {})
+
+
+# Lone surrogates: not text, so neither PostgreSQL nor a mail server could take them.
+
+
+@pytest.mark.parametrize("field", ["subject", "service", "notification_id", "user_id"])
+def test_lone_surrogate_in_a_text_field(field: str) -> None:
+    """Finding: a lone surrogate in these fields raised UnicodeEncodeError from psycopg,
+    not InvalidNotification naming the field."""
+    assert "not valid Unicode text" in rejected(field, **{field: "Hello \ud800"})
+
+
+@pytest.mark.parametrize("field", ["to", "from_email"])
+def test_lone_surrogate_in_a_display_name(field: str) -> None:
+    """Finding: a lone surrogate in an address's display name raised UnicodeEncodeError."""
+    assert "not valid Unicode text" in rejected(field, **{field: "Ann \udfff <ann@example.com>"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"note": "a\ud800b"}, id="value"),
+        pytest.param({"a\udc00": 1}, id="key"),
+        pytest.param({"deep": [{"x": ["ok", "\ud83d"]}]}, id="nested"),
+        # Two surrogates that would form an emoji as UTF-16 are still two code points
+        # here; jsonb would join them into one character, another value.
+        pytest.param({"note": "\ud83d\ude00"}, id="surrogate-pair"),
+    ],
+)
+def test_lone_surrogate_in_metadata(value: Any) -> None:
+    """Finding: a lone surrogate in metadata (key or value, at any depth) reached
+    PostgreSQL, which refused the jsonb with a DataError."""
+    assert "not valid Unicode text" in rejected("metadata", metadata=value)
+
+
+def test_astral_characters_are_text() -> None:
+    text = "Grüße 😀 𝄞"
+    n = notify(**notification_kwargs(subject=text, user_id=text, to=f"{text} <ann@example.com>", metadata={text: text}))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.subject, stored.user_id, stored.metadata) == (text, text, {text: text})
+    assert stored.to == f"{text} <ann@example.com>"
+
+
+# Addresses the mail server could be aimed with, or that could not be sent.
+
+
+@pytest.mark.parametrize("field", ["to", "from_email"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ann@[10.0.0.1]",
+        "ann@[127.0.0.1]",
+        "ann@[IPv6:::1]",
+        "ann@[IPv6:2001:db8::1]",
+        "Ann <ann@[192.168.0.1]>",
+    ],
+)
+def test_domain_literals_are_refused(field: str, value: str) -> None:
+    """Finding: 'a@[10.0.0.1]' was accepted, and it makes the mail server deliver to a
+    host of the caller's choosing (an internal one)."""
+    assert "domain literals are not accepted" in rejected(field, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # Valid to Django's validator, but its label is too long once IDNA-encoded.
+        pytest.param("ann@" + "ü" * 60 + ".de", "cannot be encoded for sending", id="idna-label-too-long"),
+        # Python's IDNA 2003 codec maps these to other names: the email would go elsewhere.
+        pytest.param("ann@faße.de", "would be sent as 'fasse.de', another domain", id="sharp-s"),
+        pytest.param("ann@a\u200db.example", "would be sent as 'ab.example'", id="zero-width-joiner"),
+        pytest.param("ann@\u2163.example", "would be sent as 'iv.example'", id="roman-numeral"),
+    ],
+)
+def test_domains_that_django_cannot_send_as_given(value: str, problem: str) -> None:
+    """Finding: notify() accepted addresses whose domain Django's email code
+    (sanitize_address, at send time) fails to encode, or encodes as another domain."""
+    assert problem in rejected("to", to=value)
+
+
+def test_internationalised_domains_are_kept() -> None:
+    n = notify(**notification_kwargs(to="Ann <ann@bücher.de>", from_email="billing@ÜBER.example"))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.to, stored.from_email) == ("Ann <ann@bücher.de>", "billing@ÜBER.example")
+
+
+# The size of a notification in a broker message.
+
+
+def test_json_escaping_counts_for_the_message_size() -> None:
+    """Finding: body and html_body may each be 1 MiB of UTF-8, but kombu escapes every
+    non-ASCII character in the broker message (ensure_ascii): 1 MiB of 'é' is 3 MiB
+    there, so a notification could be far larger than the broker's message limit."""
+    from notifications.conf import DEFAULTS
+
+    assert DEFAULTS["MAX_MESSAGE_BYTES"] == 4 * MIB
+    message = rejected("html_body", body="x" * MIB, html_body="é" * (MIB // 2))
+    assert "the notification would be 4194" in message  # 1 MiB + 3 MiB and the rest
+    assert "more than the 4190208 that NOTIFICATIONS_MAX_MESSAGE_BYTES (4194304) leaves" in message
+    assert "html_body is 3145730 bytes of it" in message
+
+
+def test_astral_characters_are_twelve_bytes_in_the_message() -> None:
+    assert "body is 3145730 bytes of it" in rejected("body", body="😀" * (MIB // 4), html_body="x" * MIB)
+
+
+def test_two_bodies_of_one_mib_of_ascii_fit() -> None:
+    n = notify(**notification_kwargs(body="x" * MIB, html_body="y" * MIB))
+    assert Notification.objects.filter(pk=n.pk).exists()
+
+
+def test_message_size_limit_is_configurable(settings: Any) -> None:
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 20_000
+    assert "(20000) leaves" in rejected("body", body="x" * 16_000)
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 8 * MIB
+    notify(**notification_kwargs(body="x" * MIB, html_body="é" * (MIB // 2)))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_message_size_is_what_the_relay_publishes(settings: Any) -> None:
+    """notify()'s measure is the relay's: a notification refused one character over the
+    limit is accepted at it, and the relay publishes exactly that many bytes of JSON
+    (jsonb writes 1e-07 as 0.0000001: that counts too)."""
+    import json
+    import re
+
+    from notifications.relay import relay_batch
+    from notifications.validation import MESSAGE_OVERHEAD
+    from tests.conftest import take_delivery_payloads
+
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 24_000
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+    limit = 24_000 - MESSAGE_OVERHEAD
+    kwargs = notification_kwargs(subject="Grüße 😀", metadata={"tiny": 1e-07, "name": "Zoë", "n": [1, 2.5]})
+    with pytest.raises(InvalidNotification) as caught:
+        notify(**{**kwargs, "body": "é" * 4000})
+    size = int(re.search(r"would be (\d+) bytes", str(caught.value)).group(1))
+    fitting = 4000 - (size - limit + 5) // 6  # each 'é' is 6 bytes escaped
+    with pytest.raises(InvalidNotification):
+        notify(**{**kwargs, "body": "é" * (fitting + 1)})
+    assert not Notification.objects.exists()
+    notify(**{**kwargs, "body": "é" * fitting})
+    take_delivery_payloads()
+    assert relay_batch() == 1
+    [[payload]] = take_delivery_payloads()
+    published = len(json.dumps(payload)) + 2  # as the relay packs it: ", " in the list
+    assert limit - 6 < published <= limit

@@ -1,11 +1,11 @@
 """The chaos run's calling service: ``python -m notifications.chaos.caller``.
 
 Calls ``notify()`` N times in its own transactions: mostly new keys, some repeats of
-keys it already committed, some whose transaction rolls back, some to addresses the
-mail server bounces, and (when asked) poison notifications. Writes one JSON line per
-outcome, after the fact: ``committed`` only once the commit returned. A database error
-(the chaos run terminates its session) is retried with the same key, which is safe:
-the key makes a repeat a no-op.
+keys it already committed (with the same content: other content would be a conflict),
+some whose transaction rolls back, some to addresses the mail server bounces, and (when
+asked) poison notifications. Writes one JSON line per outcome, after the fact:
+``committed`` only once the commit returned. A database error (the chaos run terminates
+its session) is retried with the same key, which is safe: the key makes a repeat a no-op.
 """
 
 from __future__ import annotations
@@ -52,7 +52,12 @@ def main() -> None:
                     time.sleep(delay)
             roll = rng.random()
             kind = "new"
-            fields: dict[str, Any] = {"service": "chaos", "notification_id": f"n{i}", "user_id": f"u{i % 97}"}
+            fields: dict[str, Any] = {
+                "service": "chaos",
+                "notification_id": f"n{i}",
+                "user_id": f"u{i % 97}",
+                "subject": f"Chaos {i}",
+            }
             if i in poison_at:
                 kind, fields["notification_id"] = "poison", f"poison-{i}"
             elif roll < 0.05 and committed:
@@ -68,7 +73,6 @@ def main() -> None:
                         notify(
                             **fields,
                             to=f"{fields['user_id']}@example.com",
-                            subject=f"Chaos {i}",
                             body=f"Notification {key}",
                         )
                         if kind == "rollback":
