@@ -47,7 +47,7 @@ def _clean(
         "html_body": validation.body("html_body", html_body, required=False),
         "metadata": meta.value,
     }
-    row["key"] = make_key(row["service"], row["notification_id"], row["user_id"])
+    row["key"] = validation.key(row["service"], row["notification_id"], row["user_id"])
     validation.message_size(row, meta)
     return row
 

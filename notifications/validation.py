@@ -37,6 +37,9 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # A number written with an exponent (or text that looks like one: the walk decides).
 _EXPONENT = re.compile(r"\d[eE][-+]?\d")
 NOT_UNICODE = "is not valid Unicode text (it contains a lone surrogate)"
+# An RFC 2047 encoded word: Django sends ASCII header text as it is, and the reader's
+# mail program would show "=?utf-8?q?x?=" as "x".
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 
 
 def _unicode(field: str, text: str) -> None:
@@ -44,9 +47,19 @@ def _unicode(field: str, text: str) -> None:
         raise InvalidNotification(field, NOT_UNICODE)
 
 
+def _header_text(field: str, text: str) -> None:
+    """Header text that Django sends unencoded (ASCII) must not contain what a mail
+    program decodes (non-ASCII text is encoded whole, and arrives as it was)."""
+    if text.isascii() and "=?" in text and (found := _ENCODED_WORD.search(text)):
+        raise InvalidNotification(
+            field, f"contains {found.group()!r}, which mail programs would decode as an encoded word (RFC 2047)"
+        )
+
+
 def identifier(field: str, value: Any) -> str:
     """service / notification_id / user_id: non-empty text (or an int), bounded,
-    without control characters; ':' only in user_id, so the key splits one way."""
+    without control characters or surrounding whitespace; ':' only in user_id, so the
+    key splits one way."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidNotification(field, f"must be a string, got {type(value).__name__}")
     text = str(value)
@@ -57,9 +70,27 @@ def identifier(field: str, value: Any) -> str:
         raise InvalidNotification(field, f"is {len(text)} characters long, the limit is {limit}")
     if _CONTROL.search(text) or _LINE_BREAK.search(text):
         raise InvalidNotification(field, "must not contain control characters or line breaks")
+    if text != text.strip():
+        # The key travels in the X-Notification-Key header, whose surrounding whitespace
+        # mail software drops.
+        raise InvalidNotification(field, "must not begin or end with whitespace")
     _unicode(field, text)
     if field != "user_id" and ":" in text:
         raise InvalidNotification(field, "must not contain ':' (the key is service:notification_id:user_id)")
+    return text
+
+
+def key(service: str, notification_id: str, user_id: str) -> str:
+    """The idempotency key; it travels in the X-Notification-Key header, so it must not
+    contain an encoded word (which begins with '=?' in one of the ids)."""
+    text = f"{service}:{notification_id}:{user_id}"
+    if "=?" in text and text.isascii() and (found := _ENCODED_WORD.search(text)):
+        field = next(f for f, v in zip(MAX_LENGTHS, (service, notification_id, user_id), strict=True) if "=?" in v)
+        raise InvalidNotification(
+            field,
+            f"makes the key {text!r} contain {found.group()!r}, which mail programs would decode "
+            "as an encoded word (RFC 2047) in its X-Notification-Key header",
+        )
     return text
 
 
@@ -84,30 +115,52 @@ def address(field: str, value: Any, *, required: bool = True) -> str:
     parsed = getaddresses([value])
     if len(parsed) != 1 or not parsed[0][1]:
         raise InvalidNotification(field, f"{value!r} is not a single email address")
-    name, addr = parsed[0]
-    if addr.rpartition("@")[2].startswith("["):
-        raise InvalidNotification(field, f"{addr!r}: domain literals are not accepted, give a domain name")
+    name, spec = parsed[0]
+    if spec.rpartition("@")[2].startswith("["):
+        raise InvalidNotification(field, f"{spec!r}: domain literals are not accepted, give a domain name")
     try:
-        validate_email(addr)
+        validate_email(spec)
     except ValidationError:
-        raise InvalidNotification(field, f"{addr!r} is not a valid email address") from None
-    if "@" not in addr or addr.count("@") != 1:
-        raise InvalidNotification(field, f"{addr!r} is not a valid email address")
-    local, domain = addr.split("@")
+        raise InvalidNotification(field, f"{spec!r} is not a valid email address") from None
+    if spec.count("@") != 1:
+        raise InvalidNotification(field, f"{spec!r} is not a valid email address")
+    domain = spec.split("@")[1]
     if not domain.isascii():
         _idna(field, domain)
-    if name:
-        # Normalising may quote the display name, so the stored form can be longer.
-        addr = str(Address(display_name=name, username=local, domain=domain))
-        if len(addr) > 320:
-            raise InvalidNotification(field, "is longer than 320 characters once its display name is quoted")
+    spec = _as_sent(field, spec)
+    # Normalising may quote the display name, so the stored form can be longer.
+    stored = str(Address(display_name=name, addr_spec=spec)) if name else spec
+    if len(stored) > 320:
+        raise InvalidNotification(field, "is longer than 320 characters once its display name is quoted")
+    if spec.startswith('"') and not stored.isascii():
+        # Django encodes a non-ASCII address header from (name, addr-spec) pairs and
+        # takes the quoted local part for a bare one: the header would name a mailbox
+        # '"\\"a b\\""', not the one the envelope goes to.
+        raise InvalidNotification(
+            field, f"{stored!r}: a quoted local part cannot go with non-ASCII text in one address"
+        )
     try:
         # What the email backend does with it at send time (IDNA for the domain, an
         # encoded word for the display name): fail here, not in a worker.
-        sanitize_address(addr, django_settings.DEFAULT_CHARSET)
+        sanitize_address(stored, django_settings.DEFAULT_CHARSET)
     except ValueError as exc:  # UnicodeError (IDNA) is a ValueError
-        raise InvalidNotification(field, f"{addr!r} cannot be encoded for sending ({exc})") from None
-    return addr
+        raise InvalidNotification(field, f"{stored!r} cannot be encoded for sending ({exc})") from None
+    return stored
+
+
+def _as_sent(field: str, spec: str) -> str:
+    """The addr-spec as Django's email code rebuilds it: needless quotes dropped
+    ('"a"@x' is 'a@x'). Refused when that is no address: '""@x' and '"."@x' would go
+    out as '@x' and '.@x', which no mail server takes."""
+    try:
+        rebuilt = Address(addr_spec=spec).addr_spec
+    except ValueError as exc:  # a header defect is one
+        raise InvalidNotification(field, f"{spec!r} is not a valid email address ({exc})") from None
+    try:
+        validate_email(rebuilt)
+    except ValidationError:
+        raise InvalidNotification(field, f"{spec!r} would be sent as {rebuilt!r}, not a valid address") from None
+    return rebuilt
 
 
 def _idna(field: str, domain: str) -> None:
@@ -123,6 +176,8 @@ def _idna(field: str, domain: str) -> None:
 
 
 def subject(value: Any) -> str:
+    """The subject without surrounding whitespace, which a header does not keep (mail
+    parsers strip it): what is stored is what arrives."""
     if not isinstance(value, str):
         raise InvalidNotification("subject", f"must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -130,10 +185,11 @@ def subject(value: Any) -> str:
     if _LINE_BREAK.search(value) or _CONTROL.search(value):
         raise InvalidNotification("subject", "must not contain CR, LF or other control characters")
     _unicode("subject", value)
+    _header_text("subject", value)
     limit = settings.MAX_SUBJECT_LENGTH
     if len(value) > limit:
         raise InvalidNotification("subject", f"is {len(value)} characters long, the limit is {limit}")
-    return value
+    return value.strip()
 
 
 def body(field: str, value: Any, *, required: bool = True) -> str:
@@ -152,7 +208,33 @@ def body(field: str, value: Any, *, required: bool = True) -> str:
     limit = settings.MAX_BODY_BYTES
     if size > limit:
         raise InvalidNotification(field, f"is {size} bytes, the limit is {limit} (NOTIFICATIONS_MAX_BODY_BYTES)")
+    if _OTHER_LINE_ENDS.search(value):
+        _unwrapped_lines(field, value)
     return value
+
+
+# Characters str.splitlines() ends a line at, besides CR and LF.
+_OTHER_LINE_ENDS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_CR_LF = re.compile(r"\r\n|\r|\n")
+MAX_LINE_BYTES = 998  # RFC 5321 and 5322, without the CRLF
+
+
+def _unwrapped_lines(field: str, value: str) -> None:
+    """Django sends a body as it is (8bit) unless one of its ``splitlines()`` lines is
+    longer than the mail line limit, and then quoted-printable, which wraps. Those
+    lines also end at form feeds and Unicode line separators, which SMTP does not take
+    for line breaks: a line long only between CR/LF would go out unwrapped, and the
+    mail server refuses it (500 Line too long)."""
+    if any(len(line.encode("utf-8")) > MAX_LINE_BYTES for line in value.splitlines()):
+        return  # quoted-printable: every line wrapped
+    longest = max(len(line.encode("utf-8")) for line in _CR_LF.split(value))
+    if longest > MAX_LINE_BYTES:
+        raise InvalidNotification(
+            field,
+            f"has a line of {longest} bytes between line breaks, more than the {MAX_LINE_BYTES} a mail "
+            "server takes, that Django's email code would not wrap (it counts form feeds and Unicode "
+            "line separators as line ends); break it with \\n",
+        )
 
 
 class Metadata(NamedTuple):

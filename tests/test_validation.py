@@ -426,3 +426,147 @@ def test_message_size_is_what_the_relay_publishes(settings: Any) -> None:
     [[payload]] = take_delivery_payloads()
     published = len(json.dumps(payload)) + 2  # as the relay packs it: ", " in the list
     assert limit - 6 < published <= limit
+
+
+# What the property tests (test_properties.py) found.
+
+
+@pytest.mark.parametrize("field", ["body", "html_body"])
+@pytest.mark.parametrize("separator", ["\x0c", "\x0b", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_long_line_broken_only_by_characters_smtp_does_not_break_at(field: str, separator: str) -> None:
+    """Found by the properties: a line over 998 bytes between CR/LF, cut into shorter
+    pieces by form feeds or Unicode line separators, was accepted; Django's email code
+    counts those as line ends, so it sent the line unwrapped, and the mail server
+    refused it for good (500 Line too long): the notification ended failed."""
+    value = separator.join(["x" * 600] * 3)
+    message = rejected(field, **{field: value})
+    assert f"has a line of {len(value.encode())} bytes between line breaks" in message
+
+
+def test_long_lines_that_django_wraps_are_accepted() -> None:
+    # Longer than 998 bytes as splitlines() sees it: quoted-printable, which wraps.
+    n = notify(**notification_kwargs(body="x" * 2000 + "\x0c" + "y" * 10, html_body="<p>" + "é" * 3000 + "</p>"))
+    assert len(Notification.objects.get(pk=n.pk).body) == 2011
+    # Short lines between line breaks: sent as they are.
+    notify(**notification_kwargs(body="\n".join(["x" * 600 + "\x0c"] * 3)))
+
+
+def test_subject_is_stored_without_surrounding_whitespace() -> None:
+    """Found by the properties: a subject ending (or starting) with whitespace arrived
+    without it, as mail parsers strip a header's surrounding whitespace; the stored
+    subject was not what arrived. notify() stores it stripped, so repeats compare equal."""
+    n = notify(**notification_kwargs(subject="  Your invoice\u3000 "))
+    assert Notification.objects.get(pk=n.pk).subject == "Your invoice"
+    again = notify(**notification_kwargs(notification_id=n.notification_id, subject="Your invoice "))
+    assert again.pk == n.pk
+
+
+@pytest.mark.parametrize("value", ["=?utf-8?q?Hello?=", "Re: =?ISO-8859-1?B?SGk=?= there"])
+def test_ascii_subject_with_an_encoded_word(value: str) -> None:
+    """Found by the properties: an ASCII subject containing '=?utf-8?q?x?=' is sent as
+    it is, and arrives decoded ('x'): not what the caller wrote."""
+    assert "would decode as an encoded word (RFC 2047)" in rejected("subject", subject=value)
+
+
+def test_non_ascii_subject_with_an_encoded_word_is_sent_encoded_whole() -> None:
+    n = notify(**notification_kwargs(subject="Grüße =?utf-8?q?x?="))
+    assert Notification.objects.get(pk=n.pk).subject == "Grüße =?utf-8?q?x?="
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        pytest.param('""@example.com', "'@example.com'", id="empty-quoted"),
+        pytest.param('"."@example.com', "'.@example.com'", id="quoted-dot"),
+        pytest.param('Zoë <""@example.com>', "'@example.com'", id="with-display-name"),
+    ],
+)
+def test_quoted_local_parts_django_would_send_unquoted(value: str, sent: str) -> None:
+    """Found by the properties: '""@example.com' passes Django's validator, but its email
+    code rebuilds the local part without the quotes and sends '@example.com', which the
+    mail server refuses (553 malformed address): the notification ended failed."""
+    assert f"would be sent as {sent}, not a valid address" in rejected("to", to=value)
+
+
+def test_quoted_local_part_with_a_display_name_is_not_quoted_twice() -> None:
+    """Found by the properties: with a display name, the normalised address took the
+    quoted local part as a bare name and quoted it again: 'Zoe <"a,b"@example.com>' was
+    stored and sent as 'Zoe <"\\"a,b\\""@example.com>', another mailbox."""
+    n = notify(**notification_kwargs(to='Zoe <"a,b"@example.com>', from_email='Bill <"a\\"b"@example.com>'))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.to, stored.from_email) == ('Zoe <"a,b"@example.com>', 'Bill <"a\\"b"@example.com>')
+
+
+def test_quoted_local_parts_that_survive_are_kept() -> None:
+    n = notify(**notification_kwargs(to='"a,b"@example.com'))
+    assert Notification.objects.get(pk=n.pk).to == '"a,b"@example.com'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param('Zoë <":"@example.com>', id="non-ascii-display-name"),
+        pytest.param('"a,b"@bücher.de', id="idn-domain"),
+    ],
+)
+def test_quoted_local_part_with_non_ascii_text(value: str) -> None:
+    """Found by the properties: Django builds a non-ASCII address header from
+    (name, addr-spec) pairs and quotes the quoted local part again, so the email
+    arrived with 'From: Zoë <"\\":\\""@example.com>', another mailbox than the one the
+    envelope went to."""
+    assert "a quoted local part cannot go with non-ASCII text" in rejected("to", to=value)
+
+
+def test_needless_quotes_in_a_local_part_are_dropped() -> None:
+    # As Django's email code sends it: the same mailbox.
+    n = notify(**notification_kwargs(to='"ann"@bücher.de', from_email='Zoë <"bill"@example.com>'))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.to, stored.from_email) == ("ann@bücher.de", "Zoë <bill@example.com>")
+
+
+@pytest.mark.parametrize("field", ["service", "notification_id", "user_id"])
+@pytest.mark.parametrize("value", [" billing", "billing ", "billing\u3000", "\xa0billing"])
+def test_identifier_with_surrounding_whitespace(field: str, value: str) -> None:
+    """Found by the properties: service ' 0' made the key ' 0:0:0', and the email's
+    X-Notification-Key header arrived as '0:0:0' (mail software drops a header's
+    surrounding whitespace): the key in the email was not the notification's."""
+    assert "must not begin or end with whitespace" in rejected(field, **{field: value})
+
+
+def test_identifier_with_inner_whitespace_is_kept() -> None:
+    n = notify(**notification_kwargs(service="billing eu", notification_id="invoice 7", user_id="Ann Example"))
+    assert Notification.objects.get(pk=n.pk).key == "billing eu:invoice 7:Ann Example"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        pytest.param({"user_id": "=?utf-8?q?x?="}, "user_id", id="in-one-id"),
+        pytest.param({"notification_id": "=?utf-8?q?a", "user_id": "b?="}, "notification_id", id="across-ids"),
+    ],
+)
+def test_key_with_an_encoded_word(overrides: dict[str, str], field: str) -> None:
+    """Found by the properties: user_id '=?utf-8?q?x?=' made the key '0:0:=?utf-8?q?x?=',
+    and the email's X-Notification-Key header arrived decoded, as '0:0:x'."""
+    assert "as an encoded word (RFC 2047) in its X-Notification-Key header" in rejected(field, **overrides)
+
+
+@pytest.mark.parametrize("value", [1e23, 7.205759403792229e16, -1.7976931348623157e308])
+def test_float_that_jsonb_would_return_as_another_number(value: float) -> None:
+    """Found by the properties (a check written for it, confirmed by them): jsonb keeps
+    numbers as numeric, which has no exponent, so 1e+23 came back to the worker as the
+    integer 10**23, which is not the float 1e+23: the metadata changed on the way."""
+    message = rejected("metadata", metadata={"n": value})
+    assert f"the number {value!r} would come back from PostgreSQL's jsonb as" in message
+
+
+def test_floats_that_survive_jsonb_are_accepted() -> None:
+    n = notify(**notification_kwargs(metadata={"exact": 1e16, "tiny": 1e-300, "plain": 2.5}))
+    stored = Notification.objects.get(pk=n.pk).metadata
+    assert stored == {"exact": 1e16, "tiny": 1e-300, "plain": 2.5}
+    assert stored["exact"] == 10**16  # an integer now, of the same value
+
+
+def test_metadata_size_counts_numbers_as_jsonb_writes_them() -> None:
+    # 1e-300 is 6 characters in Python's JSON and 302 in jsonb's (0.000...1).
+    assert "larger than 64 KiB as JSON" in rejected("metadata", metadata={"tiny": [1e-300] * 250})
