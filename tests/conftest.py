@@ -17,11 +17,24 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from django.conf import settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests import smtp
 from tests.settings import RUN_ID, VHOST
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests (test_properties.py): each example is a real trip through PostgreSQL,
+# RabbitMQ and an SMTP server, so a few dozen per property; ``--hypothesis-profile
+# explore`` runs many more. The trip fixture is set up once per test, not per example.
+_HYPOTHESIS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+hypothesis_settings.register_profile("notifications", max_examples=80, **_HYPOTHESIS)
+hypothesis_settings.register_profile("explore", max_examples=2000, **_HYPOTHESIS)
+hypothesis_settings.load_profile("notifications")
 
 
 def wait_for(
