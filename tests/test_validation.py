@@ -3,6 +3,7 @@ says what is wrong, and nothing written. Valid edge cases go through unchanged."
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -403,7 +404,6 @@ def test_message_size_is_what_the_relay_publishes(settings: Any) -> None:
     limit is accepted at it, and the relay publishes exactly that many bytes of JSON
     (jsonb writes 1e-07 as 0.0000001: that counts too)."""
     import json
-    import re
 
     from notifications.relay import relay_batch
     from notifications.validation import MESSAGE_OVERHEAD
@@ -570,3 +570,61 @@ def test_floats_that_survive_jsonb_are_accepted() -> None:
 def test_metadata_size_counts_numbers_as_jsonb_writes_them() -> None:
     # 1e-300 is 6 characters in Python's JSON and 302 in jsonb's (0.000...1).
     assert "larger than 64 KiB as JSON" in rejected("metadata", metadata={"tiny": [1e-300] * 250})
+
+
+@pytest.mark.parametrize("field", ["to", "from_email"])
+def test_display_name_with_an_encoded_word(field: str) -> None:
+    """Found by the properties: an ASCII display name '=?utf-8?b?IMKg?=' is stored and
+    sent as written, and mail programs show it decoded. Give the name as text: Django
+    encodes a non-ASCII one itself."""
+    message = rejected(field, **{field: "=?utf-8?b?IMKg?= <ann@example.com>"})
+    assert "would decode as an encoded word (RFC 2047)" in message
+
+
+def test_display_name_whitespace_is_stored_as_it_arrives() -> None:
+    """Found by the properties: a display name with runs of whitespace or non-breaking
+    spaces ('\\xa0 \\xa0') arrived with other whitespace than was stored; it is stored
+    with single spaces between its words."""
+    n = notify(**notification_kwargs(to="Ann\xa0  Example\u3000 <ann@example.com>", from_email="\xa0 <b@example.com>"))
+    stored = Notification.objects.get(pk=n.pk)
+    assert (stored.to, stored.from_email) == ("Ann Example <ann@example.com>", "b@example.com")
+
+
+def _simple_looking_addresses() -> Any:
+    from hypothesis import strategies as st
+
+    word = st.text(st.sampled_from("abcXYZ019.'-_%+"), min_size=1, max_size=12)
+    label = st.text(st.sampled_from("abcXYZ019-"), min_size=1, max_size=70)
+    spec = st.builds(lambda local, labels: f"{local}@{'.'.join(labels)}", word, st.lists(label, min_size=1, max_size=4))
+    name = st.lists(word, min_size=1, max_size=40).map(" ".join)
+    return st.one_of(spec, st.builds(lambda n, s: f"{n} <{s}>", name, spec))
+
+
+def _outcome(check: Any, value: str) -> Any:
+    try:
+        return check("to", value)
+    except InvalidNotification as exc:
+        return ("refused", str(exc))
+
+
+def test_common_addresses_take_a_quick_path_that_agrees_with_the_full_checks() -> None:
+    """notify()'s address checks run email's header parser (about 0.2 ms an address);
+    plain ASCII addresses skip it, and must come out exactly as the full checks say."""
+    from hypothesis import given
+
+    from notifications import validation
+
+    def without_quick_path(field: str, value: str) -> str:
+        quick, validation._SIMPLE_ADDRESS = validation._SIMPLE_ADDRESS, re.compile("(?!)")
+        try:
+            return validation.address(field, value)
+        finally:
+            validation._SIMPLE_ADDRESS = quick
+
+    @given(value=_simple_looking_addresses())
+    def agrees(value: str) -> None:
+        assert _outcome(validation.address, value) == _outcome(without_quick_path, value)
+
+    agrees()
+    assert validation._SIMPLE_ADDRESS.fullmatch("Ann J. O'Brien-Smith <ann.o-b+x@mail.example.com>")
+    assert validation.address("to", "Ann J. Smith <ann@example.com>") == '"Ann J. Smith" <ann@example.com>'
