@@ -194,6 +194,7 @@ def test_both_ambiguous_modes_pass(settings: Any, value: str) -> None:
 
 @pytest.mark.parametrize("value", ["raise", "", "ERROR", None])
 def test_key_reuse_setting_must_be_error_or_return(settings: Any, value: Any) -> None:
+    """A misspelt NOTIFICATIONS_KEY_REUSE would silently mean "error"; the check says so."""
     settings.NOTIFICATIONS_KEY_REUSE = value
     error = only("E013")
     assert "'error'" in error.msg and "'return'" in error.msg
