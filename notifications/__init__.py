@@ -6,11 +6,11 @@ before Django's app registry is ready.
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["InvalidNotification", "NotificationError", "notify", "notify_many"]
+__all__ = ["InvalidNotification", "NotificationConflict", "NotificationError", "notify", "notify_many"]
 
 if TYPE_CHECKING:
     from .api import notify, notify_many
-    from .exceptions import InvalidNotification, NotificationError
+    from .exceptions import InvalidNotification, NotificationConflict, NotificationError
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
-    if name in ("InvalidNotification", "NotificationError"):
+    if name in ("InvalidNotification", "NotificationConflict", "NotificationError"):
         from . import exceptions
 
         return getattr(exceptions, name)

@@ -11,7 +11,7 @@ from django.db import transaction
 
 from . import validation
 from .conf import settings
-from .exceptions import InvalidNotification
+from .exceptions import InvalidNotification, NotificationConflict
 
 if TYPE_CHECKING:
     from .models import Notification
@@ -35,6 +35,7 @@ def _clean(
     from_email: Any = None,
     metadata: Any = None,
 ) -> dict[str, Any]:
+    meta = validation.metadata(metadata)
     row: dict[str, Any] = {
         "service": validation.identifier("service", service),
         "notification_id": validation.identifier("notification_id", notification_id),
@@ -44,9 +45,10 @@ def _clean(
         "subject": validation.subject(subject),
         "body": validation.body("body", body),
         "html_body": validation.body("html_body", html_body, required=False),
-        "metadata": validation.metadata(metadata),
+        "metadata": meta.value,
     }
-    row["key"] = make_key(row["service"], row["notification_id"], row["user_id"])
+    row["key"] = validation.key(row["service"], row["notification_id"], row["user_id"])
+    validation.message_size(row, meta)
     return row
 
 
@@ -65,11 +67,15 @@ def notify(
 ) -> Notification:
     """Queue one email, exactly once per ``service:notification_id:user_id``.
 
-    Joins the caller's transaction when there is one (its rollback means no email) and
-    otherwise commits on its own. A repeat of a key, even from another process at the
-    same moment, returns the existing notification and writes nothing.
+    Joins the caller's transaction when there is one, an atomic block or manual
+    transaction management (``set_autocommit(False)``): its rollback means no email.
+    Otherwise it commits on its own. A repeat of a key with the same content, even from
+    another process at the same moment, returns the existing notification and writes
+    nothing.
 
-    Raises ``InvalidNotification`` (a ``ValueError``) naming the field; nothing is written.
+    Raises ``InvalidNotification`` (a ``ValueError``) naming the field, and
+    ``NotificationConflict`` (one of those) when the key exists with different content
+    (unless ``NOTIFICATIONS_KEY_REUSE = "return"``); nothing is written.
     """
     row = _clean(
         service=service,
@@ -86,33 +92,82 @@ def notify(
 
 
 def notify_many(items: Iterable[Mapping[str, Any]], *, using: str | None = None) -> list[Notification]:
-    """Queue many emails in one transaction and one statement, with ``notify()``'s contract
-    for each item. Every item is validated first: one bad item raises and writes nothing
-    (the error names its index and field)."""
+    """Queue many emails in one transaction, with ``notify()``'s contract for each item;
+    the notifications come back in the order of ``items``.
+
+    Every item is validated first: one bad item raises and writes nothing (the error
+    names its index and field), as does a key used twice with different content, here or
+    by an existing notification (``NotificationConflict``). At most
+    ``NOTIFICATIONS_MAX_BATCH_ITEMS`` items (else ``InvalidNotification`` naming
+    ``items``). Rows are inserted in key order, so overlapping calls never deadlock.
+    """
+    limit = int(settings.MAX_BATCH_ITEMS)
     rows = []
     for index, item in enumerate(items):
+        if index >= limit:
+            raise InvalidNotification(
+                "items", f"more than {limit} items in one call (NOTIFICATIONS_MAX_BATCH_ITEMS); split them"
+            )
         try:
             rows.append(_clean(**item))
         except InvalidNotification as exc:
             raise InvalidNotification(f"items[{index}].{exc.field}", str(exc).split(": ", 1)[1]) from None
         except TypeError as exc:
             raise InvalidNotification(f"items[{index}]", str(exc)) from None
-    return _write(rows, using or settings.DATABASE)
+    unique, positions = _collapse(rows)
+    try:
+        written = _write(unique, using or settings.DATABASE)
+    except NotificationConflict as exc:
+        index = next(i for i, row in enumerate(rows) if row["key"] == exc.key)
+        raise NotificationConflict(f"items[{index}].{exc.field}", exc.key, exc.fields) from None
+    return [written[p] for p in positions]
+
+
+def _collapse(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """One row per key (the first), and for each row its position among them. A key
+    given twice with different content is a conflict, as it would be across calls."""
+    from .managers import differences
+
+    unique: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    positions: list[int] = []
+    for index, row in enumerate(rows):
+        at = seen.get(row["key"])
+        if at is None:
+            at = seen[row["key"]] = len(unique)
+            unique.append(row)
+        elif settings.KEY_REUSE != "return":
+            fields = differences(row, unique[at])
+            if fields:
+                raise NotificationConflict(f"items[{index}].{fields[0]}", row["key"], fields)
+        positions.append(at)
+    return unique, positions
 
 
 def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
     from .models import Notification
 
-    if transaction.get_connection(using).in_atomic_block:
-        # In the caller's transaction: a savepoint, so a failure here leaves it usable.
+    # Decided before anything is written: where the rows go, and how the relay hears.
+    connection = transaction.get_connection(using)
+    in_block = connection.in_atomic_block
+    manual = not in_block and not connection.get_autocommit()
+    if in_block or manual or len(rows) > 1:
+        # A savepoint in the caller's transaction (an atomic block, or one it manages by
+        # hand), so a failure here leaves it usable; else a transaction of its own, so
+        # a bad or conflicting item of a batch writes nothing.
         with transaction.atomic(using=using):
             notifications, created = Notification.objects.create_with_outbox(rows, using)
     else:
-        # On its own: the insert is one statement, atomic in autocommit, so no BEGIN and
-        # COMMIT round trips.
+        # One row on its own: the insert is one statement, atomic in autocommit, so no
+        # BEGIN and COMMIT round trips.
         notifications, created = Notification.objects.create_with_outbox(rows, using)
     if created and settings.RELAY_ON_COMMIT:
         from .relay import wake_relay_soon
 
-        transaction.on_commit(wake_relay_soon, using=using)  # in autocommit: now
+        if in_block:
+            transaction.on_commit(wake_relay_soon, using=using)
+        elif not manual:
+            wake_relay_soon()  # committed already
+        # Under manual transaction management Django has no on-commit hook: beat's
+        # periodic relay pass publishes the rows once the caller commits.
     return notifications

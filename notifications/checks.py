@@ -150,7 +150,7 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E010",
             )
         )
-    for name in ("RELAY_BATCH_SIZE", "DELIVERY_BATCH_SIZE", "SEND_CONCURRENCY"):
+    for name in ("RELAY_BATCH_SIZE", "DELIVERY_BATCH_SIZE", "SEND_CONCURRENCY", "MAX_BATCH_ITEMS"):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             errors.append(
@@ -160,6 +160,15 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                     id="notifications.E011",
                 )
             )
+    if settings.KEY_REUSE not in ("error", "return"):
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_KEY_REUSE={settings.KEY_REUSE!r} is not one of 'error', 'return'.",
+                hint="Set NOTIFICATIONS_KEY_REUSE = 'error' (a repeat of a key with different content raises "
+                "NotificationConflict) or 'return' (it returns the existing notification).",
+                id="notifications.E013",
+            )
+        )
     relayed = settings.RELAY_DATABASES
     if relayed is not None and settings.DATABASE not in relayed:
         errors.append(
@@ -168,7 +177,7 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 f"({settings.DATABASE!r}): retries, recoveries and admin resends queued there would never "
                 "be published.",
                 hint=f"Add {settings.DATABASE!r} to NOTIFICATIONS_RELAY_DATABASES (or leave it unset).",
-                id="notifications.E013",
+                id="notifications.E014",
             )
         )
     return errors

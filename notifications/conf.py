@@ -52,10 +52,6 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a notification may go without reaching any mail server (refused
     # connections, a wrong password, 421s) before it ends failed. That is no attempt.
     "GIVE_UP_AFTER": 86400.0,
-    # Largest broker message the relay publishes, in bytes of JSON: a message carries
-    # up to DELIVERY_BATCH_SIZE notifications and no more than this (RabbitMQ refuses
-    # messages above its max_message_size, 16 MiB by default since 4.0).
-    "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,
     # Wake the relay when a notify() commits, so delivery does not wait for beat.
     "RELAY_ON_COMMIT": True,
     # Run the relay loop inside beat (woken through Redis on commit).
@@ -74,6 +70,15 @@ DEFAULTS: dict[str, Any] = {
     # Input limits.
     "MAX_BODY_BYTES": 1024 * 1024,
     "MAX_SUBJECT_LENGTH": 998,
+    # Most items one notify_many() call takes (it writes them in one transaction).
+    "MAX_BATCH_ITEMS": 10000,
+    # The largest broker message the relay publishes, in bytes of JSON (kombu escapes
+    # every non-ASCII character, so a notification can be several times its UTF-8 size).
+    # notify() refuses a notification that alone would not fit.
+    "MAX_MESSAGE_BYTES": 4 * 1024 * 1024,
+    # A repeat of a key with different content: "error" (NotificationConflict) or
+    # "return" (the existing notification, the new content dropped).
+    "KEY_REUSE": "error",
     # Broker names.
     "EXCHANGE": "notifications",
     "DELIVER_QUEUE": "notifications.deliver",

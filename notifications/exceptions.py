@@ -16,6 +16,26 @@ class InvalidNotification(NotificationError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class NotificationConflict(InvalidNotification):
+    """The key of ``notify()`` is already in use for a notification with different
+    content (or twice in one ``notify_many()`` call); nothing was written.
+
+    ``key`` is the idempotency key, ``fields`` the differing fields in keyword order,
+    ``field`` the first of them. ``NOTIFICATIONS_KEY_REUSE = "return"`` turns the error
+    off: a repeat then returns the existing notification, whatever it carries.
+    """
+
+    def __init__(self, field: str, key: str, fields: tuple[str, ...]) -> None:
+        self.key = key
+        self.fields = fields
+        super().__init__(
+            field,
+            f"key {key!r} is already used by a notification with a different {', '.join(fields)}; "
+            "a repeat must carry the same content, a new email needs a new notification_id "
+            "(NOTIFICATIONS_KEY_REUSE)",
+        )
+
+
 class DeliveryError(NotificationError):
     """Root of the errors a delivery attempt can end with."""
 

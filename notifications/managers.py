@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,34 @@ NOTIFICATION_COLUMNS = (
 
 
 KEY_AND_ID = '"key", "id"'
+
+# What a repeat of a key must carry unchanged (the rest of the row is the key itself).
+CONTENT_FIELDS = ("to", "subject", "body", "html_body", "from_email", "metadata")
+
+# Rows per insert statement of notify_many(): 10 parameters each, far below
+# PostgreSQL's 65535 parameters per statement.
+INSERT_CHUNK = 1000
+
+
+def differences(row: Mapping[str, Any], stored: Any) -> tuple[str, ...]:
+    """The content fields in which a cleaned ``row`` differs from ``stored`` (another
+    cleaned row, or a ``Notification``), in ``CONTENT_FIELDS`` order. Both sides are
+    compared as stored: addresses normalised, metadata after a JSON round trip (what
+    jsonb gives back)."""
+
+    def value(source: Any, name: str) -> Any:
+        return source[name] if isinstance(source, Mapping) else getattr(source, name)
+
+    found = []
+    for name in CONTENT_FIELDS:
+        mine, theirs = value(row, name), value(stored, name)
+        if name == "metadata":
+            mine = json.loads(json.dumps(mine or {}))
+            if isinstance(stored, Mapping):
+                theirs = json.loads(json.dumps(theirs or {}))
+        if mine != theirs:
+            found.append(name)
+    return tuple(found)
 
 
 def decode_metadata(value: Any) -> dict[str, Any]:
@@ -140,25 +168,34 @@ class NotificationManager(models.Manager["Notification"]):
         keys) and the ids of those created by this call. Must run inside the caller's
         transaction: a concurrent insert of the same key waits for that transaction and
         then counts as a repeat, so two processes never both create a key.
+
+        Rows go in key order, in statements of at most ``INSERT_CHUNK`` rows, so two
+        overlapping batches take the unique index's locks in the same order and never
+        deadlock. Raises ``NotificationConflict`` for a repeat whose content differs
+        from the stored notification's (unless ``NOTIFICATIONS_KEY_REUSE = "return"``);
+        the caller's savepoint or transaction then drops what this call inserted.
         """
         if not rows:
             return [], set()
         conn = connections[using]
         fields = self.model._meta.concrete_fields
         metadata_field = self.model._meta.get_field("metadata")
-        sql, params = self._insert_sql(len(rows), True), self._params(rows, using)
-        if len(rows) == 1:  # notify(): the same statement every call, planned once per connection
-            inserted = _prepared(using, sql, params)
-        else:
-            with conn.cursor() as cursor:
-                cursor.execute(sql, params)
-                inserted = cursor.fetchall()
+        ordered = sorted(rows, key=lambda r: r["key"]) if len(rows) > 1 else list(rows)
         by_key: dict[str, Notification] = {}
-        for values in inserted:
-            record = dict(zip((f.attname for f in fields), values, strict=True))
-            record["metadata"] = metadata_field.from_db_value(record["metadata"], None, conn)  # type: ignore[arg-type]
-            notification = self.model.from_db(using, list(record), list(record.values()))
-            by_key[notification.key] = notification
+        for start in range(0, len(ordered), INSERT_CHUNK):
+            chunk = ordered[start : start + INSERT_CHUNK]
+            sql, params = self._insert_sql(len(chunk), True), self._params(chunk, using)
+            if len(rows) == 1:  # notify(): the same statement every call, planned once per connection
+                inserted = _prepared(using, sql, params)
+            else:
+                with conn.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    inserted = cursor.fetchall()
+            for values in inserted:
+                record = dict(zip((f.attname for f in fields), values, strict=True))
+                record["metadata"] = metadata_field.from_db_value(record["metadata"], None, conn)  # type: ignore[arg-type]
+                notification = self.model.from_db(using, list(record), list(record.values()))
+                by_key[notification.key] = notification
         created = {n.pk for n in by_key.values()}
         repeats = {r["key"] for r in rows} - by_key.keys()
         if repeats:  # only repeated keys need reading back
@@ -171,6 +208,12 @@ class NotificationManager(models.Manager["Notification"]):
                 f"key {missing[0]!r} exists but this transaction's snapshot cannot see it "
                 "(call notify() under READ COMMITTED)"
             )
+        if repeats and settings.KEY_REUSE != "return":
+            for row in rows:
+                if row["key"] in repeats and (changed := differences(row, by_key[row["key"]])):
+                    from .exceptions import NotificationConflict
+
+                    raise NotificationConflict(changed[0], row["key"], changed)
         return [by_key[r["key"]] for r in rows], created
 
     def record(self, row: dict[str, Any], using: str) -> int:

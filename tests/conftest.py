@@ -17,11 +17,24 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from django.conf import settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tests import smtp
 from tests.settings import RUN_ID, VHOST
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests (test_properties.py): each example is a real trip through PostgreSQL,
+# RabbitMQ and an SMTP server, so a few dozen per property; ``--hypothesis-profile
+# explore`` runs many more. The trip fixture is set up once per test, not per example.
+_HYPOTHESIS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+}
+hypothesis_settings.register_profile("notifications", max_examples=80, **_HYPOTHESIS)
+hypothesis_settings.register_profile("explore", max_examples=2000, **_HYPOTHESIS)
+hypothesis_settings.load_profile("notifications")
 
 
 def wait_for(
@@ -55,6 +68,36 @@ def delivery_outcomes(key: str) -> list[str]:
             if outcome.get("key") == key:
                 found.append(outcome["status"])
     return sorted(found)
+
+
+def take_delivery_payloads(wait: float = 0.5, limit: int = 0) -> list[list[dict[str, Any]]]:
+    """Consume the delivery messages waiting in the queue (no worker runs; all of them, or
+    the first ``limit``), decoded by kombu as a worker decodes them: the notification
+    payloads each one carried (declaring the queues first, as the relay does)."""
+    import queue as queue_module
+
+    from celery import current_app
+
+    from notifications import broker
+
+    messages: list[list[dict[str, Any]]] = []
+    with current_app.connection_for_read() as conn:
+        for declared in (*broker.queues(), broker.dead_letter_queue()):  # so that there is a queue to read
+            declared(conn.default_channel).declare()
+        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
+        queue.queue.no_declare = True
+        try:
+            while not limit or len(messages) < limit:
+                try:
+                    message = queue.get(block=True, timeout=wait)
+                except queue_module.Empty:
+                    return messages
+                args = message.payload[0]  # kombu's decoding, by the message's content type
+                messages.append(args[0] if isinstance(args[0], list) else args)  # deliver_many carries a list
+                message.ack()
+            return messages
+        finally:
+            queue.close()
 
 
 def rabbitmqctl(*args: str) -> None:

@@ -203,6 +203,21 @@ def test_both_ambiguous_modes_pass(settings: Any, value: str) -> None:
     assert check_pipeline() == []
 
 
+@pytest.mark.parametrize("value", ["raise", "", "ERROR", None])
+def test_key_reuse_setting_must_be_error_or_return(settings: Any, value: Any) -> None:
+    """A misspelt NOTIFICATIONS_KEY_REUSE would silently mean "error"; the check says so."""
+    settings.NOTIFICATIONS_KEY_REUSE = value
+    error = only("E013")
+    assert "'error'" in error.msg and "'return'" in error.msg
+    assert "NOTIFICATIONS_KEY_REUSE" in str(error.hint)
+
+
+@pytest.mark.parametrize("value", ["error", "return"])
+def test_both_key_reuse_modes_pass(settings: Any, value: str) -> None:
+    settings.NOTIFICATIONS_KEY_REUSE = value
+    assert check_pipeline() == []
+
+
 def test_every_error_says_what_to_set(settings: Any, celery_conf: Any) -> None:
     settings.EMAIL_TIMEOUT = None
     settings.NOTIFICATIONS_AMBIGUOUS = "maybe"
@@ -334,6 +349,7 @@ def test_worker_starts_with_the_same_command_and_safe_settings(workers: Any, dja
         ("SEND_CONCURRENCY", -1),
         ("RELAY_BATCH_SIZE", "200"),
         ("SEND_CONCURRENCY", 2.5),
+        ("MAX_BATCH_ITEMS", 0),
     ],
 )
 def test_batch_sizes_and_sending_connections_must_be_positive_integers(settings: Any, name: str, value: Any) -> None:

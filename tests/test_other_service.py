@@ -84,7 +84,7 @@ def test_other_service_notify_is_delivered_and_recorded_here(other_service_db, s
         "shell",
         "-c",
         f"from notifications import notify; notify(service='shop', notification_id='{notification_id}', "
-        "user_id=7, to='bob@example.com', subject='again', body='again')",
+        "user_id=7, to='Bob <bob@example.com>', subject='Order shipped', body='On its way', metadata={'order': 17})",
     )
     run_in_other_service("relay")
     assert Notification.objects.filter(key=key).count() == 1

@@ -3,7 +3,6 @@ and a relay that dies at either crash point loses nothing."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +12,7 @@ from celery import current_app
 
 from notifications import notify
 from notifications.models import Notification, OutboxMessage
-from tests.conftest import ROOT, child_env, delivery_outcomes, notification_kwargs, wait_for
+from tests.conftest import ROOT, child_env, delivery_outcomes, notification_kwargs, take_delivery_payloads, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -149,23 +148,7 @@ def test_a_forked_process_sends_its_own_wake_ups(redis_client):
 def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
     """Consume the delivery messages waiting in the queue (no worker runs; all of them,
     or the first ``limit``): the keys each one carried."""
-    messages: list[list[str]] = []
-    with current_app.connection_for_read() as conn:
-        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
-        queue.queue.no_declare = True
-        try:
-            while not limit or len(messages) < limit:
-                try:
-                    message = queue.get(block=True, timeout=wait)
-                except queue.Empty:
-                    return messages
-                args = json.loads(message.body)[0] if isinstance(message.body, str) else message.payload[0]
-                payloads = args[0] if isinstance(args[0], list) else args  # deliver_many carries a list
-                messages.append([payload["key"] for payload in payloads])
-                message.ack()
-            return messages
-        finally:
-            queue.close()
+    return [[payload["key"] for payload in payloads] for payloads in take_delivery_payloads(wait, limit)]
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The chaos run's calling service: ``python -m notifications.chaos.caller``.
 
 Calls ``notify()`` N times in its own transactions: mostly new keys, some repeats of
-keys it already committed, some whose transaction rolls back, some to addresses the
+calls it already committed (with the same content: other content would be a
+conflict), some whose transaction rolls back, some to addresses the
 mail server bounces, and (when asked) poison notifications, notifications whose only
 message cannot be decoded (as an earlier release wrote them), and notifications of up
 to and over the largest message size. Writes one JSON line per outcome, after the fact:
