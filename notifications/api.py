@@ -146,6 +146,15 @@ def _collapse(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[in
 
 def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
     from .models import Notification
+    from .relay import databases
+
+    if using not in databases():
+        # Rows in a database the relay does not publish would wait for ever.
+        raise InvalidNotification(
+            "using",
+            f"{using!r} is not a database the relay publishes; add it to NOTIFICATIONS_RELAY_DATABASES "
+            f"(now {databases()!r})",
+        )
 
     # Decided before anything is written: where the rows go, and how the relay hears.
     connection = transaction.get_connection(using)

@@ -744,3 +744,20 @@ def test_overlapping_notify_many_in_opposite_orders_do_not_deadlock() -> None:
     assert not any(isinstance(r, Exception) for r in results.values()), results
     assert results["forward"] == results["backward"][::-1]
     assert Notification.objects.filter(service="deadlock").count() == OutboxMessage.objects.count() == 10
+
+
+@pytest.mark.django_db
+def test_notify_into_a_database_the_relay_does_not_publish_is_refused(settings):
+    """Finding 4: ``notify(using=X)`` with X other than NOTIFICATIONS_DATABASE wrote rows
+    that no relay pass ever published. It is refused, and nothing written, unless X is
+    one of NOTIFICATIONS_RELAY_DATABASES."""
+    from notifications import InvalidNotification
+    from notifications.models import Notification
+
+    kwargs = notification_kwargs()
+    with pytest.raises(InvalidNotification) as refused:
+        notify(**kwargs, using="elsewhere")
+    assert refused.value.field == "using" and "NOTIFICATIONS_RELAY_DATABASES" in str(refused.value)
+    assert not Notification.objects.filter(notification_id=kwargs["notification_id"]).exists()
+    settings.NOTIFICATIONS_RELAY_DATABASES = ["default"]
+    assert notify(**kwargs, using="default").pk
