@@ -109,7 +109,8 @@ def test_a_reused_connection_found_closed_is_neither_ambiguous_nor_an_attempt(sm
     """Finding 10: the server hangs up after one email (an idle timeout, say); the next
     email finds the connection dead at MAIL FROM. Nothing of it was handed over: the
     worker connects again and sends it, once, with no ambiguity and one attempt."""
-    rows = [notification_kwargs(user_id=str(i)) for i in range(2)]
+    base = notification_kwargs()["notification_id"]  # keys in send order (a batch goes in key order)
+    rows = [notification_kwargs(notification_id=f"{base}-{i}", user_id=str(i)) for i in range(2)]
     first, second = [f"tests:{r['notification_id']}:{r['user_id']}" for r in rows]
     smtp_server.plan(first, Plan(hangup=True))
     notify_many(rows)
@@ -143,7 +144,8 @@ def test_the_time_limit_stops_the_sending_threads_and_counts_nothing_ambiguous(s
     it short), and sending threads went on after their task ended. Now the lane finishes
     the email it is sending and records it, releases the rest untried, and stops; the
     task's retry sends those."""
-    rows = [notification_kwargs(user_id=str(i)) for i in range(3)]
+    base = notification_kwargs()["notification_id"]  # keys in send order (a batch goes in key order)
+    rows = [notification_kwargs(notification_id=f"{base}-{i}", user_id=str(i)) for i in range(3)]
     keys = [f"tests:{r['notification_id']}:{r['user_id']}" for r in rows]
     release = threading.Event()
     smtp_server.plan(keys[0], Plan(hold=release, keep=True))

@@ -195,12 +195,11 @@ def lines(text: str) -> str:
 def trip(settings: Any, smtp_server: Any) -> Iterator[Callable[[dict[str, Any]], None]]:
     """``check(kwargs)``: notify() with them, and either a refusal that writes nothing or
     the whole trip with every part compared on arrival."""
-    from notifications import delivery
 
     settings.NOTIFICATIONS_RELAY_ON_COMMIT = False  # no worker runs: the test relays
     # pytest-django swaps in the locmem backend; the trip ends at the real server.
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    delivery._drop_connection()  # a connection this thread kept from another backend
+    mail.drop_connection()  # a connection this thread kept from another backend
     take_delivery_payloads()
 
     def check(kwargs: dict[str, Any]) -> None:
@@ -250,7 +249,7 @@ def trip(settings: Any, smtp_server: Any) -> Iterator[Callable[[dict[str, Any]],
         assert received.to == [got.addr_spec]
 
     yield check
-    delivery._drop_connection()
+    mail.drop_connection()
 
 
 def valid(**overrides: Any) -> dict[str, Any]:

@@ -347,6 +347,16 @@ def test_a_relay_loop_whose_passes_fail_shows_no_heartbeat(settings, caplog):
     assert not loop.is_alive()
 
 
+def _fresh_broker_pools() -> None:
+    """Drop this process's pooled broker connections (and what kombu remembers having
+    declared on them), as a new process would start; the next use opens new ones."""
+    from kombu import pools
+
+    pools.reset()
+    current_app._pool = None
+    current_app.amqp._producer_pool = None
+
+
 def test_a_queue_declared_with_other_arguments_fails_no_notification(settings, empty_queue):
     """Review: any PRECONDITION_FAILED counted as "the broker cannot carry this one", so a
     process whose NOTIFICATIONS_DELIVERY_LIMIT differs from the queue's (a caller that
@@ -356,10 +366,7 @@ def test_a_queue_declared_with_other_arguments_fails_no_notification(settings, e
 
     n = notify(**notification_kwargs())
     settings.NOTIFICATIONS_DELIVERY_LIMIT = settings.NOTIFICATIONS_DELIVERY_LIMIT + 1
-    from kombu import pools
-
-    pools.reset()  # a new process: its connection declares the queue anew
-    current_app._pool = None
+    _fresh_broker_pools()  # a new process: its connection declares the queue anew
     with pytest.raises(Exception, match="inequivalent arg"):
         relay_batch()
     assert Notification.objects.get(pk=n.pk).status == "created"

@@ -98,7 +98,8 @@ def test_a_worker_cut_off_from_postgresql_is_taken_over_and_sends_nothing_more(s
     try:
         cut_off = conftest.test_database_url().replace(":5432/", f":{line.port}/")
         workers.start(concurrency=1, DATABASE_URL=cut_off, NOTIFICATIONS_SEND_CONCURRENCY="1")
-        rows = [notification_kwargs(user_id=str(i)) for i in range(3)]
+        base = notification_kwargs()["notification_id"]  # keys in send order (a batch goes in key order)
+        rows = [notification_kwargs(notification_id=f"{base}-{i}", user_id=str(i)) for i in range(3)]
         keys = [n.key for n in notify_many(rows)]
         release = threading.Event()
         smtp_server.plan(keys[0], Plan(hold=release, keep=True))
@@ -115,13 +116,15 @@ def test_a_worker_cut_off_from_postgresql_is_taken_over_and_sends_nothing_more(s
         wait_for(delivered, timeout=3 * LEASE + 20, interval=0.5, what="the cut-off worker's notifications sent")
         took = time.monotonic() - cut_at
         first = Notification.objects.get(key=keys[0])
-        assert smtp_server.count(keys[0]) == 2 and first.ambiguous_count == 1  # its send had started
+        records = list(SentEmail.objects.filter(key__in=keys).values_list("key", "token", "owner", "response"))
+        assert smtp_server.count(keys[0]) == 2, records
+        assert first.ambiguous_count == 1  # its send had started
         assert all(smtp_server.count(k) == 1 for k in keys[1:])  # never started by the cut-off worker
         assert set(Notification.objects.filter(key__in=keys[1:]).values_list("ambiguous_count", flat=True)) == {0}
         assert took < 3 * LEASE + 10, f"taken over {took:.1f}s after the cut (lease {LEASE}s)"
         line.restore()
         owners = set(SentEmail.objects.filter(key__in=keys).values_list("token", "state"))
-        assert owners == {(2, "sent")}
+        assert owners == {(2, "sent")}, records
     finally:
         line.stop()
     for key in keys:

@@ -39,6 +39,7 @@ class LineCut:
         self.pairs: dict[socket.socket, _Pair] = {}
         self._cut = threading.Event()
         self._stop = threading.Event()
+        self._forwarding = threading.Lock()  # held while the loop moves bytes
         self._thread = threading.Thread(target=self._run, name="netcut", daemon=True)
 
     @property
@@ -51,7 +52,9 @@ class LineCut:
         return self
 
     def cut(self) -> None:
-        self._cut.set()
+        """Cut the line: once this returns, not a byte more goes either way."""
+        with self._forwarding:
+            self._cut.set()
 
     def restore(self) -> None:
         self._cut.clear()
@@ -68,13 +71,17 @@ class LineCut:
             if self._cut.is_set():
                 self._stop.wait(0.05)
                 continue
-            for key, _ in self.selector.select(timeout=0.05):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is self.listener:
-                    self._accept()
-                elif sock in self.pairs:
-                    self._forward(sock)
+            ready = self.selector.select(timeout=0.05)
+            with self._forwarding:
+                if self._cut.is_set():  # cut while select waited: those bytes stay put
+                    continue
+                for key, _ in ready:
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self.listener:
+                        self._accept()
+                    elif sock in self.pairs:
+                        self._forward(sock)
 
     def _accept(self) -> None:
         try:
