@@ -42,7 +42,7 @@ from django.utils.encoding import punycode
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from notifications import InvalidNotification, notify
+from notifications import InvalidNotification, mail, notify
 from notifications.delivery import deliver_many
 from notifications.managers import decode_metadata
 from notifications.models import Notification, OutboxMessage, SentEmail, message_id_for
