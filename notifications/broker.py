@@ -283,7 +283,15 @@ def publish_deliveries(
         conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
         try:
             try:
-                _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
+                try:
+                    _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
+                except conn.connection_errors:
+                    # A pooled connection the broker (or the network) closed while it sat
+                    # idle: once more on a new one. What went out unconfirmed goes again,
+                    # which the claims make harmless.
+                    conn.collect()
+                    conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
+                    _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
             except PreconditionFailed as exc:
                 if not _too_large(exc):  # a queue declared otherwise, say: the rows wait
                     raise
