@@ -381,13 +381,16 @@ class ChaosRun:
 
     def gaps_after_faults(self, window: float = 30.0) -> dict[str, float]:
         """Per fault kind, the longest time no email reached the mail server within
-        ``window`` seconds of one of its faults: what the fault cost delivery (with
-        steady traffic and faults far apart; overlapping faults share their gaps)."""
+        ``window`` seconds of one of its faults while the caller was still sending: what
+        the fault cost delivery (with steady traffic and faults far apart; overlapping
+        faults share their gaps)."""
         arrivals = sorted(r.wall for r in self.mail.all_messages())
+        calls = [json.loads(line)["at"] for line in self.calls_file.read_text().splitlines()]
+        traffic_end = max(calls) if calls else 0.0  # after it, quiet is no gap
         out: dict[str, float] = {}
         for fault in self.faults:
             start = self.started_wall + fault["at"]
-            inside = [t for t in arrivals if start - 1.0 <= t <= start + window]
+            inside = [t for t in arrivals if start - 1.0 <= t <= min(start + window, traffic_end)]
             if len(inside) < 2:
                 continue
             gap = max(b - a for a, b in zip(inside, inside[1:], strict=False))
