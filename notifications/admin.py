@@ -83,6 +83,12 @@ class NotificationAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # The change permission allows the changelist's retry action; a notification's
+        # own page stays read-only, since saving it would write back every column as it
+        # was read, over whatever a worker recorded in between.
+        return obj is None and super().has_change_permission(request, obj)
+
     def has_resolve_ambiguous_permission(self, request: HttpRequest) -> bool:
         """Whether the user may resend or close held ambiguous notifications (the
         ``resolve_ambiguous`` permission of Notification's ``Meta.permissions``)."""

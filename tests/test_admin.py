@@ -552,3 +552,18 @@ def test_admin_probe_command_prints_json_for_the_database_it_is_pointed_at() -> 
     }
     assert state(failed) == ("failed", "failed", 1)
     assert state(held) == ("ambiguous", "held", 1)
+
+
+@pytest.mark.django_db
+def test_a_notifications_own_page_cannot_be_saved_over_a_workers_write(admin_client):
+    """Every field of a notification's page is read-only, yet saving it wrote back every
+    column as it was read, over a status a worker recorded in between. The page shows,
+    and saving it is refused; the changelist's actions still work (the permission is
+    the changelist's)."""
+    n = make("failed", claim="failed")
+    page = admin_client.get(reverse("admin:notifications_notification_change", args=[n.pk]))
+    assert page.status_code == 200 and b'name="_save"' not in page.content
+    Notification.objects.filter(pk=n.pk).update(status="sent")  # a worker's write meanwhile
+    saved = admin_client.post(reverse("admin:notifications_notification_change", args=[n.pk]), {"_save": "Save"})
+    assert saved.status_code == 403
+    assert Notification.objects.get(pk=n.pk).status == "sent"
