@@ -1,0 +1,156 @@
+"""What an operator asks of the pipeline, answered from the database: are emails going
+out, how late, and what is stuck.
+
+The admin dashboard, ``manage.py notifications status`` and the metrics gauges all read
+these figures here, so they can never disagree. Every query is bounded by an index (the
+status index, the pending-outbox index, the ``sent_at`` index, the claim-state index),
+so they stay quick on a table of millions of notifications.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connections
+from django.utils import timezone
+
+from .conf import settings
+
+LAG_WINDOW = timedelta(hours=1)
+
+
+@dataclass
+class Backlog:
+    """Unpublished outbox rows: due now (waiting for the relay) and due later (retries)."""
+
+    due: int
+    scheduled: int
+    oldest_due_age: float | None  # seconds since the oldest due row was written
+
+
+@dataclass
+class Lag:
+    """Commit → SMTP acceptance, over the notifications sent in the window."""
+
+    count: int
+    p50: float | None
+    p99: float | None
+    max: float | None
+
+
+@dataclass
+class Snapshot:
+    counts: dict[str, int]
+    backlog: Backlog
+    lag: Lag
+    held: int
+    stuck_claims: int
+    taken_at: datetime = field(default_factory=timezone.now)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["taken_at"] = self.taken_at.isoformat()
+        return data
+
+
+def _table(model_name: str) -> str:
+    from django.apps import apps
+
+    return connections[settings.DATABASE].ops.quote_name(apps.get_model("notifications", model_name)._meta.db_table)
+
+
+def _rows(sql: str, params: list[Any] | tuple[Any, ...] = (), using: str | None = None) -> list[tuple[Any, ...]]:
+    with connections[using or settings.DATABASE].cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def counts_by_status(using: str | None = None) -> dict[str, int]:
+    """Notifications per status (every status present, zero when none)."""
+    from .models import Status
+
+    counts = {status.value: 0 for status in Status}
+    for status, count in _rows(f'SELECT "status", count(*) FROM {_table("Notification")} GROUP BY 1', using=using):
+        counts[status] = count
+    return counts
+
+
+def backlog(using: str | None = None) -> Backlog:
+    """The outbox rows not yet published, read through the pending-rows index."""
+    outbox = _table("OutboxMessage")
+    (due, scheduled, oldest) = _rows(
+        f'SELECT count(*) FILTER (WHERE "due_at" IS NULL OR "due_at" <= now()), '
+        f'count(*) FILTER (WHERE "due_at" > now()), '
+        f'extract(epoch FROM now() - min("created_at") FILTER (WHERE "due_at" IS NULL OR "due_at" <= now())) '
+        f'FROM {outbox} WHERE "published_at" IS NULL',
+        using=using,
+    )[0]
+    return Backlog(due=due, scheduled=scheduled, oldest_due_age=float(oldest) if oldest is not None else None)
+
+
+def lag(window: timedelta = LAG_WINDOW, using: str | None = None) -> Lag:
+    """Percentiles of commit → SMTP acceptance for notifications sent within ``window``."""
+    count, p50, p99, top = _rows(
+        "SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY d), "
+        "percentile_cont(0.99) WITHIN GROUP (ORDER BY d), max(d) FROM ("
+        f'SELECT extract(epoch FROM "sent_at" - "created_at") AS d FROM {_table("Notification")} '
+        '"n" WHERE "sent_at" >= now() - %s) AS s',
+        [window],
+        using=using,
+    )[0]
+    as_float = lambda v: float(v) if v is not None else None  # noqa: E731
+    return Lag(count=count, p50=as_float(p50), p99=as_float(p99), max=as_float(top))
+
+
+def sent_per_minute(minutes: int = 60, using: str | None = None) -> list[tuple[datetime, int]]:
+    """Emails sent in each of the last ``minutes`` minutes, oldest first, zeros included."""
+    now = timezone.now().replace(second=0, microsecond=0)
+    start = now - timedelta(minutes=minutes - 1)
+    found = dict(
+        _rows(
+            f"SELECT date_trunc('minute', \"sent_at\"), count(*) FROM {_table('Notification')} "
+            '"n" WHERE "sent_at" >= %s GROUP BY 1',
+            [start],
+            using=using,
+        )
+    )
+    return [(start + timedelta(minutes=i), found.get(start + timedelta(minutes=i), 0)) for i in range(minutes)]
+
+
+def failures_by_reason(limit: int = 20, using: str | None = None) -> list[tuple[str, int]]:
+    """Failed notifications grouped by their last error, most frequent first."""
+    return [
+        (reason, count)
+        for reason, count in _rows(
+            f'SELECT "last_error", count(*) FROM {_table("Notification")} WHERE "status" = \'failed\' '
+            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s",
+            [limit],
+            using=using,
+        )
+    ]
+
+
+def held_count(using: str | None = None) -> int:
+    """Ambiguous notifications held for a person to decide (hold mode)."""
+    from .models import Notification, Status
+
+    return Notification.objects.using(using or settings.DATABASE).filter(status=Status.AMBIGUOUS).count()
+
+
+def stuck_claims(using: str | None = None) -> int:
+    """Claims whose lease ran out: their worker died, is paused or cannot reach the database."""
+    from .models import SentEmail
+
+    return SentEmail.objects.stuck(using or settings.DATABASE).count()
+
+
+def snapshot(using: str | None = None, window: timedelta = LAG_WINDOW) -> Snapshot:
+    return Snapshot(
+        counts=counts_by_status(using),
+        backlog=backlog(using),
+        lag=lag(window, using),
+        held=held_count(using),
+        stuck_claims=stuck_claims(using),
+    )
