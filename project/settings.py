@@ -44,6 +44,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_results",
     "notifications",
+    # This repository's own tools (manage.py devstack, bench, bench_backlog): installed here
+    # only, so a service that installs the app does not get them.
+    "project",
 ]
 
 MIDDLEWARE = [
