@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import current_app
 
+from notifications import broker
+from project import devbroker
 from tests.conftest import ROOT, child_env, wait_for
 
 LOGIN = "ops:flower-test-password"
@@ -52,7 +56,9 @@ def flower(port: int, log: Path, *args: str, **env: str) -> subprocess.Popen[byt
 def flower_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    proc = flower(port, log, FLOWER_BASIC_AUTH=LOGIN)
+    # The queues through RabbitMQ's management API, as make run and docker-compose pass it.
+    api = devbroker.api_url(current_app.conf.broker_url)
+    proc = flower(port, log, FLOWER_BASIC_AUTH=LOGIN, FLOWER_BROKER_API=api)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -83,6 +89,20 @@ def test_metrics_serves_prometheus_text_to_the_login(flower_url: str) -> None:
     with urllib.request.urlopen(request, timeout=10) as response:
         text = response.read().decode()
     assert "# TYPE flower_events_total counter" in text
+
+
+def test_flower_shows_the_pipelines_queues_from_the_management_api(flower_url: str) -> None:
+    if not devbroker.management_answers(current_app.conf.broker_url):
+        pytest.skip("RabbitMQ's management plugin is not enabled on this machine (make run enables it)")
+    with current_app.connection_for_write() as conn:
+        for queue in broker.queues():
+            queue(conn.default_channel).declare()
+    request = urllib.request.Request(flower_url + "/api/queues/length")
+    request.add_header("Authorization", "Basic " + base64.b64encode(LOGIN.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        queues = {q["name"]: q for q in json.loads(response.read())["active_queues"]}
+    assert {"notifications.deliver", "notifications.relay"} <= set(queues)
+    assert queues["notifications.deliver"]["type"] == "quorum"
 
 
 def test_healthcheck_stays_open_for_probes(flower_url: str) -> None:
