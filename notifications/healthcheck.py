@@ -9,6 +9,9 @@ and a reply, a second or more per probe, costing a broker connection each time a
 failing for every worker at once when the broker blips. The file is touched from the
 worker's own event loop, so it also goes stale when that loop hangs, and reading it
 costs nothing.
+
+Beat's check, ``python -m notifications.healthcheck --relay-loop``, reads the heartbeat
+the relay loop in beat already keeps in Redis for the on-commit wake-ups.
 """
 
 from __future__ import annotations
@@ -84,17 +87,39 @@ def age(path: str) -> float | None:
         return None
 
 
+def relay_loop_alive() -> bool:
+    """Whether beat's relay loop shows its heartbeat in Redis (refreshed after every
+    pass that could publish; see ``relay.relay_forever``)."""
+    import django
+
+    django.setup()
+    from .relay import loop_alive
+
+    return loop_alive()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 if the alive file was touched within ``--max-age`` seconds, else 1
-    (with the reason on stderr)."""
+    """Exit status 0 if the alive file was touched within ``--max-age`` seconds (or,
+    with ``--relay-loop``, if beat's relay loop shows its heartbeat), else 1 with the
+    reason on stderr."""
     parser = argparse.ArgumentParser(prog="python -m notifications.healthcheck", description=__doc__.split("\n")[0])
     parser.add_argument("--file", help="the alive file (default: the NOTIFICATIONS_WORKER_ALIVE_FILE setting)")
+    parser.add_argument(
+        "--relay-loop",
+        action="store_true",
+        help="check beat instead: its relay loop's heartbeat in Redis (needs DJANGO_SETTINGS_MODULE)",
+    )
     parser.add_argument(
         "--max-age",
         type=float,
         help=f"seconds (default: {STALE_AFTER_INTERVALS} x NOTIFICATIONS_WORKER_ALIVE_INTERVAL, 10 with the defaults)",
     )
     options = parser.parse_args(argv)
+    if options.relay_loop:
+        if relay_loop_alive():
+            return 0
+        print("unhealthy: no relay loop heartbeat (beat stopped, or its passes fail)", file=sys.stderr)
+        return 1
     try:
         path = options.file or settings.WORKER_ALIVE_FILE
         max_age = options.max_age or STALE_AFTER_INTERVALS * float(settings.WORKER_ALIVE_INTERVAL)

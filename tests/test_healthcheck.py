@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, Workers, child_env, rabbitmqctl, wait_for
 
 INTERVAL = 2.0  # NOTIFICATIONS_WORKER_ALIVE_INTERVAL's default
@@ -81,3 +83,33 @@ def test_the_check_says_what_is_missing(tmp_path: Path) -> None:
     result = check(NOTIFICATIONS_WORKER_ALIVE_FILE="")
     assert result.returncode == 1
     assert "NOTIFICATIONS_WORKER_ALIVE_FILE" in result.stderr
+
+
+@pytest.mark.django_db  # the test database, which beat's relay loop reads
+def test_beats_check_follows_its_relay_loop(tmp_path: Path) -> None:
+    vhost = f"notifications-test-beat-{uuid.uuid4().hex[:8]}"  # beat's periodic tasks land here, not in the run's
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    env = {"CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:5672/{vhost}"}
+    log = tmp_path / "beat.log"
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "project", "beat", "-s", str(tmp_path / "schedule")],
+        cwd=ROOT,
+        env=child_env(**env),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: check("--relay-loop", **env).returncode == 0, timeout=30, what=lambda: log.read_text())
+
+        beat.kill()  # no shutdown: the heartbeat lapses on its own
+        beat.wait(timeout=10)
+        result = wait_for(
+            lambda: (r := check("--relay-loop", **env)).returncode == 1 and r, timeout=15, what="the check to fail"
+        )
+        assert "no relay loop heartbeat" in result.stderr
+    finally:
+        if beat.poll() is None:
+            beat.kill()
+            beat.wait(timeout=10)
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
