@@ -64,11 +64,21 @@ PROBES: dict[str, Probe] = {
 }
 
 _lock = threading.Lock()
-_running: dict[str, Future[None]] = {}
+_running: dict[str, Future[float]] = {}
 
 
-def _start(name: str, probe: Probe, timeout: float) -> Future[None]:
-    """Run ``probe`` in a thread of its own, or join the run already under way.
+class ProbeFailed(Exception):
+    """A probe's error, with how long the probe took to fail."""
+
+    def __init__(self, error: BaseException, seconds: float) -> None:
+        super().__init__(error)
+        self.error = error
+        self.seconds = seconds
+
+
+def _start(name: str, probe: Probe, timeout: float) -> Future[float]:
+    """Run ``probe`` in a thread of its own, or join the run already under way. The
+    future holds the seconds the probe took, or ``ProbeFailed``.
 
     A probe stuck on a server that accepts connections and never answers outlives the
     request that started it (until the driver's own timeout); requests meanwhile wait
@@ -78,16 +88,17 @@ def _start(name: str, probe: Probe, timeout: float) -> Future[None]:
         running = _running.get(name)
         if running is not None and not running.done():
             return running
-        future: Future[None] = Future()
+        future: Future[float] = Future()
         _running[name] = future
 
     def run() -> None:
+        began = time.monotonic()
         try:
             probe(timeout)
         except BaseException as exc:
-            future.set_exception(exc)
+            future.set_exception(ProbeFailed(exc, time.monotonic() - began))
         else:
-            future.set_result(None)
+            future.set_result(time.monotonic() - began)
 
     threading.Thread(target=run, name=f"notifications-health-{name}", daemon=True).start()
     return future
@@ -101,20 +112,17 @@ def readiness(timeout: float | None = None) -> dict[str, Any]:
     "failed" | "timeout", "seconds": ..., "error": ...}}}``; never raises.
     """
     timeout = float(settings.HEALTH_TIMEOUT if timeout is None else timeout)
-    began = time.monotonic()
     futures = {name: _start(name, probe, timeout) for name, probe in PROBES.items()}
-    deadline = began + timeout
+    deadline = time.monotonic() + timeout
     checks: dict[str, dict[str, Any]] = {}
     for name, future in futures.items():
         try:
-            future.result(timeout=max(0.0, deadline - time.monotonic()))
-            result: dict[str, Any] = {"state": "ok"}
-        except Exception as exc:
-            if future.done():
-                result = {"state": "failed", "error": _describe(exc)}
-            else:
-                result = {"state": "timeout", "error": f"no answer within {timeout:g}s"}
-        result["seconds"] = round(time.monotonic() - began, 3)
+            seconds = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            result: dict[str, Any] = {"state": "ok", "seconds": round(seconds, 3)}
+        except ProbeFailed as exc:
+            result = {"state": "failed", "error": _describe(exc.error), "seconds": round(exc.seconds, 3)}
+        except TimeoutError:
+            result = {"state": "timeout", "error": f"no answer within {timeout:g}s", "seconds": timeout}
         checks[name] = result
     ok = all(check["state"] == "ok" for check in checks.values())
     return {"status": "ok" if ok else "unavailable", "checks": checks}
