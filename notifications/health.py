@@ -48,12 +48,12 @@ def check_redis(timeout: float) -> None:
         client.close()
 
 
-def check_rabbitmq(timeout: float) -> None:
-    """Open a connection to the Celery app's broker (each node of a cluster's URL list
-    once, until one answers) and close it."""
+def check_rabbitmq(timeout: float, url: str | None = None) -> None:
+    """Open a connection to the Celery app's broker, or to ``url`` (each node of a
+    cluster's URL list once, until one answers), and close it."""
     from celery import current_app
 
-    with current_app.connection_for_write(connect_timeout=timeout) as conn:
+    with current_app.connection_for_write(url, connect_timeout=timeout) as conn:
         conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1, interval_start=0, interval_step=0)
 
 

@@ -31,6 +31,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from notifications import health
 from notifications.conf import settings as app_settings
 from project import devbroker
 
@@ -208,33 +209,26 @@ class Command(BaseCommand):
     def _check_redis(self) -> str:
         import redis
 
-        url = app_settings.REDIS_URL
         try:
-            redis.Redis.from_url(url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT).ping()
+            health.check_redis(CHECK_TIMEOUT)
         except redis.RedisError as exc:
-            return _down("Redis", _safe_url(url), exc)
+            return _down("Redis", _safe_url(app_settings.REDIS_URL), exc)
         return ""
 
     def _check_rabbitmq(self) -> str:
         from amqp.exceptions import NotAllowed
-        from kombu import Connection
 
         url = self.broker_url
-
-        def connect() -> None:
-            with Connection(url, connect_timeout=CHECK_TIMEOUT) as conn:
-                conn.ensure_connection(max_retries=1, timeout=int(CHECK_TIMEOUT))
-
         try:
             try:
-                connect()
+                health.check_rabbitmq(CHECK_TIMEOUT, url)
             except NotAllowed:  # the server answers; the vhost is missing
                 if not self.own_vhost:
                     raise
                 if devbroker.ensure_vhost(url):
                     self.record(vhost=devbroker.vhost_of(url))
                     self.say(f"Created RabbitMQ vhost {devbroker.vhost_of(url)}")
-                connect()
+                health.check_rabbitmq(CHECK_TIMEOUT, url)
         except devbroker.BrokerSetupError as exc:
             return str(exc)
         except Exception as exc:  # kombu raises transport-specific errors
@@ -324,7 +318,7 @@ class Command(BaseCommand):
                 )
             self.say(f"Dropped database {database['name']}")
         else:
-            self.say(f"Left database {settings.DATABASES['default']['NAME']}: devstack did not create it")
+            self.say(f"Left database {settings.DATABASES['default']['NAME']} as it is: no run recorded creating it")
         vhost = created.get("vhost")
         if vhost:
             url = devbroker.DEFAULT_URL + quote(vhost, safe="")
@@ -333,7 +327,7 @@ class Command(BaseCommand):
             else:
                 self.say(f"Could not delete RabbitMQ vhost {vhost}: run 'sudo rabbitmqctl delete_vhost {vhost}'")
         else:
-            self.say(f"Left RabbitMQ vhost {devbroker.vhost_of(self.broker_url)}: devstack did not create it")
+            self.say(f"Left RabbitMQ vhost {devbroker.vhost_of(self.broker_url)} as it is: no run recorded creating it")
         deleted = self.delete_redis_keys()
         self.say(
             f"Deleted {deleted} Redis key(s) {app_settings.REDIS_KEY_PREFIX}* in {_safe_url(app_settings.REDIS_URL)}"
