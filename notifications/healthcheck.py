@@ -50,6 +50,7 @@ class AliveFile(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.path = settings.WORKER_ALIVE_FILE
         self.timer_entry: Any = None
+        self.failing = False  # warn once per failure, not every interval
 
     def start(self, c: Any) -> None:
         if not self.path:
@@ -76,7 +77,11 @@ class AliveFile(bootsteps.StartStopStep):
         try:
             Path(self.path).touch()
         except OSError as exc:  # a health check that cannot write reports the worker stale
-            logger.warning("cannot touch the worker's alive file %s: %s", self.path, exc)
+            if not self.failing:
+                logger.warning("cannot touch the worker's alive file %s: %s", self.path, exc)
+            self.failing = True
+        else:
+            self.failing = False
 
 
 def age(path: str) -> float | None:

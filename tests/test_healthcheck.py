@@ -57,7 +57,9 @@ def test_the_check_passes_while_the_worker_runs_and_fails_a_window_after_it_is_k
     assert "last touched" in result.stderr
 
 
-def test_the_check_fails_while_the_worker_has_no_broker(workers: Workers, tmp_path: Path) -> None:
+def test_the_check_fails_while_the_worker_has_no_broker_and_passes_once_it_is_back(
+    workers: Workers, tmp_path: Path
+) -> None:
     vhost = f"notifications-test-alive-{uuid.uuid4().hex[:8]}"
     rabbitmqctl("add_vhost", vhost)
     rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
@@ -71,6 +73,10 @@ def test_the_check_fails_while_the_worker_has_no_broker(workers: Workers, tmp_pa
         rabbitmqctl("delete_vhost", vhost)  # its connections close, and it refuses new ones
         wait_for(lambda: not healthy(alive), timeout=WINDOW + 10, interval=0.5, what="the check to fail")
         assert worker.proc.poll() is None, "the process lives on, trying to reconnect: only the check says so"
+
+        rabbitmqctl("add_vhost", vhost)  # the broker is back: the worker reconnects, and the check passes
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        wait_for(lambda: healthy(alive), timeout=60, interval=0.5, what=lambda: worker.output()[-3000:])
     finally:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
 
