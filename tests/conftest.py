@@ -156,6 +156,15 @@ def smtp_server() -> Iterator[smtp.SMTPServer]:
     server.controller.stop()
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (at the moment of asking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def unique(prefix: str = "n") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -18,15 +17,9 @@ from celery import current_app
 
 from notifications import broker
 from project import devbroker
-from tests.conftest import ROOT, child_env, wait_for
+from tests.conftest import ROOT, child_env, free_port, wait_for
 
 LOGIN = "ops:flower-test-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, login: str = "") -> int:

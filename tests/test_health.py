@@ -22,7 +22,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.test.utils import override_settings
 
-from tests.conftest import ROOT, child_env, wait_for
+from tests.conftest import ROOT, child_env, free_port, wait_for
 from tests.settings import VHOST
 
 SHIPPED_TIMEOUT = 2.0  # NOTIFICATIONS_HEALTH_TIMEOUT in project/settings.py
@@ -30,10 +30,7 @@ CHECKS = {"postgresql", "redis", "rabbitmq"}
 OUTSIDE = "10.20.30.40"  # any address that is not loopback
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
+closed_port = free_port  # a port nothing listens on: a stopped service, without stopping the shared one
 
 
 class Silent:
