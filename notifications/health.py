@@ -63,6 +63,11 @@ PROBES: dict[str, Probe] = {
     "rabbitmq": check_rabbitmq,
 }
 
+# The drivers' own timeouts run this much past the view's wait, so that a service that
+# does not answer is reported as a timeout by the view, never as whichever of the
+# driver's error and the view's deadline came first.
+DRIVER_GRACE = 1.0
+
 _lock = threading.Lock()
 _running: dict[str, Future[float]] = {}
 
@@ -94,7 +99,7 @@ def _start(name: str, probe: Probe, timeout: float) -> Future[float]:
     def run() -> None:
         began = time.monotonic()
         try:
-            probe(timeout)
+            probe(timeout + DRIVER_GRACE)
         except BaseException as exc:
             future.set_exception(ProbeFailed(exc, time.monotonic() - began))
         else:
