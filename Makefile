@@ -6,10 +6,15 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test lint chaos chaos-short bench bench-short bench-backlog
+.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
+
+# Remove what `make run` created: its database and RabbitMQ vhost (only if it created
+# them), the app's Redis keys, and .devstack/.
+clean-dev: $(STAMP)
+	$(PYTHON) manage.py devstack --teardown
 
 test: $(STAMP)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -174,6 +174,10 @@ def _apply(app: Celery, maintenance: bool) -> None:
         )
     if DeadLetterUndecodable not in app.steps["consumer"]:
         app.steps["consumer"].add(DeadLetterUndecodable)
+    from .healthcheck import AliveFile  # the worker's health check (NOTIFICATIONS_WORKER_ALIVE_FILE)
+
+    if AliveFile not in app.steps["consumer"]:
+        app.steps["consumer"].add(AliveFile)
     # Without task_queues, Celery declares and consumes the app's default queue; once
     # they are set it consumes only those, so the default queue joins them (built by
     # Celery from the app's own task_default_* settings).

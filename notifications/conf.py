@@ -96,6 +96,19 @@ DEFAULTS: dict[str, Any] = {
     # Database aliases whose outboxes the relay publishes (None: DATABASE only).
     # notify(using=...) accepts only these.
     "RELAY_DATABASES": None,
+    # Operations pages that say more than "alive" (/readyz's details): who may read them
+    # besides loopback callers and staff users, as "Authorization: Bearer <token>".
+    "OPS_TOKEN": None,
+    # Whether a loopback caller counts as allowed. Off behind a reverse proxy on the same
+    # host, whose requests all come from loopback.
+    "OPS_LOOPBACK": True,
+    # Seconds /readyz waits for each of PostgreSQL, Redis and the broker (asked at once).
+    "HEALTH_TIMEOUT": 2.0,
+    # A file the worker touches every WORKER_ALIVE_INTERVAL seconds while its consumer is
+    # connected to the broker (None: no file); ``python -m notifications.healthcheck``
+    # reads its age.
+    "WORKER_ALIVE_FILE": None,
+    "WORKER_ALIVE_INTERVAL": 2.0,
 }
 
 

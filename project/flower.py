@@ -1,5 +1,6 @@
 """Flower behind authentication: ``celery -A project flower`` listens on 127.0.0.1 unless
-told otherwise, and refuses any other address without ``FLOWER_BASIC_AUTH``.
+told otherwise, refuses any other address without ``FLOWER_BASIC_AUTH``, and asks for
+the same credentials on ``/metrics`` as on every other page.
 
 Flower gathers its options from three places (``FLOWER_*`` environment variables,
 ``flowerconfig.py``, the command line), so the check runs where they have all been
@@ -90,11 +91,13 @@ def enforce(options: Any) -> None:
 
 
 def install_guard() -> None:
-    """Run ``enforce`` on Flower's final options before it opens its socket."""
+    """Run ``enforce`` on Flower's final options before it opens its socket, and put
+    Flower's ``/metrics`` behind the same authentication as its other pages."""
     try:
         from flower.app import Flower
     except ImportError:  # Flower is not installed: nothing to guard
         return
+    protect_metrics()
     original = getattr(Flower, "start_http_server", None)
     if original is None:
         # A Flower without this hook would start unguarded: fail closed instead.
@@ -112,3 +115,22 @@ def install_guard() -> None:
 
     start_http_server._auth_guard = True  # type: ignore[attr-defined]
     Flower.start_http_server = start_http_server  # type: ignore[method-assign]
+
+
+def protect_metrics() -> None:
+    """Flower 2.x serves ``/metrics`` (its Prometheus page: worker names, task names and
+    counts) without asking for the credentials every other page needs. Wrap its handler
+    in Tornado's ``authenticated``, as Flower wraps the others: basic auth answers 401
+    without the password, OAuth redirects to the login page. ``/healthcheck`` (a bare
+    "OK") stays open for probes."""
+    from tornado import web
+
+    try:
+        from flower.views.monitor import Metrics
+    except ImportError:
+        raise SystemExit("Flower: cannot find its /metrics handler to protect in this Flower version.") from None
+    if getattr(Metrics.get, "_auth_guard", False):
+        return
+    guarded = web.authenticated(Metrics.get)
+    guarded._auth_guard = True  # type: ignore[attr-defined]
+    Metrics.get = guarded  # type: ignore[method-assign]

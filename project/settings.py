@@ -44,6 +44,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_celery_results",
     "notifications",
+    # This repository's own tools (manage.py devstack, bench, bench_backlog): installed here
+    # only, so a service that installs the app does not get them.
+    "project",
 ]
 
 MIDDLEWARE = [
@@ -139,6 +142,13 @@ NOTIFICATIONS_DELIVERY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_DELIVERY_B
 NOTIFICATIONS_SEND_CONCURRENCY = int(os.environ.get("NOTIFICATIONS_SEND_CONCURRENCY", "4"))
 # RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
 NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
+
+# Operations: /healthz, /readyz (details for loopback, staff, or this bearer token) and the
+# worker's alive file (see the README's "Health" section).
+NOTIFICATIONS_OPS_TOKEN = os.environ.get("NOTIFICATIONS_OPS_TOKEN") or None
+NOTIFICATIONS_OPS_LOOPBACK = env_bool("NOTIFICATIONS_OPS_LOOPBACK", True)
+NOTIFICATIONS_HEALTH_TIMEOUT = env_float("NOTIFICATIONS_HEALTH_TIMEOUT", 2.0)
+NOTIFICATIONS_WORKER_ALIVE_FILE = os.environ.get("NOTIFICATIONS_WORKER_ALIVE_FILE") or None
 
 # Celery: everything the delivery contract depends on is spelled out here, and
 # notifications/checks.py refuses the values that would break it.

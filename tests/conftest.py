@@ -113,6 +113,8 @@ def no_stray_sessions_at_teardown(django_db_setup: Any, django_db_blocker: Any) 
     with django_db_blocker.unblock():
         from django.db import connection
 
+        if connection.settings_dict["NAME"] != connection.settings_dict["TEST"]["NAME"]:
+            return  # no test of this run used the database, so pytest-django created none
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -152,6 +154,15 @@ def smtp_server() -> Iterator[smtp.SMTPServer]:
     server = smtp.start(int(settings.EMAIL_PORT))
     yield server
     server.controller.stop()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (at the moment of asking)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def unique(prefix: str = "n") -> str:

@@ -4,7 +4,10 @@ and relay publish to the shared broker, and the project's workers deliver."""
 import os
 
 from tests.settings import *  # noqa: F403
-from tests.settings import OTHER_DB
+from tests.settings import INSTALLED_APPS, OTHER_DB
+
+# A caller installs the app, not this repository's tools (the ``project`` app).
+INSTALLED_APPS = [app for app in INSTALLED_APPS if app != "project"]
 
 DATABASES = {  # noqa: F405
     "default": {

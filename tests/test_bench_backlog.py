@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 from django.core.management import call_command
 
-from notifications.bench.backlog import percentile
+from project.bench.backlog import percentile
 
 
 def test_bench_backlog_reports_every_size(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ empty outbox to a million pending rows: the partial index on pending rows is wha
 make that so, and the EXPLAIN of the claim at the largest size shows whether it is used.
 
 Settings are read once, when a process starts, so the measuring runs in a child process
-(``python -m notifications.bench.backlog``) whose environment points ``project.settings``
+(``python -m project.bench.backlog``) whose environment points ``project.settings``
 and the project's Celery app at the private database, vhost and Redis db; the parent half
 (``BacklogRun``) creates them, streams the child's progress and drops them at the end.
 """
@@ -42,8 +42,8 @@ from typing import Any
 import psycopg
 import redis
 
-from ..chaos.injectors import add_vhost, sh
-from ..chaos.processes import migrate
+from notifications.chaos.injectors import add_vhost, sh
+from notifications.chaos.processes import migrate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SIZES = (0, 10_000, 100_000, 1_000_000)
@@ -146,7 +146,7 @@ class BacklogRun:
         """Run the child to the end, passing its progress lines on; return its results."""
         with tempfile.TemporaryDirectory(prefix="bench-backlog-") as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "notifications.bench.backlog", "--out", str(out)]
+            cmd = [sys.executable, "-m", "project.bench.backlog", "--out", str(out)]
             cmd += ["--sizes", ",".join(str(s) for s in self.o.sizes), "--publish", str(self.o.publish)]
             cmd += ["--claims", str(self.o.claims)]
             self.child = subprocess.Popen(
@@ -224,8 +224,8 @@ class Child:
     def __init__(self, publish: int, claims: int, log: Callable[[str], None]) -> None:
         from django.db import connections
 
-        from ..conf import settings
-        from ..models import Notification, OutboxMessage
+        from notifications.conf import settings
+        from notifications.models import Notification, OutboxMessage
 
         self.publish_rows = publish
         self.claims = claims
@@ -303,7 +303,7 @@ class Child:
 
     def claim_once(self, clock: SqlClock | None = None) -> tuple[float, int]:
         """One relay claim, rolled back: its seconds and how many rows it returned."""
-        from ..models import OutboxMessage
+        from notifications.models import OutboxMessage
 
         clock = clock or SqlClock()
         with self.rolled_back(), self.conn.execute_wrapper(clock):
@@ -361,7 +361,7 @@ class Child:
     def relay(self, target: int) -> dict[str, Any]:
         """relay_batch() until ``target`` rows are published: rows/s, cost per row, and
         the claim's and the mark's share of it (timed around their statements)."""
-        from ..relay import relay_batch
+        from notifications.relay import relay_batch
 
         clock = SqlClock()
         published = batches = 0

@@ -19,9 +19,10 @@ from typing import Any
 import psycopg
 import redis
 
-from ..chaos.injectors import add_vhost, sh, wait
-from ..chaos.processes import Fleet, Proc, migrate
-from ..chaos.run import free_port
+from notifications.chaos.injectors import add_vhost, sh, wait
+from notifications.chaos.processes import Fleet, Proc, migrate
+from notifications.chaos.run import free_port
+
 from . import measure, ours, peers, report
 from .sink import Sink, ceiling
 
@@ -102,7 +103,7 @@ class BenchRun:
     def env_peer(self) -> dict[str, str]:
         return {
             **self._env(),
-            "DJANGO_SETTINGS_MODULE": "notifications.bench.peer_settings",
+            "DJANGO_SETTINGS_MODULE": "project.bench.peer_settings",
             "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.po_database}",
         }
 
@@ -176,7 +177,7 @@ class BenchRun:
 
     def caller(self, system: str, mode: str, n: int, tag: str, env: dict[str, str], rate: float = 0.0) -> Any:
         out = self.workdir / f"calls-{tag}.json"
-        cmd = [sys.executable, "-m", "notifications.bench.caller", "--system", system, "--mode", mode]
+        cmd = [sys.executable, "-m", "project.bench.caller", "--system", system, "--mode", mode]
         cmd += ["--n", str(n), "--batch", str(self.o.batch), "--rate", str(rate), "--tag", tag, "--out", str(out)]
         log = open(self.workdir / f"caller-{tag}.log", "wb")  # noqa: SIM115 (owned by the child)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

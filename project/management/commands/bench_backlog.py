@@ -1,5 +1,5 @@
 """``manage.py bench_backlog``: how the relay's claim and its cost per row grow with the
-number of pending outbox rows (see notifications/bench/backlog.py)."""
+number of pending outbox rows (see project/bench/backlog.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from notifications.bench.backlog import SIZES, BacklogRun, Options, render
+from project.bench.backlog import SIZES, BacklogRun, Options, render
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 with ``.delay()``. Late acks, JSON, a classic durable queue and otherwise Celery's
 defaults: no outbox, no deduplication, no publisher confirms, no result backend.
 
-Worker: ``celery -A notifications.bench.peer_celery worker -Q bench.plain``.
+Worker: ``celery -A project.bench.peer_celery worker -Q bench.plain``.
 """
 
 import os
@@ -10,7 +10,7 @@ import os
 from celery import Celery
 from django.core.mail import send_mail
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "notifications.bench.peer_settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.bench.peer_settings")
 
 QUEUE = "bench.plain"
 

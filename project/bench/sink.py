@@ -5,7 +5,7 @@ only notes each message's key and arrival time, so the sink is never what is mea
 The key is the ``X-Notification-Key`` header, or the ``Subject`` for a sender that
 cannot set headers (the plain Celery peer calls ``send_mail``).
 
-``python -m notifications.bench.sink --port P --n M`` is the ceiling client: M messages
+``python -m project.bench.sink --port P --n M`` is the ceiling client: M messages
 over one reused connection, timed, as JSON on stdout.
 """
 
@@ -187,7 +187,7 @@ def ceiling(sink: Sink, n: int, clients: int, cwd: Path, say: Any = print) -> di
 def _spawn_client(port: int, n: int, tag: str, start_at: float, cwd: Path) -> Any:
     import subprocess
 
-    cmd = [sys.executable, "-m", "notifications.bench.sink", "--port", str(port), "--n", str(n)]
+    cmd = [sys.executable, "-m", "project.bench.sink", "--port", str(port), "--n", str(n)]
     cmd += ["--tag", tag, "--start-at", str(start_at)]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import redis
 
-from ..chaos.injectors import sh
+from notifications.chaos.injectors import sh
 
 if TYPE_CHECKING:
     from .run import BenchRun

@@ -1,7 +1,7 @@
 """The peers, measured like our pipeline in the same run: the same N, the same number of
 worker processes and concurrency, the same services and the same sink.
 
-- plain: ``send_email.delay()`` per email, ``celery -A notifications.bench.peer_celery
+- plain: ``send_email.delay()`` per email, ``celery -A project.bench.peer_celery
   worker -c C`` on W processes (see ``peer_celery``);
 - postoffice: ``mail.send_many()`` in batches, then its documented dispatcher,
   ``manage.py send_queued_mail --processes W*C``, run until the queue is empty.
@@ -24,7 +24,7 @@ def run_plain(bench: BenchRun, run: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fleet = bench.fleet(env)
     try:
-        procs = bench.workers(fleet, f"plain-r{run}", "notifications.bench.peer_celery", QUEUE)
+        procs = bench.workers(fleet, f"plain-r{run}", "project.bench.peer_celery", QUEUE)
         bench.wait_consumers(QUEUE, procs)
         with measure.RssSampler(lambda: {p.name: p.pid for p in procs if p.alive()}) as rss:
             bench.say(f"plain: end to end, .delay() x {n} while {bench.o.workers} x {bench.o.concurrency} work")

@@ -1,5 +1,5 @@
 """``manage.py bench``: throughput, latency and memory of the pipeline beside two peers
-(see notifications/bench/)."""
+(see project/bench/)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **o: Any) -> None:
         try:
-            from notifications.bench.report import render
-            from notifications.bench.run import SYSTEMS, BenchRun, Options
+            from project.bench.report import render
+            from project.bench.run import SYSTEMS, BenchRun, Options
         except ImportError as exc:  # aiosmtpd and django-post-office come with the dev extra
             raise CommandError(f"the benchmark needs the dev extra (pip install -e '.[dev]'): {exc}") from exc
         only = tuple(s.strip() for s in o["only"].split(",") if s.strip())

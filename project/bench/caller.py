@@ -1,4 +1,4 @@
-"""The benchmark's calling process: ``python -m notifications.bench.caller``.
+"""The benchmark's calling process: ``python -m project.bench.caller``.
 
 One process, one system, N emails, as fast as it goes (or paced at ``--rate``):
 

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from ..chaos.injectors import wait
+from notifications.chaos.injectors import wait
+
 from . import measure
 
 if TYPE_CHECKING:

@@ -1,15 +1,19 @@
 """``manage.py devstack``: the whole pipeline on one machine, for local use.
 
 Checks that PostgreSQL, Redis and RabbitMQ answer, creates and migrates the database,
-resets a local ``admin`` superuser, then runs the web server, a worker, beat, Flower and
-a printing SMTP server as child processes with prefixed output, until Ctrl-C.
+creates its own RabbitMQ vhost (``notifications-dev``, unless ``CELERY_BROKER_URL`` is
+set), resets a local ``admin`` superuser, then runs the web server, a worker, beat, Flower
+(with the queues, from RabbitMQ's management API) and a printing SMTP server as child
+processes with prefixed output, until Ctrl-C. ``--teardown`` removes what it created.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,13 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from notifications import health
 from notifications.conf import settings as app_settings
+from project import devbroker
 
 WEB = ("127.0.0.1", 8000)
 FLOWER = ("127.0.0.1", 5555)
@@ -96,27 +103,45 @@ class Command(BaseCommand):
             action="store_true",
             help="Show the once-a-second relay pass log lines too.",
         )
+        parser.add_argument(
+            "--teardown",
+            action="store_true",
+            help="Remove what earlier runs created (database, vhost, Redis keys, .devstack/) and exit.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         # Re-entrant: the signal handler may print while the main thread is printing.
         self.out_lock = threading.RLock()
+        self.state_dir = Path(settings.BASE_DIR) / ".devstack"
+        self.broker_url, self.own_vhost = devbroker.dev_url(dict(os.environ))
+        if options["teardown"]:
+            self.teardown()
+            return
         if options["concurrency"] < 1:
             raise CommandError("--concurrency must be at least 1")
         smtp_port = int(os.environ.get("EMAIL_PORT") or SMTP_PORT)
+        self.state_dir.mkdir(exist_ok=True)
         self.check_services()
         self.check_ports(
             [WEB[1]] + ([] if options["no_flower"] else [FLOWER[1]]) + ([] if options["no_smtp"] else [smtp_port])
         )
-        self.ensure_database()
+        if self.ensure_database():
+            self.record(database=self._database_record())
         self.say("Migrating the database")
         call_command("migrate", interactive=False, verbosity=1)
         password = secrets.token_urlsafe(12)
         self.reset_admin(password)
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{password}"
 
-        state_dir = Path(settings.BASE_DIR) / ".devstack"
-        state_dir.mkdir(exist_ok=True)
+        state_dir = self.state_dir
         env = dict(os.environ)
+        env["CELERY_BROKER_URL"] = self.broker_url
+        # Flower reads the queues from the management API; told through the environment
+        # (Flower's FLOWER_* options), so the password stays out of the command line.
+        wants_api = not options["no_flower"] and "FLOWER_BROKER_API" not in env
+        if wants_api and devbroker.enable_management(self.broker_url, self.say):
+            env["FLOWER_BROKER_API"] = devbroker.api_url(self.broker_url)
+            self.say(f"Flower reads the queues from {_safe_url(env['FLOWER_BROKER_API'])}")
         env.setdefault("DJANGO_DEBUG", "1")
         env["PYTHONUNBUFFERED"] = "1"
         env["EMAIL_PORT"] = str(smtp_port)
@@ -184,20 +209,28 @@ class Command(BaseCommand):
     def _check_redis(self) -> str:
         import redis
 
-        url = app_settings.REDIS_URL
         try:
-            redis.Redis.from_url(url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT).ping()
+            health.check_redis(CHECK_TIMEOUT)
         except redis.RedisError as exc:
-            return _down("Redis", _safe_url(url), exc)
+            return _down("Redis", _safe_url(app_settings.REDIS_URL), exc)
         return ""
 
     def _check_rabbitmq(self) -> str:
-        from kombu import Connection
+        from amqp.exceptions import NotAllowed
 
-        url = settings.CELERY_BROKER_URL
+        url = self.broker_url
         try:
-            with Connection(url, connect_timeout=CHECK_TIMEOUT) as conn:
-                conn.ensure_connection(max_retries=1, timeout=int(CHECK_TIMEOUT))
+            try:
+                health.check_rabbitmq(CHECK_TIMEOUT, url)
+            except NotAllowed:  # the server answers; the vhost is missing
+                if not self.own_vhost:
+                    raise
+                if devbroker.ensure_vhost(url):
+                    self.record(vhost=devbroker.vhost_of(url))
+                    self.say(f"Created RabbitMQ vhost {devbroker.vhost_of(url)}")
+                health.check_rabbitmq(CHECK_TIMEOUT, url)
+        except devbroker.BrokerSetupError as exc:
+            return str(exc)
         except Exception as exc:  # kombu raises transport-specific errors
             return _down("RabbitMQ", _safe_url(url), exc)
         return ""
@@ -229,20 +262,92 @@ class Command(BaseCommand):
         params.update({k: v for k, v in (db.get("OPTIONS") or {}).items() if isinstance(v, (str, int))})
         return {k: v for k, v in params.items() if v is not None}
 
-    def ensure_database(self) -> None:
-        """Create the database named in DATABASE_URL if it does not exist yet."""
+    def ensure_database(self) -> bool:
+        """Create the database named in DATABASE_URL if it does not exist yet; True if
+        it was created here."""
         import psycopg
         from psycopg import errors, sql
 
         name = settings.DATABASES["default"]["NAME"]
         with psycopg.connect(**self._pg_params("postgres"), autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-                return
+                return False
             try:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             except errors.DuplicateDatabase:  # created meanwhile by someone else
-                return
+                return False
         self.say(f"Created database {name}")
+        return True
+
+    # What this command created, for --teardown ----------------------------------
+
+    @property
+    def record_file(self) -> Path:
+        return self.state_dir / "created.json"
+
+    def created(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.record_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def record(self, **what: Any) -> None:
+        self.state_dir.mkdir(exist_ok=True)
+        self.record_file.write_text(json.dumps({**self.created(), **what}, indent=2))
+
+    def _database_record(self) -> dict[str, Any]:
+        db = settings.DATABASES["default"]
+        return {"name": db["NAME"], "host": db.get("HOST") or "", "port": str(db.get("PORT") or "")}
+
+    def teardown(self) -> None:
+        """Drop the database and delete the vhost that earlier runs created (and only
+        those), delete the app's Redis keys, and remove ``.devstack/``."""
+        import psycopg
+        from psycopg import sql
+
+        if _answers(WEB):
+            raise CommandError(f"Something answers on {WEB[0]}:{WEB[1]}: stop the running devstack first (Ctrl-C).")
+        created = self.created()
+        database = created.get("database")
+        if database and database != self._database_record():
+            self.say(f"Left database {database['name']}: DATABASE_URL now points elsewhere ({self._database_record()})")
+        elif database:
+            with psycopg.connect(**self._pg_params("postgres"), autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database["name"]))
+                )
+            self.say(f"Dropped database {database['name']}")
+        else:
+            self.say(f"Left database {settings.DATABASES['default']['NAME']} as it is: no run recorded creating it")
+        vhost = created.get("vhost")
+        if vhost:
+            url = devbroker.DEFAULT_URL + quote(vhost, safe="")
+            if devbroker.delete_vhost(url):
+                self.say(f"Deleted RabbitMQ vhost {vhost}")
+            else:
+                self.say(f"Could not delete RabbitMQ vhost {vhost}: run 'sudo rabbitmqctl delete_vhost {vhost}'")
+        else:
+            self.say(f"Left RabbitMQ vhost {devbroker.vhost_of(self.broker_url)} as it is: no run recorded creating it")
+        deleted = self.delete_redis_keys()
+        self.say(
+            f"Deleted {deleted} Redis key(s) {app_settings.REDIS_KEY_PREFIX}* in {_safe_url(app_settings.REDIS_URL)}"
+        )
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+            self.say(f"Removed {self.state_dir}")
+
+    def delete_redis_keys(self) -> int:
+        import redis
+
+        client = redis.Redis.from_url(app_settings.REDIS_URL, socket_timeout=CHECK_TIMEOUT)
+        try:
+            keys = list(client.scan_iter(match=f"{app_settings.REDIS_KEY_PREFIX}*", count=1000))
+            return int(client.delete(*keys)) if keys else 0
+        except redis.RedisError as exc:
+            self.say(f"Could not delete the Redis keys: {exc}")
+            return 0
+        finally:
+            client.close()
 
     def reset_admin(self, password: str) -> None:
         from django.contrib.auth import get_user_model
@@ -272,6 +377,7 @@ class Command(BaseCommand):
         if not options["no_flower"]:
             login = flower_auth.replace(":", " / ", 1)
             lines.append(f"  Flower  http://{FLOWER[0]}:{FLOWER[1]}/   login: {login}")
+        lines.append(f"  Broker  {_safe_url(self.broker_url)}")
         if options["no_smtp"]:
             lines.append(f"  Mail    sent to {env['EMAIL_HOST']}:{env['EMAIL_PORT']}")
         else:
@@ -283,7 +389,7 @@ class Command(BaseCommand):
             "notify(service='demo', notification_id='1', user_id='42', to='ann@example.com', "
             "subject='Hello', body='It works')\"",
             "",
-            "  Ctrl-C stops everything.",
+            "  Ctrl-C stops everything; 'make clean-dev' then removes what this created.",
             rule,
         ]
         return "\n".join(lines)
