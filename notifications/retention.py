@@ -42,6 +42,7 @@ LOCK_TIMEOUT = "2s"
 START = ("-infinity", 0)  # the keyset cursor before the first row
 
 Progress = Callable[[str, int, int], None]  # (pass, rows in this batch, rows so far in the pass)
+Delete = Callable[[Any, list[tuple[Any, ...]]], int]  # (cursor, the batch's rows) -> rows counted
 
 
 @dataclass
@@ -73,10 +74,10 @@ class _Pass:
         self.batches = 0
         self.skipped = 0  # rows of batches rolled back after a lock timeout
 
-    def run(self, select: str, params: dict[str, Any], delete: Callable[[Any, list[int]], int]) -> None:
-        """``select`` returns ``(id, sort key)`` rows ordered by the sort key then id, after
-        ``(%(after_key)s, %(after_id)s)``; ``delete`` removes (or, in a dry run, counts)
-        a batch's ids with the cursor it is given and returns the rows it counts."""
+    def run(self, select: str, params: dict[str, Any], delete: Delete) -> None:
+        """``select`` returns ``(id, sort key, ...)`` rows ordered by the sort key then id,
+        after ``(%(after_key)s, %(after_id)s)``; ``delete`` removes (or, in a dry run,
+        counts) a batch's rows with the cursor it is given and returns how many it counts."""
         lock = "" if self.dry_run else " FOR UPDATE SKIP LOCKED"
         after = START
         while True:
@@ -91,7 +92,7 @@ class _Pass:
                     found = cursor.fetchall()
                     if not found:
                         return
-                    count = delete(cursor, [row[0] for row in found])
+                    count = delete(cursor, found)
             except OperationalError as exc:
                 # A row the delete needs is held (say, an outbox row another purge is
                 # deleting): this batch is rolled back and left for the next run.
@@ -130,11 +131,11 @@ def purge(
     def new_pass(name: str) -> _Pass:
         return _Pass(name, db, size, dry_run, progress)
 
-    def delete_from(table: str) -> Callable[[Any, list[int]], int]:
-        def delete(cursor: Any, ids: list[int]) -> int:
+    def delete_from(table: str) -> Delete:
+        def delete(cursor: Any, rows: list[tuple[Any, ...]]) -> int:
             if not dry_run:
-                cursor.execute(f'DELETE FROM {table} WHERE "id" = ANY(%s)', [ids])
-            return len(ids)
+                cursor.execute(f'DELETE FROM {table} WHERE "id" = ANY(%s)', [[row[0] for row in rows]])
+            return len(rows)
 
         return delete
 
@@ -158,8 +159,27 @@ def purge(
 
     left_outbox = 0
 
-    def delete_notifications(cursor: Any, ids: list[int]) -> int:
+    def delete_notifications(cursor: Any, rows: list[tuple[Any, ...]]) -> int:
         nonlocal left_outbox
+        # What keeps a notification, looked up for the batch by index (as separate
+        # statements, so that no stale estimate of the pending rows can turn them into a
+        # join against every pending row): a sent-email record of its key (in a dry run,
+        # one the records pass would not delete), and an unpublished outbox row, which the
+        # relay may hold while it publishes and then marks the notification.
+        cursor.execute(
+            f'SELECT "key" FROM {sent} WHERE "key" = ANY(%s) '
+            f"AND NOT (%s AND \"state\" IN ('sent', 'failed') AND \"updated_at\" < %s)",
+            [[row[2] for row in rows], dry_run, sent_before],
+        )
+        recorded = {key for (key,) in cursor.fetchall()}
+        cursor.execute(
+            f'SELECT "notification_id" FROM {outbox} WHERE "notification_id" = ANY(%s) AND "published_at" IS NULL',
+            [[row[0] for row in rows]],
+        )
+        pending = {pk for (pk,) in cursor.fetchall()}
+        ids = [pk for pk, _, key in rows if key not in recorded and pk not in pending]
+        if not ids:
+            return 0
         if dry_run:
             # Those the outbox pass would have deleted first are counted there.
             cursor.execute(
@@ -171,7 +191,7 @@ def purge(
             return len(ids)
         # One statement; the foreign keys are checked at commit, when all three are done.
         # The record update keeps SentEmail's SET_NULL: no record of another key points
-        # here in practice, and the key's own record is gone (the select made sure).
+        # here in practice, and the key's own record is gone (looked up above).
         cursor.execute(
             f'WITH o AS (DELETE FROM {outbox} WHERE "notification_id" = ANY(%(ids)s) RETURNING 1), '
             f'r AS (UPDATE {sent} SET "notification_id" = NULL WHERE "notification_id" = ANY(%(ids)s) '
@@ -180,23 +200,17 @@ def purge(
             f"SELECT (SELECT count(*) FROM o), (SELECT count(*) FROM n)",
             {"ids": ids},
         )
-        rows, deleted = cursor.fetchone()
-        left_outbox += rows
+        outbox_rows, deleted = cursor.fetchone()
+        left_outbox += outbox_rows
         return int(deleted)
 
     finished = new_pass("notifications")
     for status in ("sent", "failed"):  # one index range each: (status, created_at)
         finished.run(
-            f'SELECT n."id", n."created_at" FROM {notification} n WHERE n."status" = %(status)s '
-            f'AND n."created_at" < %(before)s '
-            f'AND (n."created_at", n."id") > (%(after_key)s::timestamptz, %(after_id)s) '
-            # In a dry run the records pass deleted nothing: count as if it had.
-            f'AND NOT EXISTS (SELECT 1 FROM {sent} s WHERE s."key" = n."key" AND NOT (%(dry_run)s '
-            f"AND s.\"state\" IN ('sent', 'failed') AND s.\"updated_at\" < %(sent_before)s)) "
-            f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
-            f'AND o."published_at" IS NULL) '
-            f'ORDER BY n."created_at", n."id" LIMIT %(limit)s',
-            {"status": status, "before": notifications_before, "dry_run": dry_run, "sent_before": sent_before},
+            f'SELECT "id", "created_at", "key" FROM {notification} WHERE "status" = %(status)s '
+            f'AND "created_at" < %(before)s AND ("created_at", "id") > (%(after_key)s::timestamptz, %(after_id)s) '
+            f'ORDER BY "created_at", "id" LIMIT %(limit)s',
+            {"status": status, "before": notifications_before},
             delete_notifications,
         )
 
