@@ -6,7 +6,7 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog
+.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
@@ -43,6 +43,10 @@ bench-short: $(STAMP)
 # The relay's claim time and cost per row from an empty outbox to 1,000,000 pending rows.
 bench-backlog: $(STAMP)
 	$(PYTHON) manage.py bench_backlog $(BENCH_ARGS)
+
+# The retention purge on 1,000,000 notifications, with notify() and the relay's claim running beside it.
+bench-retention: $(STAMP)
+	$(PYTHON) -m project.bench_retention $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

@@ -18,6 +18,7 @@ from django.http import HttpRequest
 
 from .conf import settings
 from .models import ClaimState, Notification, OutboxMessage, SentEmail, Status
+from .requeue import requeue
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -29,31 +30,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
-
-
-def _requeue(queryset: QuerySet[Notification], from_states: list[str], new_status: str) -> int:
-    """Reopen the claims in ``from_states`` and queue a new outbox row for each; a key
-    whose claim is ``sent`` is never reopened, so this cannot cause a second email."""
-    db = settings.DATABASE
-    with transaction.atomic(using=db):
-        notifications = list(queryset.select_for_update())
-        keys = [n.key for n in notifications]
-        # Lock the records and decide from their state now: a key that was already
-        # released (or claimed) is not ours to requeue.
-        records = dict(SentEmail.objects.using(db).select_for_update().filter(key__in=keys).values_list("key", "state"))
-        reopened = {key for key in keys if records.get(key) in from_states}
-        SentEmail.objects.reopen(sorted(reopened), from_states, db)
-        chosen = [n for n in notifications if n.key in reopened or n.key not in records]
-        for n in chosen:
-            OutboxMessage.objects.using(db).create(notification=n)
-        Notification.objects.using(db).filter(pk__in=[n.pk for n in chosen]).update(
-            status=new_status, attempts=0, last_error=""
-        )
-    if chosen:
-        from .relay import wake_relay
-
-        transaction.on_commit(wake_relay, using=db)
-    return len(chosen)
 
 
 @admin.register(Notification)
@@ -96,7 +72,7 @@ class NotificationAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry failed notifications through the outbox", permissions=["change"])
     def retry_failed(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
-        count = _requeue(queryset.filter(status=Status.FAILED), [ClaimState.FAILED], Status.CREATED)
+        count = requeue(queryset.filter(status=Status.FAILED), [ClaimState.FAILED], Status.CREATED)
         self.message_user(request, f"{count} failed notification(s) queued again.", messages.SUCCESS)
 
     @admin.action(
@@ -104,7 +80,7 @@ class NotificationAdmin(admin.ModelAdmin):
         permissions=["resolve_ambiguous"],
     )
     def resend_ambiguous(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
-        count = _requeue(queryset.filter(status=Status.AMBIGUOUS), [ClaimState.HELD], Status.CREATED)
+        count = requeue(queryset.filter(status=Status.AMBIGUOUS), [ClaimState.HELD], Status.CREATED)
         self.message_user(request, f"{count} ambiguous notification(s) queued for resending.", messages.WARNING)
 
     @admin.action(

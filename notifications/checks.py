@@ -150,7 +150,14 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E010",
             )
         )
-    for name in ("RELAY_BATCH_SIZE", "DELIVERY_BATCH_SIZE", "SEND_CONCURRENCY", "MAX_BATCH_ITEMS"):
+    for name in (
+        "RELAY_BATCH_SIZE",
+        "DELIVERY_BATCH_SIZE",
+        "SEND_CONCURRENCY",
+        "MAX_BATCH_ITEMS",
+        "RETENTION_DAYS",
+        "PURGE_BATCH_SIZE",
+    ):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             errors.append(
@@ -167,6 +174,19 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 hint="Set NOTIFICATIONS_KEY_REUSE = 'error' (a repeat of a key with different content raises "
                 "NotificationConflict) or 'return' (it returns the existing notification).",
                 id="notifications.E013",
+            )
+        )
+    kept, records = settings.RETENTION_DAYS, settings.SENT_RETENTION_DAYS
+    if isinstance(kept, int) and isinstance(records, int) and kept < records:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_RETENTION_DAYS ({kept}) is shorter than NOTIFICATIONS_SENT_RETENTION_DAYS "
+                f"({records}): a notification is deleted only after its sent-email record (else a repeat of its "
+                "key would make a notification no worker sends), so its content would be kept "
+                f"{records} days, not {kept}.",
+                hint="Keep NOTIFICATIONS_RETENTION_DAYS at least NOTIFICATIONS_SENT_RETENTION_DAYS: lower both "
+                "(E008 bounds the sent-email retention from below) or raise NOTIFICATIONS_RETENTION_DAYS.",
+                id="notifications.E015",
             )
         )
     relayed = settings.RELAY_DATABASES

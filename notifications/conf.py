@@ -30,6 +30,14 @@ DEFAULTS: dict[str, Any] = {
     "RETRY_BACKOFF_MAX": 600.0,
     # How long sent-email records are kept; they are what makes a late redelivery a no-op.
     "SENT_RETENTION_DAYS": 30,
+    # How long notifications (with their content) are kept once finished (sent or
+    # failed; a held ambiguous one is kept until a person decides). While its row exists
+    # a repeat of the key returns it; a notification outlives its sent-email record, so
+    # after both are gone a repeat of the key is a new notification and sends again.
+    "RETENTION_DAYS": 30,
+    # Rows per purge transaction: each batch is locked (skipping rows anyone else holds),
+    # deleted and committed on its own, so the purge never holds many locks for long.
+    "PURGE_BATCH_SIZE": 1000,
     # Relay: rows per batch, and the beat period of the safety-net pass.
     "RELAY_BATCH_SIZE": 200,
     # Notifications per broker message: a worker claims them in one transaction and sends

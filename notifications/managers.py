@@ -11,10 +11,9 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections, models, transaction
+from django.db import connections, models
 from django.utils import timezone
 
 from .conf import settings
@@ -352,17 +351,6 @@ class OutboxMessageManager(models.Manager[Any]):
 
     def backlog(self, using: str = "default") -> int:
         return self.using(using).filter(published_at__isnull=True).count()
-
-    def purge_published(self, before: datetime, using: str, batch: int = 5000) -> int:
-        """Delete published rows older than ``before`` in id-ordered batches."""
-        deleted = 0
-        while True:
-            ids = list(
-                self.using(using).filter(published_at__lt=before).order_by("id").values_list("id", flat=True)[:batch]
-            )
-            if not ids:
-                return deleted
-            deleted += self.using(using).filter(id__in=ids).delete()[0]
 
 
 def _claimable(table: str) -> str:
@@ -708,19 +696,3 @@ class SentEmailManager(models.Manager[Any]):
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [older_than, keep, older_than, at_most])
             return [row[0] for row in cursor.fetchall()]
-
-    def purge(self, older_than: timedelta, using: str, batch: int = 5000) -> int:
-        """Delete finished records past retention, in id-ordered batches."""
-        before = timezone.now() - older_than
-        deleted = 0
-        while True:
-            with transaction.atomic(using=using):
-                ids = list(
-                    self.using(using)
-                    .filter(state__in=["sent", "failed"], updated_at__lt=before)
-                    .order_by("id")
-                    .values_list("id", flat=True)[:batch]
-                )
-                if not ids:
-                    return deleted
-                deleted += self.using(using).filter(id__in=ids).delete()[0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from datetime import timedelta
 from typing import Any
 
 from celery import shared_task
@@ -19,7 +18,6 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from . import broker, delivery, relay
-from .conf import settings
 
 logger = logging.getLogger(__name__)
 
@@ -187,15 +185,10 @@ def dead_letters() -> int:
 
 
 @shared_task(name="notifications.purge", ignore_result=True)
-def purge() -> dict[str, int]:
-    """Delete published outbox rows and finished sent-email records past retention."""
-    from django.utils import timezone
+def purge() -> dict[str, Any]:
+    """Delete what is past retention: published outbox rows and finished sent-email
+    records (``NOTIFICATIONS_SENT_RETENTION_DAYS``), then finished notifications with
+    their content (``NOTIFICATIONS_RETENTION_DAYS``). Beat runs it hourly."""
+    from . import retention
 
-    from .models import OutboxMessage, SentEmail
-
-    keep = timedelta(days=int(settings.SENT_RETENTION_DAYS))
-    db = settings.DATABASE
-    return {
-        "outbox": OutboxMessage.objects.purge_published(timezone.now() - keep, db),
-        "sent": SentEmail.objects.purge(keep, db),
-    }
+    return retention.purge().as_dict()
