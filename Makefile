@@ -46,7 +46,7 @@ bench-backlog: $(STAMP)
 
 # The retention purge on 1,000,000 notifications, with notify() and the relay's claim running beside it.
 bench-retention: $(STAMP)
-	$(PYTHON) -m project.bench_retention $(BENCH_ARGS)
+	$(PYTHON) -m project.bench.retention $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

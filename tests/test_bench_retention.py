@@ -1,4 +1,4 @@
-"""``python -m project.bench_retention`` end to end on a small table: it deletes what is
+"""``python -m project.bench.retention`` end to end on a small table: it deletes what is
 past retention while notify() and the relay's claim keep working, and drops its database."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_bench_retention_reports_the_purge_and_the_latencies(tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "project.bench_retention",
+            "project.bench.retention",
             "--rows",
             "3000",
             "--baseline",

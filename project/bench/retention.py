@@ -1,4 +1,4 @@
-"""The retention purge on a million notifications: ``python -m project.bench_retention``
+"""The retention purge on a million notifications: ``python -m project.bench.retention``
 (``make bench-retention``).
 
 A private database (a unique name on the server of ``DATABASE_URL``, dropped at the end)
@@ -205,7 +205,7 @@ def measure(rows: int, old: int, baseline: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m project.bench_retention")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m project.bench.retention")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--old", type=int, default=None, help="Rows past retention (default: 70%% of --rows).")
     parser.add_argument("--baseline", type=float, default=10.0, help="Seconds measured before the purge.")
