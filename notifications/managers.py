@@ -176,15 +176,49 @@ class NotificationManager(models.Manager["Notification"]):
         """
         if not rows:
             return [], set()
+        ordered = sorted(rows, key=lambda r: r["key"]) if len(rows) > 1 else list(rows)
+        by_key: dict[str, Notification] = {}
+        created: set[int] = set()
+        # A repeated key is read back after the insert skipped it. Retention may delete
+        # that finished notification in between; the key is then free, so it is
+        # inserted again rather than reported missing.
+        for _ in range(3):
+            inserted = self._insert_chunks(ordered, using)
+            by_key.update(inserted)
+            created |= {n.pk for n in inserted.values()}
+            unseen = {r["key"] for r in ordered} - inserted.keys()
+            if unseen:  # only repeated keys need reading back
+                by_key.update((n.key, n) for n in self.using(using).filter(key__in=unseen))
+            ordered = [r for r in ordered if r["key"] not in by_key]
+            if not ordered:
+                break
+        else:
+            from .exceptions import NotificationError
+
+            raise NotificationError(
+                f"key {ordered[0]['key']!r} exists but this transaction's snapshot cannot see it "
+                "(call notify() under READ COMMITTED)"
+            )
+        repeats = {key for key, n in by_key.items() if n.pk not in created}
+        if repeats and settings.KEY_REUSE != "return":
+            for row in rows:
+                if row["key"] in repeats and (changed := differences(row, by_key[row["key"]])):
+                    from .exceptions import NotificationConflict
+
+                    raise NotificationConflict(changed[0], row["key"], changed)
+        return [by_key[r["key"]] for r in rows], created
+
+    def _insert_chunks(self, ordered: Sequence[dict[str, Any]], using: str) -> dict[str, Notification]:
+        """Insert ``ordered`` (in key order, ``INSERT_CHUNK`` rows per statement); return
+        the notifications created, by key (an existing key is skipped)."""
+        by_key: dict[str, Notification] = {}
         conn = connections[using]
         fields = self.model._meta.concrete_fields
         metadata_field = self.model._meta.get_field("metadata")
-        ordered = sorted(rows, key=lambda r: r["key"]) if len(rows) > 1 else list(rows)
-        by_key: dict[str, Notification] = {}
         for start in range(0, len(ordered), INSERT_CHUNK):
             chunk = ordered[start : start + INSERT_CHUNK]
             sql, params = self._insert_sql(len(chunk), True), self._params(chunk, using)
-            if len(rows) == 1:  # notify(): the same statement every call, planned once per connection
+            if len(ordered) == 1:  # notify(): the same statement every call, planned once per connection
                 inserted = _prepared(using, sql, params)
             else:
                 with conn.cursor() as cursor:
@@ -195,25 +229,7 @@ class NotificationManager(models.Manager["Notification"]):
                 record["metadata"] = metadata_field.from_db_value(record["metadata"], None, conn)  # type: ignore[arg-type]
                 notification = self.model.from_db(using, list(record), list(record.values()))
                 by_key[notification.key] = notification
-        created = {n.pk for n in by_key.values()}
-        repeats = {r["key"] for r in rows} - by_key.keys()
-        if repeats:  # only repeated keys need reading back
-            by_key.update((n.key, n) for n in self.using(using).filter(key__in=repeats))
-        missing = [r["key"] for r in rows if r["key"] not in by_key]
-        if missing:
-            from .exceptions import NotificationError
-
-            raise NotificationError(
-                f"key {missing[0]!r} exists but this transaction's snapshot cannot see it "
-                "(call notify() under READ COMMITTED)"
-            )
-        if repeats and settings.KEY_REUSE != "return":
-            for row in rows:
-                if row["key"] in repeats and (changed := differences(row, by_key[row["key"]])):
-                    from .exceptions import NotificationConflict
-
-                    raise NotificationConflict(changed[0], row["key"], changed)
-        return [by_key[r["key"]] for r in rows], created
+        return by_key
 
     def record(self, row: dict[str, Any], using: str) -> int:
         """Delivery side: make sure the notification is stored here, by key; return its id.

@@ -212,3 +212,29 @@ def test_notifications_may_not_be_kept_shorter_than_their_records(settings: Any)
     assert check_pipeline() == []
     settings.NOTIFICATIONS_PURGE_BATCH_SIZE = 0
     assert [e.id for e in check_pipeline()] == ["notifications.E011"]
+
+
+def test_a_repeat_whose_notification_is_purged_meanwhile_is_created_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The insert skips a key that exists; if retention deletes that notification before
+    notify() reads it back, the key is free and notify() creates it, instead of raising."""
+    old = made("sent", 40)
+    manager = type(Notification.objects)
+    original = manager._insert_chunks
+    calls: list[int] = []
+
+    def purged_after_first_insert(self: Any, ordered: Any, using: str) -> Any:
+        result = original(self, ordered, using)
+        if not calls:
+            calls.append(1)
+            dsn = conftest.test_database_url()
+            with psycopg.connect(dsn, autocommit=True) as other:  # retention, in its own transaction
+                other.execute("DELETE FROM notifications_outboxmessage WHERE notification_id = %s", [old.pk])
+                other.execute("DELETE FROM notifications_notification WHERE id = %s", [old.pk])
+        return result
+
+    monkeypatch.setattr(manager, "_insert_chunks", purged_after_first_insert)
+    again = notify(**notification_kwargs(notification_id=old.notification_id, user_id=old.user_id))
+
+    assert again.key == old.key and again.pk != old.pk
+    assert Notification.objects.get(key=old.key).status == "created"
+    assert OutboxMessage.objects.filter(notification=again, published_at__isnull=True).count() == 1
