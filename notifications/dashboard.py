@@ -95,7 +95,7 @@ def _run_action(model_admin: NotificationAdmin, request: HttpRequest) -> HttpRes
     action = model_admin.get_actions(request).get(name) if name in ACTIONS else None
     if action is None:
         raise PermissionDenied
-    ids = [int(pk) for pk in request.POST.getlist("_selected_action") if pk.isdigit()]
+    ids = [int(pk) for pk in request.POST.getlist("_selected_action") if pk.isascii() and pk.isdigit()]
     func = action[0]
     func(model_admin, request, model_admin.get_queryset(request).filter(pk__in=ids))
     return HttpResponseRedirect(request.get_full_path())
@@ -104,7 +104,7 @@ def _run_action(model_admin: NotificationAdmin, request: HttpRequest) -> HttpRes
 def _refresh(request: HttpRequest) -> int:
     """Seconds between reloads: ``?refresh=N`` (0 stops them), 15 by default."""
     value = request.GET.get("refresh", "")
-    return min(int(value), 3600) if value.isdigit() else REFRESH_SECONDS
+    return min(int(value), 3600) if value.isascii() and value.isdigit() else REFRESH_SECONDS
 
 
 def chart(per_minute: list[tuple[datetime, int]]) -> dict[str, Any]:

@@ -174,6 +174,15 @@ def test_without_resolve_ambiguous_the_page_has_no_buttons_and_refuses_their_pos
     assert state(made["other"]) == ("failed", "failed", 1)
 
 
+def test_a_post_naming_no_notification_changes_nothing(admin_client: Client) -> None:
+    held = pipeline()["held"]
+    for ids in (["²"], ["x"], []):
+        response = admin_client.post(reverse(DASHBOARD), {"action": "resend_ambiguous", "_selected_action": ids})
+        assert response.status_code == 302
+    assert state(held) == ("ambiguous", "held", 1)
+    assert admin_client.get(reverse(DASHBOARD), {"refresh": "¹"}).status_code == 200
+
+
 def test_a_post_without_the_csrf_token_is_refused(django_user_model: Any) -> None:
     held = pipeline()["held"]
     user = staff(django_user_model, "resolver", "view_notification", "resolve_ambiguous")
@@ -231,6 +240,7 @@ def test_search_matches_beginnings_and_ends_not_middles(admin_client: Client) ->
     assert shown(admin_client, q="2024") == []  # the middle of a key is not searched
     assert shown(admin_client, q="example") == []  # nor the middle of an address
     assert shown(admin_client, q="u-") == []  # a user_id is whole
+    assert shown(admin_client, q="billing:inv_2024%") == []  # LIKE's wildcards are matched as they are
 
 
 def test_the_service_filter_lists_every_service(admin_client: Client) -> None:
