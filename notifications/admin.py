@@ -5,23 +5,75 @@ second email for a key that was sent.
 Each action names the permission it needs, so Django offers it (and runs it) only for
 users who hold it: retrying a failed notification needs the change permission on
 Notification; resending or closing a held ambiguous one, which may send a second copy or
-suppress an email, needs ``notifications.resolve_ambiguous``."""
+suppress an email, needs ``notifications.resolve_ambiguous``.
+
+The lists are built for tables of millions of rows: every search and filter is answered
+by an index (no ``LIKE '%...%'``), counts stop at ``COUNT_LIMIT``, and columns do not
+sort (each sort would be a sort of the whole table). The on-call dashboard
+(``notifications.dashboard``) is a page of the Notification admin."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.paginator import Paginator
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest
+from django.urls import URLPattern, path
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.text import Truncator
 
+from . import status
 from .conf import settings
-from .models import ClaimState, Notification, OutboxMessage, SentEmail, Status
+from .models import ClaimState, Notification, OutboxMessage, SentEmail, Status, recipient_reversed
 from .requeue import requeue
 
+COUNT_LIMIT = 10_000  # a list counts its rows up to this many, then says "more than"
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+
+class CappedPaginator(Paginator):
+    """Counts at most ``COUNT_LIMIT`` + 1 rows: a search or filter matching half a
+    million rows costs as much to count as one matching ten thousand."""
+
+    @cached_property
+    def count(self) -> int:
+        return int(self.object_list[: COUNT_LIMIT + 1].count())  # type: ignore[attr-defined]
+
+
+def to_the_second(value: datetime | None) -> str:
+    """A time as the lists show it: local time, to the second."""
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def truncated(text: str, length: int) -> str:
+    """The start of ``text``, the whole of it in the tooltip."""
+    if not text:
+        return "-"
+    return format_html('<span title="{}">{}</span>', text, Truncator(text).chars(length))
+
+
+class ListAdmin(admin.ModelAdmin):
+    """What every list here shares: capped counts, no full count, no facet counts, no
+    column sorting."""
+
+    paginator = CappedPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # a count per filter choice reads every row
+    sortable_by = ()
+    list_per_page = 100
+
+    @property
+    def count_limit(self) -> int:
+        """For the pagination template's "more than"."""
+        return COUNT_LIMIT
+
+
+class ReadOnlyAdmin(ListAdmin):
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -32,26 +84,88 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
+class ServiceFilter(admin.AllValuesFieldListFilter):
+    """The service filter, its choices read by a skip scan of the service index
+    (``status.services``) rather than a DISTINCT over the whole table."""
+
+    def __init__(self, field: Any, request: HttpRequest, params: Any, model: Any, model_admin: Any, field_path: str):
+        super().__init__(field, request, params, model, model_admin, field_path)
+        # A list where Django keeps a queryset: the filter only iterates it.
+        self.lookup_choices = status.services()  # type: ignore[assignment]
+
+
 @admin.register(Notification)
-class NotificationAdmin(admin.ModelAdmin):
-    list_display = (
+class NotificationAdmin(ListAdmin):
+    list_display = (  # the key holds the service and the user_id
         "key",
         "status",
-        "service",
-        "user_id",
         "to",
+        "short_subject",
+        "short_last_error",
         "attempts",
         "ambiguous_count",
-        "created_at",
-        "sent_at",
+        "created",
+        "sent",
     )
-    list_filter = ("status", "service")
-    search_fields = ("=key", "key", "=user_id", "to")
-    date_hierarchy = "created_at"
-    list_per_page = 100
-    show_full_result_count = False
+    list_filter = ("status", ("service", ServiceFilter))
+    # Searched through indexes only, see get_search_results. No date_hierarchy: its
+    # links are a DISTINCT over the dates of every row in the list (a full scan).
+    search_fields = ("key",)
+    search_help_text = (
+        "A key or its beginning (service:notification_id), a notification_id, a user_id, "
+        "or the end of a recipient's address (ann@example.com, example.com)."
+    )
     readonly_fields = [f.name for f in Notification._meta.fields] + ["message_id"]
     actions = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+
+    def get_urls(self) -> list[URLPattern]:
+        from .dashboard import dashboard_view
+
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(lambda request: dashboard_view(self, request)),
+            name="notifications_notification_dashboard",
+        )
+        return [dashboard, *super().get_urls()]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Notification], search_term: str
+    ) -> tuple[QuerySet[Notification], bool]:
+        """Every alternative is a range of one index: the key's beginning (the pattern
+        index on key; a whole key is a beginning too), a notification_id as the key's
+        middle, tried for each service (the same index), a user_id (its index) and the
+        end of the recipient (the index on the reversed recipient)."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        match = Q(key__startswith=term) | Q(user_id=term)
+        if ":" not in term:
+            for service in status.services():
+                match |= Q(key__startswith=f"{service}:{term}:")
+        if "@" in term or "." in term:
+            queryset = queryset.alias(recipient_reversed=recipient_reversed())
+            match |= Q(recipient_reversed__startswith=term.lower().rstrip(">")[::-1])
+        return queryset.filter(match), False
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest) -> bool:
+        # The dashboard's failures link to the list of one reason (within the status index).
+        return lookup in ("last_error", "last_error__exact") or super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="subject")
+    def short_subject(self, obj: Notification) -> str:
+        return truncated(obj.subject, 50)
+
+    @admin.display(description="last error")
+    def short_last_error(self, obj: Notification) -> str:
+        return truncated(obj.last_error, 60)
+
+    @admin.display(description="created")
+    def created(self, obj: Notification) -> str:
+        return to_the_second(obj.created_at)
+
+    @admin.display(description="sent")
+    def sent(self, obj: Notification) -> str:
+        return to_the_second(obj.sent_at)
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -107,16 +221,72 @@ class NotificationAdmin(admin.ModelAdmin):
 
 @admin.register(OutboxMessage)
 class OutboxMessageAdmin(ReadOnlyAdmin):
-    list_display = ("id", "notification", "created_at", "published_at")
+    list_display = ("id", "notification", "subject", "created", "due", "published")
     list_filter = (("published_at", admin.EmptyFieldListFilter),)
-    search_fields = ("=notification__key",)
+    search_fields = ("notification__key",)
+    search_help_text = "A whole key."
     list_select_related = ("notification",)
-    show_full_result_count = False
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[OutboxMessage], search_term: str
+    ) -> tuple[QuerySet[OutboxMessage], bool]:
+        """The whole key, through its unique index (``=`` in search_fields would compare
+        upper-cased keys, which no index answers)."""
+        term = search_term.strip()
+        return (queryset.filter(notification__key=term) if term else queryset), False
+
+    @admin.display(description="subject")
+    def subject(self, obj: OutboxMessage) -> str:
+        return truncated(obj.notification.subject, 50)
+
+    @admin.display(description="created")
+    def created(self, obj: OutboxMessage) -> str:
+        return to_the_second(obj.created_at)
+
+    @admin.display(description="due")
+    def due(self, obj: OutboxMessage) -> str:
+        return to_the_second(obj.due_at) if obj.due_at else "at once"
+
+    @admin.display(description="published")
+    def published(self, obj: OutboxMessage) -> str:
+        return to_the_second(obj.published_at)
 
 
 @admin.register(SentEmail)
 class SentEmailAdmin(ReadOnlyAdmin):
-    list_display = ("key", "state", "token", "attempts", "ambiguous_count", "owner", "lease_expires_at", "sent_at")
+    list_display = (
+        "key",
+        "state",
+        "token",
+        "attempts",
+        "ambiguous_count",
+        "owner",
+        "short_response",
+        "lease_expires",
+        "sent",
+    )
     list_filter = ("state",)
-    search_fields = ("=key", "key", "message_id")
-    show_full_result_count = False
+    search_fields = ("key",)
+    search_help_text = "A whole key, or a Message-ID (with or without its angle brackets)."
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[SentEmail], search_term: str
+    ) -> tuple[QuerySet[SentEmail], bool]:
+        """The key (its unique index) or the Message-ID (its index), whole."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        message_id = term if term.startswith("<") else f"<{term}>"
+        return queryset.filter(Q(key=term) | Q(message_id=message_id)), False
+
+    @admin.display(description="last reply")
+    def short_response(self, obj: SentEmail) -> str:
+        return truncated(obj.response, 60)
+
+    @admin.display(description="lease expires")
+    def lease_expires(self, obj: SentEmail) -> str:
+        return to_the_second(obj.lease_expires_at)
+
+    @admin.display(description="sent")
+    def sent(self, obj: SentEmail) -> str:
+        return to_the_second(obj.sent_at)

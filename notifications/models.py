@@ -8,7 +8,7 @@ consumer's record, one row per key, that makes a second email impossible.
 import hashlib
 
 from django.db import models
-from django.db.models.functions import Now
+from django.db.models.functions import Collate, Lower, Now, Reverse
 
 from .conf import settings
 from .managers import NotificationManager, OutboxMessageManager, SentEmailManager
@@ -22,6 +22,15 @@ class Status(models.TextChoices):
     SENT = "sent", "sent"
     FAILED = "failed", "failed"
     AMBIGUOUS = "ambiguous", "ambiguous (held)"
+
+
+def recipient_reversed() -> Collate:
+    """The recipient as the admin's search reads it: lower case, without a closing '>'
+    and reversed, so "ends with the address (or domain) typed" is a prefix match that
+    the ``notifications_to_suffix_idx`` index answers (in the "C" collation, where a
+    B-tree orders as LIKE compares, whatever the database's own collation)."""
+    trimmed = models.Func(Lower("to"), models.Value(">"), function="RTRIM", output_field=models.TextField())
+    return Collate(Reverse(trimmed), "C")
 
 
 def message_id_for(key: str) -> str:
@@ -69,6 +78,10 @@ class Notification(models.Model):
             models.Index(
                 fields=["sent_at"], name="notifications_sent_at_idx", condition=models.Q(sent_at__isnull=False)
             ),
+            # The admin's searches: a key prefix (pattern operators, so LIKE 'prefix%'
+            # uses it whatever the database's collation) and the end of the recipient.
+            models.Index(fields=["key"], name="notifications_key_prefix_idx", opclasses=["varchar_pattern_ops"]),
+            models.Index(recipient_reversed(), name="notifications_to_suffix_idx"),
         ]
         ordering = ["-id"]
         # The two admin actions that decide an ambiguous send: one may send a second
@@ -149,6 +162,10 @@ class SentEmail(models.Model):
         indexes = [
             models.Index(fields=["state", "lease_expires_at"], name="notifications_claim_state_idx"),
             models.Index(fields=["updated_at"], name="notifications_sent_updated_idx"),
+            # The admin's search by Message-ID, the handle a bounce or a complaint carries.
+            models.Index(
+                fields=["message_id"], name="notifications_sent_msgid_idx", condition=~models.Q(message_id="")
+            ),
         ]
         ordering = ["-id"]
 

@@ -9,7 +9,9 @@ so they stay quick on a table of millions of notifications.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -75,6 +77,49 @@ def counts_by_status(using: str | None = None) -> dict[str, int]:
     for status, count in _rows(f'SELECT "status", count(*) FROM {_table("Notification")} GROUP BY 1', using=using):
         counts[status] = count
     return counts
+
+
+EXACT_UP_TO = 100_000
+
+
+@dataclass
+class Counts:
+    """Notifications per status; those in ``estimated`` passed the exact-count limit and
+    hold PostgreSQL's estimate instead."""
+
+    counts: dict[str, int]
+    estimated: list[str]
+    exact_up_to: int
+
+
+def counts_by_status_bounded(exact_up_to: int = EXACT_UP_TO, using: str | None = None) -> Counts:
+    """Notifications per status at a bounded cost, for pages that reload every few
+    seconds: each status is counted through the status index up to ``exact_up_to`` rows
+    (one statement), and a status with more (``sent``, on a busy table) gets the
+    planner's estimate from the table's statistics (within a percent or so after
+    ANALYZE) rather than a count that reads a million index entries."""
+    from .models import Status
+
+    table = _table("Notification")
+    # One statement; each status a literal, so each is planned with its own statistics
+    # (the index for a rare status, a scan stopped by the LIMIT for a common one).
+    found = _rows(
+        " UNION ALL ".join(
+            f'SELECT %s, (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE "status" = %s LIMIT %s) AS x)'
+            for _ in Status
+        ),
+        [value for status in Status for value in (status.value, status.value, exact_up_to + 1)],
+        using=using,
+    )
+    counts, estimated = {}, []
+    for status, count in found:
+        if count > exact_up_to:
+            (plan,) = _rows(f'EXPLAIN (FORMAT JSON) SELECT 1 FROM {table} WHERE "status" = %s', [status], using)[0]
+            plan = json.loads(plan) if isinstance(plan, str) else plan
+            count = max(int(plan[0]["Plan"]["Plan Rows"]), exact_up_to + 1)
+            estimated.append(status)
+        counts[status] = count
+    return Counts(counts=counts, estimated=estimated, exact_up_to=exact_up_to)
 
 
 def backlog(using: str | None = None) -> Backlog:
@@ -144,6 +189,81 @@ def stuck_claims(using: str | None = None) -> int:
     from .models import SentEmail
 
     return SentEmail.objects.stuck(using or settings.DATABASE).count()
+
+
+def services(limit: int = 100, using: str | None = None) -> list[str]:
+    """The services that have notifications, in order (at most ``limit``): a skip scan of
+    the service index, one index probe per service, where ``SELECT DISTINCT`` would read
+    every row."""
+    table = _table("Notification")
+    return [
+        service
+        for (service,) in _rows(
+            "WITH RECURSIVE s (service, n) AS ("
+            f'(SELECT "service", 1 FROM {table} ORDER BY "service" LIMIT 1) '
+            f'UNION ALL SELECT (SELECT "service" FROM {table} WHERE "service" > s.service '
+            'ORDER BY "service" LIMIT 1), n + 1 FROM s WHERE s.service IS NOT NULL AND n < %s) '
+            "SELECT service FROM s WHERE service IS NOT NULL",
+            [limit],
+            using=using,
+        )
+    ]
+
+
+@dataclass
+class Held:
+    """A held ambiguous notification, as the dashboard lists it for a decision."""
+
+    id: int
+    key: str
+    to: str
+    subject: str
+    last_error: str
+    ambiguous_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def held(limit: int = 50, using: str | None = None) -> list[Held]:
+    """The oldest ``limit`` held ambiguous notifications, read through the status index."""
+    from .models import Notification, Status
+
+    fields = [f.name for f in dataclass_fields(Held)]
+    rows = (
+        Notification.objects.using(using or settings.DATABASE)
+        .filter(status=Status.AMBIGUOUS)
+        .order_by("created_at", "id")
+        .values_list(*fields)[:limit]
+    )
+    return [Held(*row) for row in rows]
+
+
+@dataclass
+class StuckClaim:
+    """A claim whose lease ran out, and since when."""
+
+    key: str
+    owner: str
+    token: int
+    lease_expires_at: datetime
+    expired_for: float  # seconds since the lease ran out
+    notification_id: int | None
+
+
+def stuck_claim_list(limit: int = 50, using: str | None = None) -> list[StuckClaim]:
+    """The ``limit`` claims whose lease ran out longest ago (the claim-state index)."""
+    from .models import SentEmail
+
+    now = timezone.now()
+    rows = (
+        SentEmail.objects.stuck(using or settings.DATABASE)
+        .order_by("lease_expires_at", "id")
+        .values_list("key", "owner", "token", "lease_expires_at", "notification_id")[:limit]
+    )
+    return [
+        StuckClaim(key, owner, token, expires, (now - expires).total_seconds(), notification)
+        for key, owner, token, expires, notification in rows
+    ]
 
 
 def snapshot(using: str | None = None, window: timedelta = LAG_WINDOW) -> Snapshot:
