@@ -6,7 +6,7 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention
+.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention bench-dashboard
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
@@ -47,6 +47,10 @@ bench-backlog: $(STAMP)
 # The retention purge on 1,000,000 notifications, with notify() and the relay's claim running beside it.
 bench-retention: $(STAMP)
 	$(PYTHON) -m project.bench.retention $(BENCH_ARGS)
+
+# The dashboard's queries, the admin lists and their searches on 1,000,000 notifications.
+bench-dashboard: $(STAMP)
+	$(PYTHON) -m project.bench.dashboard $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

@@ -1,5 +1,5 @@
 """How fast the on-call dashboard and the admin lists answer on a table of 1,000,000
-notifications: ``python -m project.bench_dashboard``.
+notifications: ``python -m project.bench.dashboard``.
 
 A private database (``bench_dashboard_<random>``, dropped at the end unless ``--keep``) is
 migrated and filled with ``generate_series`` SQL, in the proportions of a service that has
