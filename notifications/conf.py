@@ -96,6 +96,16 @@ DEFAULTS: dict[str, Any] = {
     # Database aliases whose outboxes the relay publishes (None: DATABASE only).
     # notify(using=...) accepts only these.
     "RELAY_DATABASES": None,
+    # Metrics (README, "Metrics"). The port a worker's or beat's main process serves its
+    # counters on (None: no server), and the address it binds (loopback unless told).
+    "METRICS_PORT": None,
+    "METRICS_ADDRESS": "127.0.0.1",
+    # Who may scrape besides loopback callers (and, on /metrics, staff users): a caller
+    # presenting this token as "Authorization: Bearer <token>" or as a basic-auth password.
+    "METRICS_TOKEN": None,
+    # Whether a loopback caller needs no token. Off behind a reverse proxy on the same host
+    # that sends no forwarding header (with one, a forwarded request never counts as local).
+    "METRICS_LOOPBACK": True,
 }
 
 
