@@ -251,7 +251,15 @@ _AMBIGUOUS_ACTION = {"released": "resend", "held": "hold", "failed": "fail"}
 
 
 def _report(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
-    """Count and log outcomes a lane's statement just committed (see ``events``)."""
+    """Count and log outcomes a lane's statement just committed (see ``events``); never
+    raises into the lane, which has the next email to send."""
+    try:
+        _count(lanes, settled, written)
+    except Exception:
+        logger.exception("could not count %d outcome(s)", len(settled))
+
+
+def _count(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
     for finish in settled:
         item = lanes.items[finish.key]
         outcome = lanes.outcomes.get(finish.key)

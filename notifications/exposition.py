@@ -316,9 +316,9 @@ class _Exporter:
         self.pid = 0
 
     def start(self, role: str) -> Any:
+        """At a worker's (or beat's) start, before any pool process forks: clear the
+        multiprocess directory of earlier processes' files, then serve, if a port is set."""
         port = settings.METRICS_PORT
-        if port in (None, ""):
-            return None
         with self.lock:
             if self.server is not None and self.pid == os.getpid():
                 return self.server
@@ -327,7 +327,9 @@ class _Exporter:
                 removed = clear_multiprocess_dir(path, keep_pid=os.getpid())
                 if removed:
                     logger.info("metrics: removed %d file(s) of earlier processes from %s", removed, path)
-            elif role == "worker":
+            if port in (None, ""):
+                return None
+            if not path and role == "worker":
                 logger.warning(
                     "metrics: NOTIFICATIONS_METRICS_PORT is set without PROMETHEUS_MULTIPROC_DIR; the counts of "
                     "this worker's pool processes cannot be served (set it to an empty directory of its own)"
