@@ -122,6 +122,31 @@ def test_gauges_equal_the_status_figures_and_the_real_queue_depth(client, settin
     take_delivery_payloads()
 
 
+def test_a_rolled_back_notify_counts_nothing_and_a_refused_row_counts_as_oversized(client, settings):
+    from django.db import transaction
+
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+    take_delivery_payloads()
+    before = web(client)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        notify(**notification_kwargs())
+        raise RuntimeError("the caller's transaction fails")
+    assert delta(web(client), before, "notifications_created_total") == 0
+
+    big = notify(**notification_kwargs(body="\x01" * 200_000))  # 1.2 MB as escaped JSON
+    notify(**notification_kwargs())
+    settings.NOTIFICATIONS_MAX_MESSAGE_BYTES = 1_000_000
+    assert relay.relay_batch() == 2
+    after = web(client)
+    assert Notification.objects.get(pk=big.pk).status == "failed"
+    assert delta(after, before, "notifications_created_total") == 2
+    assert delta(after, before, "notifications_failures_total", reason="oversized") == 1
+    assert delta(after, before, "notifications_deliveries_total", outcome="failed") == 1
+    assert delta(after, before, "notifications_published_total") == 2  # both rows leave the outbox
+    assert value(after, "notifications_by_status", status="failed") == 1
+    take_delivery_payloads()
+
+
 def test_a_broker_that_is_away_or_silent_costs_the_scrape_at_most_its_timeout():
     silent = socket.socket()  # accepts connections, never says a word
     silent.bind(("127.0.0.1", 0))
