@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
 
-from . import validation
+from . import events, validation
 from .conf import settings
 from .exceptions import InvalidNotification, NotificationConflict
 
@@ -116,7 +116,7 @@ def notify_many(items: Iterable[Mapping[str, Any]], *, using: str | None = None)
             raise InvalidNotification(f"items[{index}]", str(exc)) from None
     unique, positions = _collapse(rows)
     try:
-        written = _write(unique, using or settings.DATABASE)
+        written = _write(unique, using or settings.DATABASE, repeats=len(rows) - len(unique))
     except NotificationConflict as exc:
         index = next(i for i, row in enumerate(rows) if row["key"] == exc.key)
         raise NotificationConflict(f"items[{index}].{exc.field}", exc.key, exc.fields) from None
@@ -144,7 +144,8 @@ def _collapse(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[in
     return unique, positions
 
 
-def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
+def _write(rows: list[dict[str, Any]], using: str, repeats: int = 0) -> list[Notification]:
+    """Insert ``rows`` (``repeats``: items of the call folded into them, for the counts)."""
     from .models import Notification
     from .relay import databases
 
@@ -170,6 +171,10 @@ def _write(rows: list[dict[str, Any]], using: str) -> list[Notification]:
         # One row on its own: the insert is one statement, atomic in autocommit, so no
         # BEGIN and COMMIT round trips.
         notifications, created = Notification.objects.create_with_outbox(rows, using)
+    if in_block:  # counted once the caller's transaction commits; never if it rolls back
+        transaction.on_commit(lambda: events.created(notifications, created, repeats), using=using, robust=True)
+    else:  # committed already (under manual transaction management: counted now)
+        events.created(notifications, created, repeats)
     if created and settings.RELAY_ON_COMMIT:
         from .relay import wake_relay_soon
 

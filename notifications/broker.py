@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from kombu import Exchange, Queue
 
+from . import metrics
 from .conf import settings
 
 if TYPE_CHECKING:
@@ -99,7 +100,10 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
         app.on_after_configure.connect(lambda sender, **kwargs: _apply(sender, maintenance), weak=False)
     from celery.signals import beat_init
 
+    from . import exposition
+
     beat_init.connect(_start_relay_loop, weak=False, dispatch_uid="notifications.relay.loop")
+    exposition.connect_signals()  # a worker's or beat's metrics server (NOTIFICATIONS_METRICS_PORT)
 
 
 def _start_relay_loop(sender: Any = None, **kwargs: Any) -> None:
@@ -125,6 +129,7 @@ class DeadLetterUndecodable(bootsteps.StartStopStep):
                 message.content_type,
             )
             message.reject(requeue=False)
+            metrics.UNDECODABLE.inc()
 
         # Read by the consumer's Tasks step when it starts consuming, after every step
         # has been built.
@@ -407,6 +412,7 @@ def _publish_confirmed(
         conn.drain_events(timeout=left)
     if nacked:
         raise MessageNacked(f"the broker refused {len(nacked)} message(s)")
+    metrics.MESSAGES_PUBLISHED.inc(len(batches))
 
 
 def deliveries_waiting(app: Celery) -> int:

@@ -104,11 +104,13 @@ DEFAULTS: dict[str, Any] = {
     # Database aliases whose outboxes the relay publishes (None: DATABASE only).
     # notify(using=...) accepts only these.
     "RELAY_DATABASES": None,
-    # Operations pages that say more than "alive" (/readyz's details): who may read them
-    # besides loopback callers and staff users, as "Authorization: Bearer <token>".
+    # Operations pages that say more than "alive" (/readyz's details, every /metrics): who
+    # may read them besides loopback callers and staff users, as "Authorization: Bearer
+    # <token>" or as a basic-auth password.
     "OPS_TOKEN": None,
     # Whether a loopback caller counts as allowed. Off behind a reverse proxy on the same
-    # host, whose requests all come from loopback.
+    # host that sends no forwarding header (with one, a forwarded request never counts as
+    # local).
     "OPS_LOOPBACK": True,
     # Seconds /readyz waits for each of PostgreSQL, Redis and the broker (asked at once).
     "HEALTH_TIMEOUT": 2.0,
@@ -117,6 +119,11 @@ DEFAULTS: dict[str, Any] = {
     # reads its age.
     "WORKER_ALIVE_FILE": None,
     "WORKER_ALIVE_INTERVAL": 2.0,
+    # Metrics (README, "Metrics"). The port a worker's or beat's main process serves its
+    # counters on (None: no server), and the address it binds (loopback unless told).
+    "METRICS_PORT": None,
+    "METRICS_ADDRESS": "127.0.0.1",
+    # Who may scrape is decided by notifications.access: OPS_TOKEN and OPS_LOOPBACK above.
 }
 
 

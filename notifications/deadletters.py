@@ -24,6 +24,7 @@ from typing import Any
 
 from django.db import transaction
 
+from . import events, metrics
 from .conf import settings
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,13 @@ def _decodable(payload: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def fail(payload: dict[str, Any], reason: str, crashed: bool = False) -> bool:
+def fail(payload: dict[str, Any], reason: str, crashed: bool = False, category: str = "other") -> bool:
     """End one notification ``failed`` with ``reason`` (never one that was sent, or that a
     live worker holds); held instead, in hold mode, if a send of it had started. A claim
     released for a retry is left to that retry's message, unless ``crashed``: it was
     that message which kept crashing its worker (or cannot travel at all). True if this
-    call recorded it."""
+    call recorded it. ``category`` is the reason in a word, for the metrics
+    (``metrics.FAILURE_REASONS``)."""
     from .models import Notification, SentEmail, Status
 
     db = settings.DATABASE
@@ -120,7 +122,15 @@ def fail(payload: dict[str, Any], reason: str, crashed: bool = False) -> bool:
             last_error=finished.reason[:2000],
             ambiguous_count=F("ambiguous_count") + (1 if finished.ambiguous else 0),
         )
+        transaction.on_commit(lambda: _failed(payload["key"], pk, finished, category), using=db, robust=True)
     return True
+
+
+def _failed(key: str, pk: int, finished: Any, category: str) -> None:
+    held = finished.state == "held"
+    if finished.ambiguous:
+        events.ambiguous(key, pk, 0, "hold" if held else "fail")
+    events.delivered("held" if held else "failed", key, pk, reason=category, detail=finished.reason)
 
 
 def settle(limit: int = 100) -> list[str]:
@@ -166,23 +176,27 @@ def _settle_one(app: Any, conn: Any, message: Any) -> list[str]:
         refused = broker.publish_deliveries(app, again, per_message=1) if again else []
         sent_again = {p["key"] for p in again} - {r.key for r in refused}
         why = f"dead-lettered: the worker could not decode its message ({error})"
-        return [p["key"] for p in payloads if p["key"] not in sent_again and fail(p, why)]
+        return [p["key"] for p in payloads if p["key"] not in sent_again and fail(p, why, category="undecodable")]
     if len(payloads) > 1:
         # A whole batch hit the limit (its splits kept failing): give each notification
         # its own message, so only a poison one ends here again.
         refused = broker.publish_deliveries(app, payloads, per_message=1)
         by_key = {p["key"]: p for p in payloads}
-        return [r.key for r in refused if fail(by_key[r.key], f"dead-lettered: {r.reason}", crashed=True)]
+        return [
+            r.key
+            for r in refused
+            if fail(by_key[r.key], f"dead-lettered: {r.reason}", crashed=True, category="oversized")
+        ]
     if reason == "rejected":
         # A worker refused it after running it (Celery rejects a task that raised): its
         # claims say what happened, and a retry it released is on its way.
         why = "dead-lettered: a worker refused its message (see the worker's log)"
-        return [payloads[0]["key"]] if fail(payloads[0], why) else []
+        return [payloads[0]["key"]] if fail(payloads[0], why, category="dead_lettered") else []
     why = (
         f"dead-lettered: delivery crashed its worker {count} times "
         f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"
     )
-    return [payloads[0]["key"]] if fail(payloads[0], why, crashed=True) else []
+    return [payloads[0]["key"]] if fail(payloads[0], why, crashed=True, category="crashed_worker") else []
 
 
 def _park(conn: Any, message: Any, reason: str) -> None:
@@ -204,3 +218,4 @@ def _park(conn: Any, message: Any, reason: str) -> None:
         delivery_mode=2,
         retry=False,
     )
+    metrics.PARKED.inc()

@@ -30,13 +30,14 @@ from typing import Any
 from django.db import DatabaseError, close_old_connections, connections, transaction
 from django.utils import timezone
 
-from . import locks, mail
+from . import events, locks, mail
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
     MailServerUnreachable,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UnbuildableEmail,
 )
 from .faults import crash_point
 from .leases import holder
@@ -57,6 +58,7 @@ class Outcome:
     detail: str = ""
     retry_in: float = 0.0
     attempts: int = 0
+    reason: str = ""  # why, in a word: a failure's category (metrics.FAILURE_REASONS), or a retry's
 
 
 def owner_name() -> str:
@@ -78,6 +80,7 @@ class _Item:
     token: int
     attempts: int  # attempts before this one
     ambiguous: bool  # the takeover found the previous send's outcome unknown
+    pk: int = 0  # the notification's id in this database
 
     @property
     def key(self) -> str:
@@ -139,7 +142,8 @@ def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> li
         for key in keys:
             if key not in locked.keys:
                 wait = min(lease, locked.busy_for.get(key, 1.0)) + 0.2
-                outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=wait)
+                outcomes[key] = Outcome(key, "retry", detail="locked by another worker", retry_in=wait, reason="busy")
+                events.delivered("busy", key, retry_in=wait, detail="locked by another worker")
         to_send = _claim([p for k, p in batch.items() if k in locked.keys], lease, db, outcomes, locked.token)
         try:
             _send_all(to_send, lease, db, began + budget, outcomes)
@@ -165,7 +169,9 @@ def _claim(
             key = payload["key"]
             claim = claims[key]
             if claim.outcome == "busy":
-                outcomes[key] = Outcome(key, "retry", detail="claimed by another worker", retry_in=claim.retry_in)
+                outcomes[key] = Outcome(
+                    key, "retry", detail="claimed by another worker", retry_in=claim.retry_in, reason="busy"
+                )
             elif claim.outcome == "done":
                 outcomes[key] = Outcome(key, "duplicate", detail=claim.state)
             elif claim.ambiguous and settings.AMBIGUOUS == "hold":
@@ -179,17 +185,103 @@ def _claim(
                 # Every attempt so far ended with its worker dying mid-send: stop here.
                 reason = f"gave up after {claim.attempts} attempts; the last ended without a recorded outcome"
                 settled.append(Finish(key, claim.token, ClaimState.FAILED, reason, claim.attempts, claim.ambiguous))
-                outcomes[key] = Outcome(key, "failed", detail=reason, attempts=claim.attempts)
+                outcomes[key] = Outcome(
+                    key, "failed", detail=reason, attempts=claim.attempts, reason="attempts_exhausted"
+                )
             else:
                 if claim.ambiguous:
                     logger.warning("%s: previous holder died mid-send; outcome unknown, resending", key)
-                to_send.append(_Item(payload, claim.token, claim.attempts, claim.ambiguous))
+                to_send.append(_Item(payload, claim.token, claim.attempts, claim.ambiguous, pks[key]))
+        written: set[str] = set()
         if settled:
-            _check_written(settled, SentEmail.objects.settle(settled, None, db)[0])
+            written = SentEmail.objects.settle(settled, None, db)[0]
+            _check_written(settled, written)
         SentEmail.objects.mark_sending([(pks[i.key], i.ambiguous) for i in to_send], db)
+        # Counted once this transaction commits: a rolled-back claim counts nothing.
+        transaction.on_commit(
+            lambda: _report_claims(batch, pks, claims, settled, written, outcomes), using=db, robust=True
+        )
     tokens = {lock_token} if lock_token else set()
     holder.hold({i.key: i.token for i in to_send}, sent_at, {i.key: t for i in to_send for t in tokens})
     return to_send
+
+
+def _report_claims(
+    batch: list[dict[str, Any]],
+    pks: dict[str, int],
+    claims: dict[str, Any],
+    settled: list[Finish],
+    written: set[str],
+    outcomes: dict[str, Outcome],
+) -> None:
+    """Count and log what the claim transaction committed (see ``events``)."""
+    finished = {f.key: f for f in settled}
+    for payload in batch:
+        key = payload["key"]
+        claim, pk = claims[key], pks.get(key)
+        if claim.outcome == "busy":
+            events.delivered("busy", key, pk, retry_in=claim.retry_in, detail="claimed by another worker")
+            continue
+        if claim.outcome == "done":
+            events.delivered("duplicate", key, pk, detail=f"already {claim.state}")
+            continue
+        events.claimed(key, pk, claim.attempts + 1, claim.token, claim.takeover)
+        finish = finished.get(key)
+        if finish is None:  # to be sent; a resend after an unknown outcome counted ambiguous
+            if claim.ambiguous:
+                events.ambiguous(key, pk, claim.attempts, "resend")
+        elif key not in written:
+            events.delivered("claim_lost", key, pk, claim.attempts, detail=f"{finish.state} not recorded")
+        else:
+            if finish.ambiguous:
+                events.ambiguous(key, pk, claim.attempts, "hold" if finish.state == ClaimState.HELD else "fail")
+            outcome = outcomes[key]
+            events.delivered(
+                "held" if finish.state == ClaimState.HELD else "failed",
+                key,
+                pk,
+                claim.attempts,
+                reason=outcome.reason or None,
+                detail=outcome.detail,
+            )
+
+
+# What an ambiguous send of a finished attempt led to, by the state it was recorded in.
+_AMBIGUOUS_ACTION = {"released": "resend", "held": "hold", "failed": "fail"}
+
+
+def _report(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
+    """Count and log outcomes a lane's statement just committed (see ``events``); never
+    raises into the lane, which has the next email to send."""
+    try:
+        _count(lanes, settled, written)
+    except Exception:
+        logger.exception("could not count %d outcome(s)", len(settled))
+
+
+def _count(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
+    for finish in settled:
+        item = lanes.items[finish.key]
+        outcome = lanes.outcomes.get(finish.key)
+        reason = (outcome.reason if outcome is not None else "") or None
+        detail = outcome.detail if outcome is not None else finish.response
+        if finish.key not in written:
+            events.delivered("claim_lost", finish.key, item.pk, finish.attempts, detail=f"{finish.state} not recorded")
+            continue
+        if finish.ambiguous:
+            events.ambiguous(finish.key, item.pk, finish.attempts, _AMBIGUOUS_ACTION.get(str(finish.state), "fail"))
+        if finish.state == ClaimState.SENT:
+            latency = events.age_seconds(item.payload.get("created_at"))
+            events.delivered("sent", finish.key, item.pk, finish.attempts, latency=latency)
+        elif finish.state == ClaimState.RELEASED:
+            kind = "retried" if finish.attempts > item.attempts else "deferred"
+            retry_in = outcome.retry_in if outcome is not None else None
+            events.delivered(
+                kind, finish.key, item.pk, finish.attempts, reason=reason, retry_in=retry_in, detail=detail
+            )
+        else:
+            kind = "held" if finish.state == ClaimState.HELD else "failed"
+            events.delivered(kind, finish.key, item.pk, finish.attempts, reason=reason, detail=detail)
 
 
 # Sending threads per worker process, each with its own mail-server and database
@@ -217,6 +309,7 @@ class _Lanes:
     outcomes: dict[str, Outcome]
     unreachable: threading.Event
     stop: threading.Event
+    items: dict[str, _Item]
 
 
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
@@ -233,7 +326,9 @@ def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outc
     if not to_send:
         return
     size = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
-    shared = _Lanes(deque(to_send), lease, db, deadline, outcomes, threading.Event(), threading.Event())
+    shared = _Lanes(
+        deque(to_send), lease, db, deadline, outcomes, threading.Event(), threading.Event(), {i.key: i for i in to_send}
+    )
     pool = _executor(size)
     futures = [pool.submit(_send_lane, shared) for _ in range(size)]
     try:
@@ -274,7 +369,9 @@ def _send_lane(lanes: _Lanes) -> None:
         if item is not None and settled and not mail.has_connection():
             # Connecting may take up to EMAIL_TIMEOUT: record the last outcome first, so
             # that the window in which a crash leaves it unknown stays one email wide.
-            _check_written(settled, _settle(settled, None, lanes.db)[0])
+            written = _settle(settled, None, lanes.db)[0]
+            _check_written(settled, written)
+            _report(lanes, settled, written)
             holder.release((f.key, f.token) for f in settled)
             settled = []
         if item is not None:
@@ -290,6 +387,7 @@ def _send_lane(lanes: _Lanes) -> None:
         sent_at = time.monotonic()
         written, started = _settle(settled, start, lanes.db)
         _check_written(settled, written)
+        _report(lanes, settled, written)
         holder.release((f.key, f.token) for f in settled)
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
@@ -298,6 +396,7 @@ def _send_lane(lanes: _Lanes) -> None:
             return
         if not started:  # taken over since the claim: not ours to send
             lanes.outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
+            events.delivered("claim_lost", item.key, item.pk, item.attempts, detail="taken over before the send")
             holder.release([(item.key, item.token)])
             continue
         holder.renewed(item.key, item.token, sent_at)
@@ -323,7 +422,7 @@ def _release_rest(lanes: _Lanes, last: Outcome | None) -> list[Finish]:
     released = []
     while (left := _next(lanes.queue)) is not None:
         released.append(Finish(left.key, left.token, ClaimState.RELEASED, reason, left.attempts))
-        lanes.outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in)
+        lanes.outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in, reason="not_attempted")
     return released
 
 
@@ -337,11 +436,13 @@ def _unreachable(item: _Item, exc: Exception) -> tuple[Finish, Outcome]:
     if age > give_up:
         reason = f"gave up: the mail server could not be reached for {age / 3600:.1f} h; last error: {exc}"
         return Finish(key, item.token, ClaimState.FAILED, reason, item.attempts), Outcome(
-            key, "failed", detail=reason, attempts=item.attempts
+            key, "failed", detail=reason, attempts=item.attempts, reason="unreachable_too_long"
         )
     reason = f"not attempted: the mail server is unreachable ({exc})"
     finish = Finish(key, item.token, ClaimState.RELEASED, reason, item.attempts)
-    return finish, Outcome(key, "retry", detail=reason, retry_in=_unreachable_delay(age), attempts=item.attempts)
+    return finish, Outcome(
+        key, "retry", detail=reason, retry_in=_unreachable_delay(age), attempts=item.attempts, reason="unreachable"
+    )
 
 
 def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
@@ -353,12 +454,13 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
     if holder.remaining(key, item.token) < lease / 2:
         reason = "not attempted: the claim's lease could not be renewed in time"
         finish = Finish(key, item.token, ClaimState.RELEASED, reason, item.attempts)
-        return finish, Outcome(key, "retry", detail=reason, retry_in=1.0, attempts=item.attempts), True
+        return finish, Outcome(key, "retry", detail=reason, retry_in=1.0, attempts=item.attempts, reason="lease"), True
     try:
         response = mail.send(mail.build_message(item.payload))
     except PermanentDeliveryError as exc:
+        category = "could_not_build" if isinstance(exc, UnbuildableEmail) else "rejected"
         finish = Finish(key, item.token, ClaimState.FAILED, str(exc), attempts)
-        return finish, Outcome(key, "failed", detail=str(exc), attempts=attempts), True
+        return finish, Outcome(key, "failed", detail=str(exc), attempts=attempts, reason=category), True
     except AmbiguousDeliveryError as exc:
         return (*_after_transient(item, exc, ambiguous=True), True)
     except MailServerUnreachable as exc:
@@ -367,7 +469,7 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
         return (*_after_transient(item, exc, ambiguous=False), True)
     except Exception as exc:  # building the message (Django, a custom backend's code)
         finish = Finish(key, item.token, ClaimState.FAILED, f"the email could not be built: {exc!r}", attempts)
-        return finish, Outcome(key, "failed", detail=finish.response, attempts=attempts), True
+        return finish, Outcome(key, "failed", detail=finish.response, attempts=attempts, reason="could_not_build"), True
     crash_point("after_reply", key)
     finish = Finish(key, item.token, ClaimState.SENT, response, attempts)
     return finish, Outcome(key, "sent", detail=response, attempts=attempts), True
@@ -376,15 +478,16 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
 def _after_transient(item: _Item, exc: Exception, ambiguous: bool) -> tuple[Finish, Outcome]:
     key, attempts = item.key, item.attempts + 1
     reason = f"attempt {attempts}: {exc}"
+    why = "connection_lost" if ambiguous else "transient"
     if ambiguous and settings.AMBIGUOUS == "hold":
         finish = Finish(key, item.token, ClaimState.HELD, f"held: {reason}", attempts, ambiguous=True)
-        return finish, Outcome(key, "held", detail=reason, attempts=attempts)
+        return finish, Outcome(key, "held", detail=reason, attempts=attempts, reason=why)
     if attempts >= int(settings.MAX_ATTEMPTS):
         final = f"gave up after {attempts} attempts; last error: {exc}"
         finish = Finish(key, item.token, ClaimState.FAILED, final, attempts, ambiguous=ambiguous)
-        return finish, Outcome(key, "failed", detail=final, attempts=attempts)
+        return finish, Outcome(key, "failed", detail=final, attempts=attempts, reason="attempts_exhausted")
     finish = Finish(key, item.token, ClaimState.RELEASED, reason, attempts, ambiguous=ambiguous)
-    return finish, Outcome(key, "retry", detail=reason, retry_in=_retry_delay(attempts), attempts=attempts)
+    return finish, Outcome(key, "retry", detail=reason, retry_in=_retry_delay(attempts), attempts=attempts, reason=why)
 
 
 def _check_written(settled: Sequence[Finish], written: set[str]) -> None:

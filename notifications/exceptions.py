@@ -59,6 +59,11 @@ class PermanentDeliveryError(DeliveryError):
     """The mail server rejected the message for good (5xx reply)."""
 
 
+class UnbuildableEmail(PermanentDeliveryError):
+    """The email could not be built (before any SMTP command): nothing was sent, and
+    sending it again would fail the same way."""
+
+
 class ClaimLost(NotificationError):
     """Another worker took over this notification's claim (our fencing token is
     stale); whatever this worker was about to write is refused."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connections
 
+from . import metrics
 from .conf import settings
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class Holder:
             # Not renewed: the lanes see the lease run out and stop sending. The next
             # round tries again on a new connection.
             logger.warning("could not renew %d claim(s): %r", len(due), exc)
+            metrics.RENEWAL_FAILURES.inc()
             close_old_connections()
             connections[db].close()
             return
@@ -163,6 +165,7 @@ class Holder:
                     held.lost = True
         if lost:
             logger.warning("%d claim(s) taken over or settled elsewhere, e.g. %s", len(lost), next(iter(lost)))
+            metrics.CLAIMS_LOST.inc(len(lost))
         from . import locks
 
         locks.extend({k: h.lock_token for k, h in due.items() if k in kept and h.lock_token}, lease)

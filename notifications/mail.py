@@ -24,11 +24,13 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 
+from . import metrics
 from .exceptions import (
     AmbiguousDeliveryError,
     MailServerUnreachable,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UnbuildableEmail,
 )
 from .models import message_id_for
 
@@ -142,10 +144,17 @@ def connection() -> Any:
     try:
         backend.open()
     except smtplib.SMTPResponseException as exc:
+        metrics.smtp_connections["failed"].inc()
         text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
         raise MailServerUnreachable(f"connect: {exc.smtp_code} {text}".strip()) from exc
     except Exception as exc:
+        metrics.smtp_connections["failed"].inc()
         raise MailServerUnreachable(f"connect: {exc!r}") from exc
+    metrics.smtp_connections["opened"].inc()
+    if getattr(_local, "opened_in", 0) == os.getpid():  # this thread had one before
+        metrics.SMTP_RECONNECTS.inc()
+    _local.opened_in = os.getpid()
+    _local.carried = 0  # emails this connection has handed over
     smtp = getattr(backend, "connection", None)
     watch = _Watch(smtp) if isinstance(smtp, smtplib.SMTP) else None
     _local.connection = (os.getpid(), backend, watch)
@@ -179,7 +188,7 @@ def send(message: EmailMultiAlternatives) -> str:
             if watch is None or watch.handed_over:
                 raise AmbiguousDeliveryError(f"connection lost during the SMTP transaction: {exc!r}") from exc
             if not watch.talking:  # failed before the first SMTP command: the email itself
-                raise PermanentDeliveryError(f"the email could not be built: {exc!r}") from exc
+                raise UnbuildableEmail(f"the email could not be built: {exc!r}") from exc
             if not again:
                 continue  # nothing was handed over: a reused connection had died
             raise MailServerUnreachable(f"connection lost before the email was handed over: {exc!r}") from exc
@@ -187,6 +196,9 @@ def send(message: EmailMultiAlternatives) -> str:
             drop_connection()
             raise AmbiguousDeliveryError("the email backend reported no message sent")
         _local.last_used = time.monotonic()
+        if getattr(_local, "carried", 0):
+            metrics.SMTP_REUSES.inc()
+        _local.carried = getattr(_local, "carried", 0) + 1
         return (watch.reply if watch is not None and watch.reply else "") or "250 accepted"
     raise AssertionError("unreachable")
 

@@ -331,10 +331,11 @@ class OutboxMessageManager(models.Manager[Any]):
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [list(outbox_ids)])
 
-    def mark_refused(self, refused: Sequence[tuple[int, str]], using: str) -> None:
+    def mark_refused(self, refused: Sequence[tuple[int, str]], using: str) -> list[tuple[str, int]]:
         """End notifications the broker cannot carry ``failed`` with the reason, in the
         relay's transaction: any not sent, failed or held (a retry of one from the
-        outbox too), with its claim if it was released for that retry."""
+        outbox too), with its claim if it was released for that retry. Returns the
+        ``(key, id)`` of those it ended."""
         from .models import Notification, SentEmail
 
         notif = _q(Notification._meta.db_table)
@@ -344,11 +345,13 @@ class OutboxMessageManager(models.Manager[Any]):
                 f"WITH u AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS u(id, reason)), "
                 f'n AS (UPDATE {notif} n SET "status" = \'failed\', "last_error" = u.reason, "updated_at" = now() '
                 f"FROM u WHERE n.\"id\" = u.id AND n.\"status\" NOT IN ('sent', 'failed', 'ambiguous') "
-                f'RETURNING n."key", u.reason) '
-                f'UPDATE {sent} s SET "state" = \'failed\', "response" = n.reason, "token" = s."token" + 1, '
-                f'"updated_at" = now() FROM n WHERE s."key" = n."key" AND s."state" = \'released\'',
+                f'RETURNING n."key", n."id", u.reason), '
+                f'claims AS (UPDATE {sent} s SET "state" = \'failed\', "response" = n.reason, "token" = s."token" + 1, '
+                f'"updated_at" = now() FROM n WHERE s."key" = n."key" AND s."state" = \'released\') '
+                f'SELECT "key", "id" FROM n',
                 [[pk for pk, _ in refused], [reason for _, reason in refused]],
             )
+            return [(str(key), int(pk)) for key, pk in cursor.fetchall()]
 
     def queue_again(self, notification_ids: Sequence[int], using: str, due_in: float = 0.0) -> int:
         """A new unpublished row, due ``due_in`` seconds from now, for each notification
@@ -384,6 +387,7 @@ class Claim:
     ambiguous: bool = False  # the previous holder may have handed the message over
     retry_in: float = 0.0
     state: str = ""
+    takeover: bool = False  # taken from a holder whose lease had run out
 
 
 @dataclass(frozen=True)
@@ -446,20 +450,22 @@ class SentEmailManager(models.Manager[Any]):
             f'"lease_expires_at", "attempts", "ambiguous_count", "message_id", "response") '
             f"SELECT u.k, u.p, 'claimed', 1, %s, now() + make_interval(secs => %s), 0, 0, '', '' "
             f'FROM u ORDER BY u.i ON CONFLICT ("key") DO NOTHING '
-            f'RETURNING "key", "token", "attempts", "send_started_at"), '
-            f'takeable AS (SELECT s."id", u.p FROM {t} s JOIN u ON s."key" = u.k WHERE {_claimable("s")} '
-            f'ORDER BY s."key" FOR UPDATE OF s), '
+            f'RETURNING "key", "token", "attempts", "send_started_at", false AS takeover), '
+            f'takeable AS (SELECT s."id", s."state" AS was, u.p FROM {t} s JOIN u ON s."key" = u.k '
+            f'WHERE {_claimable("s")} ORDER BY s."key" FOR UPDATE OF s), '
             f'up AS (UPDATE {t} s SET "token" = s."token" + 1, "owner" = %s, '
             f'"lease_expires_at" = now() + make_interval(secs => %s), "state" = \'claimed\', "updated_at" = now(), '
             f'"notification_id" = COALESCE(s."notification_id", takeable.p) FROM takeable WHERE s."id" = takeable."id" '
-            f'RETURNING s."key", s."token", s."attempts", s."send_started_at") '
+            f'RETURNING s."key", s."token", s."attempts", s."send_started_at", takeable.was = \'claimed\') '
             f"SELECT * FROM ins UNION ALL SELECT * FROM up"
         )
         claims: dict[str, Claim] = {}
         with connections[using].cursor() as cursor:
             cursor.execute(sql, [[k for k, _ in ordered], [p for _, p in ordered], owner, lease, owner, lease])
-            for key, token, attempts, started in cursor.fetchall():
-                claims[key] = Claim("claimed", token=token, attempts=attempts, ambiguous=started is not None)
+            for key, token, attempts, started, takeover in cursor.fetchall():
+                claims[key] = Claim(
+                    "claimed", token=token, attempts=attempts, ambiguous=started is not None, takeover=bool(takeover)
+                )
             others = [k for k, _ in ordered if k not in claims]
             if others:
                 cursor.execute(

@@ -14,9 +14,11 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from django.db import transaction
 
+from . import events
 from .conf import settings
 from .faults import crash_point
 
@@ -72,14 +74,22 @@ def relay_batch(using: str | None = None, batch_size: int | None = None) -> int:
         # Confirms are in: only now may the rows count as published. A crash before
         # this commit republishes them, and the worker's claim makes that harmless.
         OutboxMessage.objects.mark_published([m.outbox_id for m in pending], db)
+        failed: list[tuple[str, int]] = []
         if refused:
             # What the broker cannot carry ends failed, visibly, instead of being taken
             # again by every pass in front of the rows behind it.
             logger.error("%d notification(s) the broker cannot carry, e.g. %s", len(refused), next(iter(refused)))
-            OutboxMessage.objects.mark_refused(
+            failed = OutboxMessage.objects.mark_refused(
                 [(m.notification_id, refused[m.payload["key"]]) for m in pending if m.payload["key"] in refused], db
             )
+        transaction.on_commit(lambda: _published(pending, failed, refused), using=db, robust=True)
     return len(pending)
+
+
+def _published(pending: list[Any], failed: list[tuple[str, int]], refused: dict[str, str]) -> None:
+    events.published(pending)
+    for key, pk in failed:
+        events.delivered("failed", key, pk, reason="oversized", detail=refused.get(key))
 
 
 def drain(using: str | None = None, budget: float = 10.0) -> int:
@@ -96,21 +106,23 @@ def drain(using: str | None = None, budget: float = 10.0) -> int:
     deadline = time.monotonic() + budget
     total = 0
     failed: Exception | None = None
-    for db in [using] if using else databases():
-        try:
-            while True:
-                published = relay_batch(db, size)
-                total += published
-                if published < size:
-                    break
-                if time.monotonic() >= deadline:
-                    wake_relay()
-                    return total
-        except Exception as exc:  # one database away must not stop the others' relay
-            logger.warning("relay pass over %s failed: %r", db, exc)
-            failed = exc
-    if failed is not None:
-        raise failed
+    with events.relay_pass() as rows:
+        for db in [using] if using else databases():
+            try:
+                while True:
+                    published = relay_batch(db, size)
+                    total += published
+                    rows.append(published)
+                    if published < size:
+                        break
+                    if time.monotonic() >= deadline:
+                        wake_relay()
+                        return total
+            except Exception as exc:  # one database away must not stop the others' relay
+                logger.warning("relay pass over %s failed: %r", db, exc)
+                failed = exc
+        if failed is not None:
+            raise failed
     return total
 
 
@@ -297,5 +309,6 @@ def recover_stalled(using: str | None = None) -> list[str]:
         keys += SentEmail.objects.requeue_unclaimed(float(settings.RECOVER_UNCLAIMED_AFTER), db)
     if keys:
         logger.warning("requeued %d stalled notification(s), e.g. %s", len(keys), keys[0])
+        events.recovered(keys)
         wake_relay()
     return keys

@@ -17,7 +17,8 @@ from django.db import DatabaseError, InterfaceError, close_old_connections
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from . import broker, delivery, relay
+from . import broker, delivery, metrics, relay
+from .conf import settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _deliver(task: Any, payloads: list[dict[str, Any]]) -> list[delivery.Outcome
     try:
         outcomes = delivery.deliver_many(payloads, budget=_budget(task))
     except INFRASTRUCTURE_ERRORS as exc:
+        metrics.batch_retries[_cause(exc)].inc()
         if task.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
             raise
         delay = min(30.0, 0.5 * 2 ** min(task.request.retries, 6)) * random.uniform(0.5, 1.0)
@@ -94,6 +96,19 @@ def _deliver(task: Any, payloads: list[dict[str, Any]]) -> list[delivery.Outcome
         args = [[p for p, _ in again]] if task.name == broker.DELIVER_MANY_TASK else [again[0][0]]
         _retry(task, delay, args=args)
     return outcomes
+
+
+def _cause(exc: BaseException) -> str:
+    """An infrastructure error's cause, in a word (a metrics label)."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "time_limit"
+    if isinstance(exc, DatabaseError | InterfaceError):
+        return "database"
+    if isinstance(exc, RedisError):
+        return "redis"
+    if isinstance(exc, BrokerError):
+        return "broker"
+    return "other"
 
 
 def _summary(outcome: delivery.Outcome) -> dict[str, Any]:
@@ -133,8 +148,9 @@ def deliver_many(self: Any, payloads: list[dict[str, Any]]) -> dict[str, Any]:
 
             by_key = {p["key"]: p for p in payloads}
             for r in refused:
-                deadletters.fail(by_key[r.key], f"failed: {r.reason}", crashed=True)
+                deadletters.fail(by_key[r.key], f"failed: {r.reason}", crashed=True, category="oversized")
         logger.warning("redelivered batch of %d split into single messages", len(payloads))
+        metrics.BATCHES_SPLIT.inc()
         return {"split": len(payloads)}
     try:
         outcomes = _deliver(self, payloads)

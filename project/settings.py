@@ -149,6 +149,11 @@ NOTIFICATIONS_OPS_TOKEN = os.environ.get("NOTIFICATIONS_OPS_TOKEN") or None
 NOTIFICATIONS_OPS_LOOPBACK = env_bool("NOTIFICATIONS_OPS_LOOPBACK", True)
 NOTIFICATIONS_HEALTH_TIMEOUT = env_float("NOTIFICATIONS_HEALTH_TIMEOUT", 2.0)
 NOTIFICATIONS_WORKER_ALIVE_FILE = os.environ.get("NOTIFICATIONS_WORKER_ALIVE_FILE") or None
+# Metrics (README, "Metrics"): /metrics on the web process; a worker or beat started with
+# NOTIFICATIONS_METRICS_PORT serves its own counters there (with PROMETHEUS_MULTIPROC_DIR
+# for a prefork worker's pool). Non-loopback scrapers present NOTIFICATIONS_OPS_TOKEN.
+NOTIFICATIONS_METRICS_PORT = int(os.environ.get("NOTIFICATIONS_METRICS_PORT") or 0) or None
+NOTIFICATIONS_METRICS_ADDRESS = os.environ.get("NOTIFICATIONS_METRICS_ADDRESS", "127.0.0.1")
 
 # Celery: everything the delivery contract depends on is spelled out here, and
 # notifications/checks.py refuses the values that would break it.
@@ -189,11 +194,34 @@ CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", Fals
 CELERY_TASK_ROUTES = {"celery.backend_cleanup": {"queue": "notifications.relay", "routing_key": "notifications.relay"}}
 NOTIFICATIONS_DELIVERY_LIMIT = int(os.environ.get("NOTIFICATIONS_DELIVERY_LIMIT", "10"))
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {
-        "notifications": {"handlers": ["console"], "level": os.environ.get("NOTIFICATIONS_LOG_LEVEL", "INFO")},
-    },
-}
+# Logs: text by default. NOTIFICATIONS_LOG_FORMAT=json writes every line of every process
+# (web, worker, beat, Celery's own lines too) as one JSON object, and turns on the
+# "notifications.events" lines: one per state change of a notification, with its key
+# (README, "Structured logs"). In text mode those stay off.
+LOG_FORMAT = os.environ.get("NOTIFICATIONS_LOG_FORMAT", "text").strip().lower()
+NOTIFICATIONS_LOG_LEVEL = os.environ.get("NOTIFICATIONS_LOG_LEVEL", "INFO")
+if LOG_FORMAT == "json":
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "notifications.logs.JsonFormatter"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "root": {"handlers": ["console"], "level": "INFO"},
+        "loggers": {
+            "notifications": {"level": NOTIFICATIONS_LOG_LEVEL},
+            "notifications.events": {"level": "INFO"},
+            "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        },
+    }
+    # Celery then logs through the root logger configured here instead of its own format.
+    CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+else:
+    LOGGING = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"console": {"class": "logging.StreamHandler"}},
+        "loggers": {
+            "notifications": {"handlers": ["console"], "level": NOTIFICATIONS_LOG_LEVEL},
+            "notifications.events": {"level": "WARNING"},
+        },
+    }

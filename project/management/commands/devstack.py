@@ -37,6 +37,7 @@ from project import devbroker
 
 WEB = ("127.0.0.1", 8000)
 FLOWER = ("127.0.0.1", 5555)
+METRICS_PORTS = {"worker": 9101, "beat": 9102}  # their metrics servers; the web's is /metrics
 SMTP_PORT = 1025
 STOP_TIMEOUT = 10.0
 CHECK_TIMEOUT = 3.0
@@ -149,6 +150,11 @@ class Command(BaseCommand):
             env["EMAIL_HOST"] = "127.0.0.1"
         env["FLOWER_BASIC_AUTH"] = flower_auth
 
+        # Worker and beat serve their counters (README, "Metrics"); the worker's pool
+        # processes write theirs to a directory of its own, cleared when it starts.
+        worker_env = {**env, "NOTIFICATIONS_METRICS_PORT": str(METRICS_PORTS["worker"])}
+        worker_env["PROMETHEUS_MULTIPROC_DIR"] = str(state_dir / "metrics-worker")
+        beat_env = {**env, "NOTIFICATIONS_METRICS_PORT": str(METRICS_PORTS["beat"])}
         python = sys.executable
         celery = [python, "-m", "celery", "-A", "project"]
         queues = f"{app_settings.DELIVER_QUEUE},{app_settings.RELAY_QUEUE}"
@@ -157,12 +163,12 @@ class Command(BaseCommand):
             Child(
                 "worker",
                 [*celery, "worker", "-l", "info", "-c", str(options["concurrency"]), "-Q", queues],
-                env,
+                worker_env,
             ),
             Child(
                 "beat",
                 [*celery, "beat", "-l", "info", "-s", str(state_dir / "celerybeat-schedule")],
-                env,
+                beat_env,
             ),
         ]
         if not options["no_flower"]:
@@ -378,6 +384,8 @@ class Command(BaseCommand):
             login = flower_auth.replace(":", " / ", 1)
             lines.append(f"  Flower  http://{FLOWER[0]}:{FLOWER[1]}/   login: {login}")
         lines.append(f"  Broker  {_safe_url(self.broker_url)}")
+        ports = f"worker :{METRICS_PORTS['worker']}, beat :{METRICS_PORTS['beat']}"
+        lines.append(f"  Metrics http://{WEB[0]}:{WEB[1]}/metrics, {ports}")
         if options["no_smtp"]:
             lines.append(f"  Mail    sent to {env['EMAIL_HOST']}:{env['EMAIL_PORT']}")
         else:
