@@ -18,7 +18,6 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from . import broker, delivery, metrics, relay
-from .conf import settings
 
 logger = logging.getLogger(__name__)
 
