@@ -504,6 +504,7 @@ def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[se
     After the mail server answered, losing this write would turn a known outcome into
     an ambiguous one, so it is retried (reconnecting) before giving up.
     """
+    holder.settling((f.key, f.token) for f in settled)
     for attempt in range(RECORD_RETRIES):
         try:
             return SentEmail.objects.settle(settled, start, db)

@@ -63,6 +63,7 @@ class _Held:
     since: float  # monotonic: when the claim was taken
     valid_until: float  # monotonic: the lease is certainly ours until then
     lost: bool = False
+    settling: bool = False  # this process is recording its outcome: no longer a claim to keep
 
 
 class Holder:
@@ -112,6 +113,16 @@ class Holder:
                 if held is not None and held.token == token:
                     del self.held[key]
 
+    def settling(self, claims: Iterable[tuple[str, int]]) -> None:
+        """These ``(key, token)`` claims are about to be settled by this process. A renewal
+        that meets one already settled (between the write and ``release``) then knows it
+        was this process's own write, not a takeover, and neither warns nor counts it."""
+        with self.lock:
+            for key, token in claims:
+                held = self.held.get(key)
+                if held is not None and held.token == token:
+                    held.settling = True
+
     def remaining(self, key: str, token: int) -> float:
         """Seconds this process may still act on the claim: 0 when it is lost or not held."""
         with self.lock:
@@ -154,18 +165,21 @@ class Holder:
             return
         self.rounds += 1
         lease = lease_seconds()
+        taken: set[str] = set()
         with self.lock:
             for key, held in due.items():
                 current = self.held.get(key)
                 if current is not held:
-                    continue
+                    continue  # released meanwhile: settled by this process
                 if key in kept:
                     held.valid_until = max(held.valid_until, sent_at + lease)
                 elif key in lost:
                     held.lost = True
-        if lost:
-            logger.warning("%d claim(s) taken over or settled elsewhere, e.g. %s", len(lost), next(iter(lost)))
-            metrics.CLAIMS_LOST.inc(len(lost))
+                    if not held.settling:
+                        taken.add(key)
+        if taken:
+            logger.warning("%d claim(s) taken over or settled elsewhere, e.g. %s", len(taken), next(iter(taken)))
+            metrics.CLAIMS_LOST.inc(len(taken))
         from . import locks
 
         locks.extend({k: h.lock_token for k, h in due.items() if k in kept and h.lock_token}, lease)

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from celery import current_app
 from django.conf import settings
+from django.db.models import F
 
 from notifications import broker, notify, notify_many
 from notifications.leases import holder
@@ -167,3 +168,28 @@ def test_renewals_stop_after_the_hard_time_limit():
     after = dict(SentEmail.objects.filter(key__in=[fresh.key, stuck.key]).values_list("key", "lease_expires_at"))
     assert after[fresh.key] > before[fresh.key]
     assert after[stuck.key] == before[stuck.key]
+
+
+def test_a_renewal_meeting_this_process_own_settled_claim_counts_no_takeover():
+    """Between a lane's outcome write and its release of the hold, a renewal finds the
+    claim settled: that is this process's own write, so it stops renewing it without the
+    "taken over" warning or a claims-lost count; a real takeover still counts."""
+    from prometheus_client import REGISTRY
+
+    def lost_total() -> float:
+        return REGISTRY.get_sample_value("notifications_claims_lost_total") or 0.0
+
+    own, taken = notify(**notification_kwargs()), notify(**notification_kwargs())
+    claims = SentEmail.objects.claim_many([(own.key, own.pk), (taken.key, taken.pk)], "here:1", LEASE, "default")
+    holder.hold({own.key: claims[own.key].token, taken.key: claims[taken.key].token}, sent_at=time.monotonic())
+    before = lost_total()
+    try:
+        holder.settling([(own.key, claims[own.key].token)])
+        SentEmail.objects.filter(key=own.key).update(state="released")  # this process's outcome write
+        SentEmail.objects.filter(key=taken.key).update(token=F("token") + 1)  # another worker took it over
+        holder.renew()
+        assert holder.remaining(own.key, claims[own.key].token) == 0
+        assert holder.remaining(taken.key, claims[taken.key].token) == 0
+        assert lost_total() - before == 1
+    finally:
+        holder.release([(own.key, claims[own.key].token), (taken.key, claims[taken.key].token)])
