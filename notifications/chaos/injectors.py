@@ -181,8 +181,13 @@ _RELAY_LOOP = (
 
 
 def rabbit_close(run: ChaosRun, rng: random.Random) -> str:
+    with run.lock:
+        if "rabbit" in run.busy:  # its app is stopped: there is nothing to close, and rabbitmqctl refuses
+            return "skipped: RabbitMQ is restarting"
     done = sh("rabbitmqctl", "-q", "close_all_connections", "--vhost", run.vhost, "chaos: connections closed")
-    return f"closed all connections on vhost {run.vhost} (rc {done.returncode})"
+    if done.returncode:
+        return f"could not close the connections on vhost {run.vhost}: {(done.stderr or done.stdout).strip()[:200]}"
+    return f"closed all connections on vhost {run.vhost} ({done.stdout.strip()})"
 
 
 def rabbit_restart(run: ChaosRun, rng: random.Random) -> str:
