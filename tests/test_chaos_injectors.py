@@ -36,7 +36,12 @@ def test_rabbit_close_closes_the_connections_of_the_run_vhost():
             for _ in range(20):
                 conn.drain_events(timeout=1)
         wait_for(lambda: _connections(vhost) == 0, timeout=20, what="the connection closed")
+        # While RabbitMQ restarts, the fault waits for it and closes what reconnected.
         run.busy.add("rabbit")
-        assert injectors.rabbit_close(run, None).startswith("skipped")  # type: ignore[arg-type]
+        conn = kombu.Connection(f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+        conn.connect()
+        wait_for(lambda: _connections(vhost) == 1, timeout=20, what="the new connection listed")
+        threading.Timer(1.0, lambda: run.busy.discard("rabbit")).start()
+        assert injectors.rabbit_close(run, None).startswith("closed all connections")  # type: ignore[arg-type]
     finally:
         injectors.sh("rabbitmqctl", "-q", "delete_vhost", vhost)

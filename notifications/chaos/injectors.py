@@ -181,9 +181,14 @@ _RELAY_LOOP = (
 
 
 def rabbit_close(run: ChaosRun, rng: random.Random) -> str:
-    with run.lock:
-        if "rabbit" in run.busy:  # its app is stopped: there is nothing to close, and rabbitmqctl refuses
-            return "skipped: RabbitMQ is restarting"
+    def restarting() -> bool:
+        with run.lock:
+            return "rabbit" in run.busy
+
+    # While its app is stopped there is nothing to close (and rabbitmqctl refuses): close
+    # the connections the clients open again once it is back.
+    if restarting() and not wait(lambda: not restarting(), 60, step=0.2):
+        return "skipped: RabbitMQ is still restarting"
     done = sh("rabbitmqctl", "-q", "close_all_connections", "--vhost", run.vhost, "chaos: connections closed")
     if done.returncode:
         return f"could not close the connections on vhost {run.vhost}: {(done.stderr or done.stdout).strip()[:200]}"
