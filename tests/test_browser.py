@@ -105,7 +105,9 @@ def test_the_dashboard_shows_real_deliveries_and_its_resend_button_resends(
     assert "Your password was changed" in row.text
     row.find_element(By.CSS_SELECTOR, 'button[value="resend_ambiguous"]').click()
     wait_for(
-        lambda: "queued for resending" in browser.find_element(By.TAG_NAME, "body").text,
+        # The page source, not an element: the click's navigation may replace the page
+        # between finding an element and reading it.
+        lambda: "queued for resending" in browser.page_source,
         timeout=20,
         what=lambda: browser.page_source[:3000],
     )
