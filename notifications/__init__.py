@@ -6,15 +6,23 @@ before Django's app registry is ready.
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["InvalidNotification", "NotificationConflict", "NotificationError", "notify", "notify_many"]
+__all__ = [
+    "Cancellation",
+    "InvalidNotification",
+    "NotificationConflict",
+    "NotificationError",
+    "cancel",
+    "notify",
+    "notify_many",
+]
 
 if TYPE_CHECKING:
-    from .api import notify, notify_many
+    from .api import Cancellation, cancel, notify, notify_many
     from .exceptions import InvalidNotification, NotificationConflict, NotificationError
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("notify", "notify_many"):
+    if name in ("notify", "notify_many", "cancel", "Cancellation"):
         from . import api
 
         return getattr(api, name)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import transaction
+from django.utils import timezone
 
 from . import events, validation
 from .conf import settings
@@ -29,27 +32,73 @@ def _clean(
     notification_id: Any,
     user_id: Any,
     to: Any,
-    subject: Any,
-    body: Any,
+    subject: Any = None,
+    body: Any = None,
     html_body: Any = None,
     from_email: Any = None,
     metadata: Any = None,
+    template: Any = None,
+    context: Any = None,
+    language: Any = None,
+    send_at: Any = None,
+    expires_at: Any = None,
+    priority: Any = None,
+    backend: Any = None,
+    using: str | None = None,
 ) -> dict[str, Any]:
     meta = validation.metadata(metadata)
+    lang = validation.language(language)
+    if template is not None:
+        from . import rendering
+
+        if subject is not None or body is not None or html_body is not None:
+            raise InvalidNotification("template", "give either a template or subject and body, not both")
+        rendered = rendering.render(template, context, lang, using or settings.DATABASE)
+        subject, body, html_body = rendered.subject, rendered.body, rendered.html_body
+    elif context is not None:
+        raise InvalidNotification("context", "is only used with a template")
+    elif subject is None or body is None:
+        raise InvalidNotification("subject" if subject is None else "body", "is required (or give a template)")
+    when = validation.moment("send_at", send_at)
+    until = validation.moment("expires_at", expires_at)
+    validation.schedule(when, until)
     row: dict[str, Any] = {
         "service": validation.identifier("service", service),
         "notification_id": validation.identifier("notification_id", notification_id),
         "user_id": validation.identifier("user_id", user_id),
         "to": validation.address("to", to),
         "from_email": validation.address("from_email", from_email, required=False),
-        "subject": validation.subject(subject),
-        "body": validation.body("body", body),
-        "html_body": validation.body("html_body", html_body, required=False),
+        "subject": _rendered("subject", template, validation.subject, subject),
+        "body": _rendered("body", template, lambda v: validation.body("body", v), body),
+        "html_body": _rendered(
+            "html_body", template, lambda v: validation.body("html_body", v, required=False), html_body
+        ),
         "metadata": meta.value,
+        "template": rendering_name(template),
+        "language": lang if template is not None else "",
+        "send_at": when,
+        "expires_at": until,
+        "priority": validation.priority(priority),
+        "backend": validation.backend(backend),
     }
     row["key"] = validation.key(row["service"], row["notification_id"], row["user_id"])
     validation.message_size(row, meta)
     return row
+
+
+def rendering_name(template: Any) -> str:
+    return str(template) if template is not None else ""
+
+
+def _rendered(field: str, template: Any, check: Any, value: Any) -> Any:
+    """A field's check; what a template rendered wrong is the template's error, named so."""
+    try:
+        return check(value)
+    except InvalidNotification as exc:
+        if template is None:
+            raise
+        why = str(exc).split(": ", 1)[-1]
+        raise InvalidNotification("template", f"{template!r} rendered a {field} that {why}") from None
 
 
 def notify(
@@ -58,11 +107,18 @@ def notify(
     notification_id: str | int,
     user_id: str | int,
     to: str,
-    subject: str,
-    body: str,
+    subject: str | None = None,
+    body: str | None = None,
     html_body: str | None = None,
     from_email: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    template: str | None = None,
+    context: Mapping[str, Any] | None = None,
+    language: str | None = None,
+    send_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    priority: str | None = None,
+    backend: str | None = None,
     using: str | None = None,
 ) -> Notification:
     """Queue one email, exactly once per ``service:notification_id:user_id``.
@@ -76,6 +132,12 @@ def notify(
     Raises ``InvalidNotification`` (a ``ValueError``) naming the field, and
     ``NotificationConflict`` (one of those) when the key exists with different content
     (unless ``NOTIFICATIONS_KEY_REUSE = "return"``); nothing is written.
+
+    ``template`` (with ``context`` and ``language``) renders subject and bodies here,
+    from the caller's template files or the database's templates (``rendering``), so
+    the message carries the whole email. ``send_at`` (aware) is the earliest send,
+    ``expires_at`` the latest; ``priority="high"`` overtakes a backlog; ``backend``
+    names an entry of ``NOTIFICATIONS_BACKENDS``.
     """
     row = _clean(
         service=service,
@@ -87,6 +149,14 @@ def notify(
         html_body=html_body,
         from_email=from_email,
         metadata=metadata,
+        template=template,
+        context=context,
+        language=language,
+        send_at=send_at,
+        expires_at=expires_at,
+        priority=priority,
+        backend=backend,
+        using=using,
     )
     return _write([row], using or settings.DATABASE)[0]
 
@@ -109,7 +179,7 @@ def notify_many(items: Iterable[Mapping[str, Any]], *, using: str | None = None)
                 "items", f"more than {limit} items in one call (NOTIFICATIONS_MAX_BATCH_ITEMS); split them"
             )
         try:
-            rows.append(_clean(**item))
+            rows.append(_clean(**item, using=using))
         except InvalidNotification as exc:
             raise InvalidNotification(f"items[{index}].{exc.field}", str(exc).split(": ", 1)[1]) from None
         except TypeError as exc:
@@ -185,3 +255,54 @@ def _write(rows: list[dict[str, Any]], using: str, repeats: int = 0) -> list[Not
         # Under manual transaction management Django has no on-commit hook: beat's
         # periodic relay pass publishes the rows once the caller commits.
     return notifications
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What ``cancel()`` did. True (as a bool) when it was in time: no email was sent, and
+    none will be."""
+
+    key: str
+    cancelled: bool  # nothing more will be sent for this key
+    in_time: bool  # ... and nothing was (False: it was sent, or may have reached the mail server)
+    status: str  # the notification's status now ("unknown": no notification has this key)
+
+    def __bool__(self) -> bool:
+        return self.in_time
+
+
+def cancel(key: str, *, reason: str = "cancelled", using: str | None = None) -> Cancellation:
+    """Stop the notification of ``key`` (``service:notification_id:user_id``) if it has not
+    been sent; say whether that was in time.
+
+    Decided where the workers record their claims (``NOTIFICATIONS_DATABASE`` of the
+    notification service): a cancel that meets a worker about to send wins or loses on
+    the claim row, never both. A cancel while the email is being handed over is too late
+    for it. Joins the caller's transaction: its rollback undoes the cancel.
+    """
+    from .managers import SentEmailManager
+    from .models import FINISHED_STATUSES, Notification, OutboxMessage, SentEmail, Status
+
+    if not isinstance(key, str) or not key:
+        raise InvalidNotification("key", "must be a notification key, service:notification_id:user_id")
+    db = using or settings.DATABASE
+    why = validation.body("reason", reason)[:500]
+    with transaction.atomic(using=db):
+        notification = Notification.objects.using(db).filter(key=key).only("id", "status").first()
+        if notification is None:
+            return Cancellation(key, False, False, "unknown")
+        if notification.status in FINISHED_STATUSES:
+            done = notification.status == Status.CANCELLED
+            return Cancellation(key, done, done, notification.status)
+        claims: SentEmailManager = SentEmail.objects
+        stopped, in_time, state = claims.cancel(key, notification.pk, why, db)
+        if not stopped:
+            return Cancellation(key, False, False, state)
+        Notification.objects.using(db).filter(pk=notification.pk).update(
+            status=Status.CANCELLED, last_error=why, updated_at=timezone.now()
+        )
+        # Its unpublished rows would only carry a message that finds the claim cancelled.
+        OutboxMessage.objects.using(db).filter(notification_id=notification.pk, published_at__isnull=True).delete()
+        pk = notification.pk
+        transaction.on_commit(lambda: events.cancelled(key, pk, in_time), using=db, robust=True)
+    return Cancellation(key, True, in_time, Status.CANCELLED)

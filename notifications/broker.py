@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,22 +50,36 @@ def dead_letter_queue() -> Queue:
     )
 
 
+def _delivery_queue(name: str, exchange: Exchange) -> Queue:
+    return Queue(
+        name,
+        exchange,
+        routing_key=name,
+        durable=True,
+        queue_arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": int(settings.DELIVERY_LIMIT),
+            "x-dead-letter-exchange": settings.DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-routing-key": settings.DEAD_LETTER_QUEUE,
+        },
+    )
+
+
+def delivery_queue_names() -> list[str]:
+    """The delivery queues, high priority first."""
+    return [settings.HIGH_QUEUE, settings.DELIVER_QUEUE]
+
+
 def queues() -> list[Queue]:
-    """The queues workers consume: deliveries and relay wake-ups."""
+    """The queues workers consume: deliveries (high priority and normal) and relay
+    wake-ups. High-priority notifications travel in a queue of their own, in small
+    messages: RabbitMQ's quorum queues (before 4.0) have no message priorities, and a
+    worker's prefetch is per consumer, so a high one never waits behind the normal
+    messages a worker has already taken."""
     exchange = Exchange(settings.EXCHANGE, type="topic", durable=True)
     return [
-        Queue(
-            settings.DELIVER_QUEUE,
-            exchange,
-            routing_key=settings.DELIVER_QUEUE,
-            durable=True,
-            queue_arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": int(settings.DELIVERY_LIMIT),
-                "x-dead-letter-exchange": settings.DEAD_LETTER_EXCHANGE,
-                "x-dead-letter-routing-key": settings.DEAD_LETTER_QUEUE,
-            },
-        ),
+        _delivery_queue(settings.HIGH_QUEUE, exchange),
+        _delivery_queue(settings.DELIVER_QUEUE, exchange),
         Queue(
             settings.RELAY_QUEUE,
             exchange,
@@ -200,7 +215,7 @@ def _apply(app: Celery, maintenance: bool) -> None:
 
 
 def _names() -> set[str]:
-    return {settings.DELIVER_QUEUE, settings.RELAY_QUEUE, settings.DEAD_LETTER_QUEUE}
+    return {settings.DELIVER_QUEUE, settings.HIGH_QUEUE, settings.RELAY_QUEUE, settings.DEAD_LETTER_QUEUE}
 
 
 @dataclass(frozen=True)
@@ -260,11 +275,27 @@ def pack(
 MESSAGE_OVERHEAD = 4096
 
 
+Batch = tuple[Queue, list[dict[str, Any]]]  # a delivery message: its queue and its notifications
+
+
+def _grouped(payloads: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``payloads`` by the queue their priority goes to (high first) and, within it, by
+    backend, in order: a message goes through one backend, so that its lanes keep to
+    that backend's connection limit."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for payload in payloads:
+        queue = settings.HIGH_QUEUE if payload.get("priority") == "high" else settings.DELIVER_QUEUE
+        groups.setdefault((queue, str(payload.get("backend") or "")), []).append(payload)
+    order = delivery_queue_names()
+    return [(q, group) for (q, _), group in sorted(groups.items(), key=lambda item: order.index(item[0][0]))]
+
+
 def publish_deliveries(
     app: Celery, payloads: Sequence[dict[str, Any]], per_message: int | None = None
 ) -> list[Refused]:
     """Publish ``deliver_many`` messages carrying ``payloads`` (``per_message`` each,
-    default ``NOTIFICATIONS_DELIVERY_BATCH_SIZE``, and no more than
+    default ``NOTIFICATIONS_DELIVERY_BATCH_SIZE``, or ``NOTIFICATIONS_HIGH_BATCH_SIZE`` for
+    high-priority ones, which go to their own queue; no more than
     ``NOTIFICATIONS_MAX_MESSAGE_BYTES`` each); return only after the broker confirmed
     every one of them, with the notifications it cannot carry (the caller ends those
     failed, so that they never hold back the rows behind them). Raises on any other
@@ -279,33 +310,40 @@ def publish_deliveries(
     """
     if not payloads:
         return []
-    size = max(1, per_message or int(settings.DELIVERY_BATCH_SIZE))
-    batches, refused = pack(payloads, size, int(settings.MAX_MESSAGE_BYTES))
+    by_name = {q.name: q for q in queues()}
+    batches: list[Batch] = []
+    refused: list[Refused] = []
+    for name, group in _grouped(payloads):
+        default = int(settings.HIGH_BATCH_SIZE if name == settings.HIGH_QUEUE else settings.DELIVERY_BATCH_SIZE)
+        size = max(1, min(per_message or default, default))
+        packed, too_large = pack(group, size, int(settings.MAX_MESSAGE_BYTES))
+        batches += [(by_name[name], batch) for batch in packed]
+        refused += too_large
     if not batches:
         return refused
     from amqp.exceptions import PreconditionFailed
 
-    queue = next(q for q in queues() if q.name == settings.DELIVER_QUEUE)
-    declare = [queue, dead_letter_queue()]  # cached per connection after the first publish
+    # Declared on first use per connection (kombu caches it): both delivery queues and the dead letters.
+    declare = [by_name[name] for name in delivery_queue_names()] + [dead_letter_queue()]
     with app.pool.acquire(block=True) as pooled:
         conn: Any = pooled  # a kombu Connection (the stubs say otherwise)
         conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
         try:
             try:
                 try:
-                    _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
+                    _publish_on_new_channel(app, conn, declare, batches, _confirm_timeout(batches))
                 except conn.connection_errors:
                     # A pooled connection the broker (or the network) closed while it sat
                     # idle: once more on a new one. What went out unconfirmed goes again,
                     # which the claims make harmless.
                     conn.collect()
                     conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
-                    _publish_on_new_channel(app, conn, queue, declare, batches, _confirm_timeout(batches))
+                    _publish_on_new_channel(app, conn, declare, batches, _confirm_timeout(batches))
             except PreconditionFailed as exc:
                 if not _too_large(exc):  # a queue declared otherwise, say: the rows wait
                     raise
                 for batch in batches:
-                    refused += _publish_alone(app, conn, queue, declare, batch)
+                    refused += _publish_alone(app, conn, declare, batch)
         except Exception:
             # A connection with a failed publish may hold late frames: drop it.
             conn.collect()
@@ -313,22 +351,21 @@ def publish_deliveries(
     return refused
 
 
-def _publish_alone(
-    app: Celery, conn: Any, queue: Queue, declare: list[Queue], batch: list[dict[str, Any]]
-) -> list[Refused]:
+def _publish_alone(app: Celery, conn: Any, declare: list[Queue], batch: Batch) -> list[Refused]:
     from amqp.exceptions import PreconditionFailed
 
     try:
-        _publish_on_new_channel(app, conn, queue, declare, [batch], _confirm_timeout([batch]))
+        _publish_on_new_channel(app, conn, declare, [batch], _confirm_timeout([batch]))
         return []
     except PreconditionFailed as exc:
         if not _too_large(exc):
             raise
-        if len(batch) == 1:
-            return [Refused(str(batch[0]["key"]), f"the broker refused the message: {exc}")]
+        queue, payloads = batch
+        if len(payloads) == 1:
+            return [Refused(str(payloads[0]["key"]), f"the broker refused the message: {exc}")]
     refused: list[Refused] = []
-    for payload in batch:
-        refused += _publish_alone(app, conn, queue, declare, [payload])
+    for payload in payloads:
+        refused += _publish_alone(app, conn, declare, (queue, [payload]))
     return refused
 
 
@@ -339,35 +376,24 @@ def _too_large(exc: Exception) -> bool:
     return "message size" in text and "max size" in text
 
 
-def _confirm_timeout(batches: list[list[dict[str, Any]]]) -> float:
+def _confirm_timeout(batches: list[Batch]) -> float:
     """Seconds to wait for the confirms of ``batches``: ``CONFIRM_TIMEOUT``, and a second
     more per MiB, so that a pass of large notifications is not timed out (and published
     again, and again) by a broker that is merely slower than that."""
-    size = sum(_bound(p) for batch in batches for p in batch)
+    size = sum(_bound(p) for _, batch in batches for p in batch)
     return CONFIRM_TIMEOUT + size / (1024 * 1024)
 
 
 def _publish_on_new_channel(
-    app: Celery,
-    conn: Any,
-    queue: Queue,
-    declare: list[Queue],
-    batches: list[list[dict[str, Any]]],
-    timeout: float = CONFIRM_TIMEOUT,
+    app: Celery, conn: Any, declare: list[Queue], batches: list[Batch], timeout: float = CONFIRM_TIMEOUT
 ) -> None:
     channel = conn.channel()
-    _publish_confirmed(app, conn, channel, queue, declare, batches, timeout)
+    _publish_confirmed(app, conn, channel, declare, batches, timeout)
     channel.close()
 
 
 def _publish_confirmed(
-    app: Celery,
-    conn: Any,
-    channel: Any,
-    queue: Queue,
-    declare: list[Queue],
-    batches: list[list[dict[str, Any]]],
-    timeout: float = CONFIRM_TIMEOUT,
+    app: Celery, conn: Any, channel: Any, declare: list[Queue], batches: list[Batch], timeout: float = CONFIRM_TIMEOUT
 ) -> None:
     from amqp.exceptions import MessageNacked
     from kombu import Producer
@@ -391,13 +417,13 @@ def _publish_confirmed(
     channel.events["basic_ack"].add(on_ack)
     channel.events["basic_nack"].add(on_nack)
     producer = Producer(channel)
-    for tag, batch in enumerate(batches, start=1):
+    for tag, (queue, batch) in enumerate(batches, start=1):
         app.send_task(
             DELIVER_MANY_TASK,
             args=[batch],
             producer=producer,
             queue=queue,  # type: ignore[arg-type]  # Celery accepts a Queue too
-            routing_key=settings.DELIVER_QUEUE,
+            routing_key=queue.routing_key,
             declare=declare,
             mandatory=True,
             retry=False,
@@ -424,8 +450,11 @@ def deliveries_waiting(app: Celery) -> int:
             conn: Any = pooled
             try:
                 conn.ensure_connection(max_retries=1)  # broker away: no hold, and the pass says so
-                declared = conn.default_channel.queue_declare(queue=settings.DELIVER_QUEUE, passive=True)
-                return int(declared.message_count)
+                channel = conn.default_channel
+                return sum(
+                    int(channel.queue_declare(queue=name, passive=True).message_count)
+                    for name in delivery_queue_names()
+                )
             except Exception:
                 conn.collect()  # a failed passive declare closes the channel
                 raise
@@ -433,14 +462,17 @@ def deliveries_waiting(app: Celery) -> int:
         return 0
 
 
-def wake(app: Celery) -> None:
-    """Ask a worker to run a relay pass now (a hint: beat runs one anyway). One quick
-    retry, so that a pooled connection the broker closed is replaced, not given up on."""
+def wake(app: Celery, countdown: float = 0.0) -> None:
+    """Ask a worker to run a relay pass now, or in ``countdown`` seconds (a hint: beat
+    runs one anyway). One quick retry, so that a pooled connection the broker closed is
+    replaced, not given up on."""
     app.send_task(
         RELAY_TASK,
         queue=settings.RELAY_QUEUE,
         routing_key=settings.RELAY_QUEUE,
-        expires=30,
+        # Native delayed delivery counts whole seconds, from 1.
+        countdown=max(1, math.ceil(countdown)) if countdown > 0 else None,
+        expires=30 + countdown,
         retry=True,
         retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2},
         ignore_result=True,

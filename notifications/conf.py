@@ -87,9 +87,20 @@ DEFAULTS: dict[str, Any] = {
     # A repeat of a key with different content: "error" (NotificationConflict) or
     # "return" (the existing notification, the new content dropped).
     "KEY_REUSE": "error",
+    # Named email backends (README, "Providers and rate limits"): {"name": {"BACKEND":
+    # dotted path, "OPTIONS": {...}, "RATE_LIMIT": emails/s, "CONNECTIONS": n}}. None:
+    # one backend, "default", from Django's EMAIL_* settings.
+    "BACKENDS": None,
+    # The backend of a notify() that names none (None: the first of BACKENDS).
+    "DEFAULT_BACKEND": None,
     # Broker names.
     "EXCHANGE": "notifications",
     "DELIVER_QUEUE": "notifications.deliver",
+    # High-priority deliveries: a queue of their own (RabbitMQ's quorum queues have no
+    # message priorities), which every worker consumes beside the normal one unless told.
+    "HIGH_QUEUE": "notifications.deliver.high",
+    # Notifications per high-priority message: few, so that one waits for no batch.
+    "HIGH_BATCH_SIZE": 5,
     "RELAY_QUEUE": "notifications.relay",
     "DEAD_LETTER_EXCHANGE": "notifications.dead",
     "DEAD_LETTER_QUEUE": "notifications.dead",

@@ -41,7 +41,7 @@ from .exceptions import (
 )
 from .faults import crash_point
 from .leases import holder
-from .managers import Finish, Start
+from .managers import Finish, Start, parse_moment
 from .models import ClaimState, Notification, SentEmail, message_id_for
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,23 @@ def _age(payload: dict[str, Any]) -> float:
     if timezone.is_naive(when):
         when = timezone.make_aware(when, UTC)
     return max(0.0, (timezone.now() - when).total_seconds())
+
+
+# Seconds before a notification's expires_at in which no send is started: the SMTP
+# transaction must end (the server's acceptance) before the expiry, not just begin.
+EXPIRY_MARGIN = 1.0
+
+
+def expired(payload: dict[str, Any], margin: float = 0.0) -> bool:
+    """Whether ``payload``'s ``expires_at`` has passed (or comes within ``margin`` seconds)."""
+    until = parse_moment(payload.get("expires_at"))
+    return until is not None and (until - timezone.now()).total_seconds() <= margin
+
+
+def not_due_for(payload: dict[str, Any]) -> float:
+    """Seconds until ``payload``'s ``send_at`` (0 when it is due)."""
+    when = parse_moment(payload.get("send_at"))
+    return max(0.0, (when - timezone.now()).total_seconds()) if when is not None else 0.0
 
 
 def _unreachable_delay(age: float) -> float:
@@ -173,7 +190,21 @@ def _claim(
                     key, "retry", detail="claimed by another worker", retry_in=claim.retry_in, reason="busy"
                 )
             elif claim.outcome == "done":
-                outcomes[key] = Outcome(key, "duplicate", detail=claim.state)
+                status = "cancelled" if claim.state == ClaimState.CANCELLED else "duplicate"
+                outcomes[key] = Outcome(key, status, detail=claim.state)
+            elif expired(payload, margin=EXPIRY_MARGIN):
+                # Before anything else: whatever happened to an earlier send, none may follow.
+                reason = "expired: its expires_at passed before it could be sent"
+                settled.append(Finish(key, claim.token, ClaimState.EXPIRED, reason, claim.attempts, claim.ambiguous))
+                outcomes[key] = Outcome(key, "expired", detail=reason, attempts=claim.attempts, reason="expired")
+            elif (early := not_due_for(payload)) > 0:
+                # Published before its send_at (a clock ahead, an earlier release): back to
+                # the outbox, due then. No attempt.
+                reason = "not attempted: not due until its send_at"
+                settled.append(Finish(key, claim.token, ClaimState.RELEASED, reason, claim.attempts))
+                outcomes[key] = Outcome(
+                    key, "retry", detail=reason, retry_in=early, attempts=claim.attempts, reason="not_due"
+                )
             elif claim.ambiguous and settings.AMBIGUOUS == "hold":
                 # Before the attempt limit: a send that may have reached the server is
                 # for a person to decide, never a "failed" that a retry would resend.
@@ -223,7 +254,8 @@ def _report_claims(
             events.delivered("busy", key, pk, retry_in=claim.retry_in, detail="claimed by another worker")
             continue
         if claim.outcome == "done":
-            events.delivered("duplicate", key, pk, detail=f"already {claim.state}")
+            kind = "cancelled" if claim.state == ClaimState.CANCELLED else "duplicate"
+            events.delivered(kind, key, pk, detail=f"already {claim.state}")
             continue
         events.claimed(key, pk, claim.attempts + 1, claim.token, claim.takeover)
         finish = finished.get(key)
@@ -232,6 +264,10 @@ def _report_claims(
                 events.ambiguous(key, pk, claim.attempts, "resend")
         elif key not in written:
             events.delivered("claim_lost", key, pk, claim.attempts, detail=f"{finish.state} not recorded")
+        elif finish.state in (ClaimState.RELEASED, ClaimState.EXPIRED):
+            outcome = outcomes[key]
+            kind = "expired" if finish.state == ClaimState.EXPIRED else "deferred"
+            events.delivered(kind, key, pk, claim.attempts, retry_in=outcome.retry_in or None, detail=outcome.detail)
         else:
             if finish.ambiguous:
                 events.ambiguous(key, pk, claim.attempts, "hold" if finish.state == ClaimState.HELD else "fail")
@@ -273,6 +309,8 @@ def _count(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
         if finish.state == ClaimState.SENT:
             latency = events.age_seconds(item.payload.get("created_at"))
             events.delivered("sent", finish.key, item.pk, finish.attempts, latency=latency)
+        elif finish.state == ClaimState.EXPIRED:
+            events.delivered("expired", finish.key, item.pk, finish.attempts, detail=detail)
         elif finish.state == ClaimState.RELEASED:
             kind = "retried" if finish.attempts > item.attempts else "deferred"
             retry_in = outcome.retry_in if outcome is not None else None
@@ -455,6 +493,10 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
         reason = "not attempted: the claim's lease could not be renewed in time"
         finish = Finish(key, item.token, ClaimState.RELEASED, reason, item.attempts)
         return finish, Outcome(key, "retry", detail=reason, retry_in=1.0, attempts=item.attempts, reason="lease"), True
+    if expired(item.payload, margin=EXPIRY_MARGIN):
+        reason = "expired: its expires_at came before it could be sent"
+        finish = Finish(key, item.token, ClaimState.EXPIRED, reason, item.attempts)
+        return finish, Outcome(key, "expired", detail=reason, attempts=item.attempts, reason="expired"), True
     try:
         response = mail.send(mail.build_message(item.payload))
     except PermanentDeliveryError as exc:
@@ -531,7 +573,7 @@ def requeue_through_outbox(payloads: Sequence[dict[str, Any]], due_in: float = 0
         pks = Notification.objects.record_many(unique, db)
         added = OutboxMessage.objects.queue_again(sorted(pks.values()), db, due_in=due_in)
     if added:
-        from .relay import wake_relay
+        from .relay import wake_relay_in
 
-        transaction.on_commit(wake_relay, using=db)
+        wake_relay_in(due_in)
     return added

@@ -11,6 +11,7 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from django.db import connections, models
@@ -21,8 +22,8 @@ from .conf import settings
 if TYPE_CHECKING:
     from .models import Notification
 
-# Columns a notification is created with; the rest take their database defaults.
-NOTIFICATION_COLUMNS = (
+# What a broker message carries of each notification (with its creation time).
+PAYLOAD_COLUMNS = (
     "key",
     "service",
     "notification_id",
@@ -33,17 +34,54 @@ NOTIFICATION_COLUMNS = (
     "body",
     "html_body",
     "metadata",
+    "template",
+    "language",
+    "send_at",
+    "expires_at",
+    "priority",
+    "backend",
 )
+# Columns a notification is created with; the rest take their database defaults.
+NOTIFICATION_COLUMNS = (*PAYLOAD_COLUMNS, "status")
+# The value of a column a payload of an earlier release does not carry.
+_ABSENT: dict[str, Any] = {"send_at": None, "expires_at": None, "priority": "normal"}
+_MOMENTS = ("send_at", "expires_at")
 
 
 KEY_AND_ID = '"key", "id"'
 
 # What a repeat of a key must carry unchanged (the rest of the row is the key itself).
-CONTENT_FIELDS = ("to", "subject", "body", "html_body", "from_email", "metadata")
+CONTENT_FIELDS = (
+    "to",
+    "subject",
+    "body",
+    "html_body",
+    "from_email",
+    "metadata",
+    "template",
+    "language",
+    "send_at",
+    "expires_at",
+    "priority",
+    "backend",
+)
+# What a template renders: a repeat of a templated key is compared by its template,
+# language and the rest, not by this text, which an edit of the template may change.
+RENDERED_FIELDS = ("subject", "body", "html_body")
 
-# Rows per insert statement of notify_many(): 10 parameters each, far below
+# Rows per insert statement of notify_many(): 17 parameters each, far below
 # PostgreSQL's 65535 parameters per statement.
 INSERT_CHUNK = 1000
+
+
+def parse_moment(value: Any) -> datetime | None:
+    """A payload's ``send_at`` / ``expires_at`` (ISO text in a message) as a datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value
+    when = datetime.fromisoformat(str(value))
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def differences(row: Mapping[str, Any], stored: Any) -> tuple[str, ...]:
@@ -56,8 +94,13 @@ def differences(row: Mapping[str, Any], stored: Any) -> tuple[str, ...]:
         return source[name] if isinstance(source, Mapping) else getattr(source, name)
 
     found = []
+    templated = bool(value(row, "template"))
     for name in CONTENT_FIELDS:
+        if templated and name in RENDERED_FIELDS:
+            continue
         mine, theirs = value(row, name), value(stored, name)
+        if name in _MOMENTS:
+            mine, theirs = parse_moment(mine), parse_moment(theirs)
         if name == "metadata":
             mine = json.loads(json.dumps(mine or {}))
             if isinstance(stored, Mapping):
@@ -135,7 +178,8 @@ def _insert_sql(
     outbox = _q(OutboxMessage._meta.db_table)
     return (
         f"WITH ins AS ({insert}), "
-        f'outbox AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM ins ORDER BY "id") '
+        f'outbox AS (INSERT INTO {outbox} ("notification_id", "due_at", "priority") '
+        f'SELECT "id", COALESCE("send_at", now()), "priority" FROM ins ORDER BY "id") '
         f"SELECT * FROM ins"
     )
 
@@ -152,11 +196,19 @@ class NotificationManager(models.Manager["Notification"]):
         conn = connections[using]
         metadata_field = self.model._meta.get_field("metadata")
         params: list[Any] = []
+        now = timezone.now()
         for row in rows:
             for col in columns:
-                value = row.get(col, "")
+                value = row.get(col, _ABSENT.get(col, ""))
                 if col == "metadata":
                     value = metadata_field.get_db_prep_save(decode_metadata(row.get("metadata")), conn)
+                elif col in _MOMENTS:
+                    value = parse_moment(value)
+                elif col == "status":
+                    send_at = parse_moment(row.get("send_at"))
+                    value = "scheduled" if send_at is not None and send_at > now else "created"
+                elif value is None:  # template, language, backend: empty when absent
+                    value = ""
                 params.append(value)
         return params
 
@@ -285,33 +337,62 @@ class PendingMessage:
 
 class OutboxMessageManager(models.Manager[Any]):
     def claim_pending(self, limit: int, using: str) -> list[PendingMessage]:
-        """Lock up to ``limit`` unpublished rows, oldest first, skipping rows another
-        relay holds. Must run inside a transaction, which keeps the locks until it
-        marks the rows published (or rolls back and leaves them for the next pass)."""
+        """Lock up to ``limit`` unpublished rows that are due, high priority first and
+        then the earliest due, skipping rows another relay holds. Must run inside a
+        transaction, which keeps the locks until it marks the rows published (or rolls
+        back and leaves them for the next pass).
+
+        One statement per priority, each an ordered scan of ``notifications_outbox_due``
+        bounded by now: rows scheduled for later are never read."""
         from .models import Notification
 
         outbox = _q(self.model._meta.db_table)
         notif = _q(Notification._meta.db_table)
-        cols = ", ".join(f"n.{_q(c)}" for c in NOTIFICATION_COLUMNS)
+        cols = ", ".join(f"n.{_q(c)}" for c in PAYLOAD_COLUMNS)
         sql = (
             f'SELECT o."id", n."id", n."created_at", {cols} FROM {outbox} o '
             f'JOIN {notif} n ON n."id" = o."notification_id" '
-            f'WHERE o."published_at" IS NULL AND (o."due_at" IS NULL OR o."due_at" <= now()) ORDER BY o."id" LIMIT %s '
-            f"FOR UPDATE OF o SKIP LOCKED"
+            f'WHERE o."published_at" IS NULL AND o."priority" = %s AND o."due_at" <= now() '
+            f'ORDER BY o."due_at", o."id" LIMIT %s FOR UPDATE OF o SKIP LOCKED'
         )
+        rows: list[tuple[Any, ...]] = []
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [limit])
-            rows = cursor.fetchall()
+            for priority in ("high", "normal"):
+                if len(rows) >= limit:
+                    break
+                cursor.execute(sql, [priority, limit - len(rows)])
+                rows += cursor.fetchall()
         out = []
         for row in rows:
-            payload = dict(zip(NOTIFICATION_COLUMNS, row[3:], strict=True))
+            payload = dict(zip(PAYLOAD_COLUMNS, row[3:], strict=True))
             # Travels as JSON text (see ``decode_metadata``); Django's psycopg setup leaves
             # jsonb as text already.
             if not isinstance(payload["metadata"], str):
                 payload["metadata"] = json.dumps(payload["metadata"])
+            for name in _MOMENTS:
+                if payload[name] is not None:
+                    payload[name] = payload[name].isoformat()
             payload["created_at"] = row[2].isoformat()
             out.append(PendingMessage(outbox_id=row[0], notification_id=row[1], payload=payload))
         return out
+
+    def high_due(self, using: str) -> bool:
+        """Whether a high-priority row is due and unpublished (one index probe)."""
+        return self.using(using).filter(published_at__isnull=True, priority="high", due_at__lte=timezone.now()).exists()
+
+    def next_due_in(self, using: str, within: float) -> float | None:
+        """Seconds until the next scheduled row falls due, if one does within ``within``
+        seconds (None: none does), so the relay loop can wake for it on time."""
+        table = _q(self.model._meta.db_table)
+        first = (
+            f'(SELECT min("due_at") FROM {table} WHERE "published_at" IS NULL AND "priority" = %s AND "due_at" > now())'
+        )
+        with connections[using].cursor() as cursor:
+            cursor.execute(f"SELECT EXTRACT(EPOCH FROM LEAST({first}, {first}) - now())", ["high", "normal"])
+            row = cursor.fetchone()
+        if row is None or row[0] is None or float(row[0]) > within:
+            return None
+        return max(0.0, float(row[0])) if row and row[0] is not None else None
 
     def mark_published(self, outbox_ids: Sequence[int], using: str) -> None:
         """Mark rows published and their notifications ``published`` (unless a worker
@@ -356,15 +437,18 @@ class OutboxMessageManager(models.Manager[Any]):
     def queue_again(self, notification_ids: Sequence[int], using: str, due_in: float = 0.0) -> int:
         """A new unpublished row, due ``due_in`` seconds from now, for each notification
         that has none; return how many."""
+        from .models import Notification
+
         outbox = _q(self.model._meta.db_table)
+        notif = _q(Notification._meta.db_table)
         with connections[using].cursor() as cursor:
             cursor.execute(
-                f'INSERT INTO {outbox} ("notification_id", "due_at") '
-                f"SELECT u.id, CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END "
-                f"FROM unnest(%s::bigint[]) AS u(id) "
-                f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = u.id '
-                f'AND o."published_at" IS NULL) ORDER BY u.id',
-                [due_in, due_in, list(notification_ids)],
+                f'INSERT INTO {outbox} ("notification_id", "due_at", "priority") '
+                f'SELECT n."id", now() + make_interval(secs => %s), n."priority" '
+                f'FROM {notif} n WHERE n."id" = ANY(%s::bigint[]) '
+                f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
+                f'AND o."published_at" IS NULL) ORDER BY n."id"',
+                [max(0.0, due_in), list(notification_ids)],
             )
             return cursor.rowcount
 
@@ -534,7 +618,8 @@ class SentEmailManager(models.Manager[Any]):
                 f'"updated_at" = now() FROM v WHERE s."key" = v.k AND s."token" = v.token '
                 f'AND s."state" = \'claimed\' RETURNING s."key", s."notification_id"), '
                 f"fn AS (UPDATE {n} x SET \"status\" = CASE v.state WHEN 'sent' THEN 'sent' "
-                f"WHEN 'failed' THEN 'failed' WHEN 'held' THEN 'ambiguous' ELSE 'retrying' END, "
+                f"WHEN 'failed' THEN 'failed' WHEN 'held' THEN 'ambiguous' WHEN 'expired' THEN 'expired' "
+                f"ELSE 'retrying' END, "
                 f'"attempts" = v.attempts, "ambiguous_count" = x."ambiguous_count" + v.amb, '
                 f"\"last_error\" = CASE WHEN v.state = 'sent' THEN '' ELSE left(v.response, 2000) END, "
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE x."sent_at" END, '
@@ -629,6 +714,59 @@ class SentEmailManager(models.Manager[Any]):
                 return None
         return Finished(state=state, reason=reason, ambiguous=started)
 
+    def cancel(self, key: str, notification_pk: int, reason: str, using: str) -> tuple[bool, bool, str]:
+        """Stop ``key`` from being sent: (whether it is stopped, whether that was in time,
+        the claim's state). Decided on the claim row, locked, so a cancel racing a worker
+        has one outcome. Must run in the caller's transaction.
+
+        - nobody claimed it, or its holder has not yet stamped a send: stopped in time
+          (``cancelled`` under a new fencing token, so the holder's stamp fails and it
+          sends nothing);
+        - released for a retry: stopped; in time unless an earlier attempt's outcome was
+          unknown (the mail server may have it);
+        - its holder died mid-send (an expired lease, a send stamped): stopped, not in
+          time (the takeover would have resent it);
+        - a live holder is handing it over now, or it is finished: too late, unchanged.
+        """
+        t = self._table()
+        with connections[using].cursor() as cursor:
+            for _ in range(3):
+                cursor.execute(
+                    f'SELECT "state", "send_started_at" IS NOT NULL, "lease_expires_at" < now(), "ambiguous_count" '
+                    f'FROM {t} WHERE "key" = %s FOR UPDATE',
+                    [key],
+                )
+                row = cursor.fetchone()
+                if row is None:
+                    cursor.execute(
+                        f'INSERT INTO {t} ("key", "notification_id", "state", "token", "owner", "attempts", '
+                        f'"ambiguous_count", "message_id", "response") '
+                        f"VALUES (%s, %s, 'cancelled', 1, '', 0, 0, '', %s) "
+                        f'ON CONFLICT ("key") DO NOTHING RETURNING "id"',
+                        [key, notification_pk, reason],
+                    )
+                    if cursor.fetchone() is not None:
+                        return True, True, "cancelled"
+                    continue  # a worker claimed it meanwhile: decide on its row
+                state, started, expired, ambiguous = row
+                if state == "cancelled":
+                    return True, True, "cancelled"
+                if state == "released":
+                    in_time = not ambiguous
+                elif state == "claimed" and not started:
+                    in_time = True
+                elif state == "claimed" and expired:
+                    in_time = False
+                else:
+                    return False, False, "sending" if state == "claimed" else str(state)
+                cursor.execute(
+                    f'UPDATE {t} SET "state" = \'cancelled\', "token" = "token" + 1, "response" = %s, '
+                    f'"lease_expires_at" = NULL, "send_started_at" = NULL, "updated_at" = now() WHERE "key" = %s',
+                    [reason if in_time else f"{reason}; an earlier send may have reached the mail server", key],
+                )
+                return True, in_time, "cancelled"
+        raise AssertionError("the claim row kept changing under the cancel")
+
     def reopen(self, keys: Sequence[str], from_states: Sequence[str], using: str) -> int:
         """Make finished keys claimable again (admin retry); never a sent one."""
         assert "sent" not in from_states
@@ -661,7 +799,9 @@ class SentEmailManager(models.Manager[Any]):
         The row is touched, so the next pass leaves it alone for ``quiet_for`` seconds;
         the claim still allows one email, whatever else is in flight for the key.
         """
-        from .models import OutboxMessage
+        from .models import Notification, OutboxMessage
+
+        notif = _q(Notification._meta.db_table)
 
         t = self._table()
         outbox = _q(OutboxMessage._meta.db_table)
@@ -672,9 +812,10 @@ class SentEmailManager(models.Manager[Any]):
             f'AND "updated_at" < now() - make_interval(secs => %s)) OR '
             f'("state" = \'released\' AND "updated_at" < now() - make_interval(secs => %s))) '
             f'ORDER BY "id" LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING "key", "notification_id"), '
-            f'queued AS (INSERT INTO {outbox} ("notification_id") SELECT "notification_id" FROM stalled '
-            f'WHERE NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = stalled."notification_id" '
-            f'AND o."published_at" IS NULL)) '
+            f'queued AS (INSERT INTO {outbox} ("notification_id", "priority") '
+            f'SELECT "notification_id", (SELECT n."priority" FROM {notif} n WHERE n."id" = stalled."notification_id") '
+            f"FROM stalled WHERE NOT EXISTS (SELECT 1 FROM {outbox} o "
+            f'WHERE o."notification_id" = stalled."notification_id" AND o."published_at" IS NULL)) '
             f'SELECT "key" FROM stalled'
         )
         with connections[using].cursor() as cursor:

@@ -39,6 +39,8 @@ OUTCOMES = (
     "failed",  # ended failed (see notifications_failures_total for why)
     "held",  # ambiguous, held for a person (NOTIFICATIONS_AMBIGUOUS = "hold")
     "claim_lost",  # taken over by another worker before its outcome was recorded
+    "expired",  # its expires_at passed before it could be sent: never sent
+    "cancelled",  # a delivery found it cancelled: skipped
 )
 FAILURE_REASONS = (
     "rejected",  # a permanent (5xx) reply from the mail server
@@ -86,6 +88,16 @@ RELAY_PASS_ROWS = Histogram(
 )
 RELAY_PASS_FAILURES = Counter(
     "notifications_relay_pass_failures_total", "Relay passes that failed (database or broker away)."
+)
+CANCELLED = Counter(
+    "notifications_cancelled_total",
+    "cancel() calls that stopped a notification, by whether it was in time (nothing sent) or not.",
+    ["in_time"],
+)
+RATE_LIMIT_WAITS = Counter(
+    "notifications_rate_limit_wait_seconds_total",
+    "Seconds sending threads waited for an email backend's rate limit, by backend.",
+    ["backend"],
 )
 RECOVERED = Counter(
     "notifications_recovered_total", "Notifications recovery gave a new message (stalled claim, lost message)."

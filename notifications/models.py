@@ -22,6 +22,18 @@ class Status(models.TextChoices):
     SENT = "sent", "sent"
     FAILED = "failed", "failed"
     AMBIGUOUS = "ambiguous", "ambiguous (held)"
+    SCHEDULED = "scheduled", "scheduled"
+    EXPIRED = "expired", "expired"
+    CANCELLED = "cancelled", "cancelled"
+
+
+class Priority(models.TextChoices):
+    NORMAL = "normal", "normal"
+    HIGH = "high", "high"
+
+
+# Statuses a notification never leaves on its own (a person may retry a failed one).
+FINISHED_STATUSES = (Status.SENT, Status.FAILED, Status.EXPIRED, Status.CANCELLED)
 
 
 def recipient_reversed() -> Collate:
@@ -50,6 +62,19 @@ class Notification(models.Model):
     body = models.TextField()
     html_body = models.TextField(blank=True, default="")
     metadata = models.JSONField(blank=True, default=dict)
+    template = models.CharField(
+        max_length=200, blank=True, db_default="", help_text="The template its content was rendered from."
+    )
+    language = models.CharField(max_length=35, blank=True, db_default="", help_text="The template's language.")
+    send_at = models.DateTimeField(null=True, blank=True, help_text="Not sent before this time.")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Never sent after this time.")
+    priority = models.CharField(max_length=8, choices=Priority.choices, db_default=Priority.NORMAL)
+    backend = models.CharField(
+        max_length=100,
+        blank=True,
+        db_default="",
+        help_text="Its email backend (NOTIFICATIONS_BACKENDS).",
+    )
     status = models.CharField(max_length=16, choices=Status.choices, db_default=Status.CREATED)
     attempts = models.PositiveIntegerField(db_default=0)
     ambiguous_count = models.PositiveIntegerField(
@@ -99,18 +124,20 @@ class Notification(models.Model):
 class OutboxMessage(models.Model):
     notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="outbox_messages")
     created_at = models.DateTimeField(db_default=Now())
-    due_at = models.DateTimeField(null=True, blank=True, help_text="Not published before this time (empty: at once).")
+    due_at = models.DateTimeField(db_default=Now(), null=True, blank=True, help_text="Not published before this time.")
+    priority = models.CharField(max_length=8, choices=Priority.choices, db_default=Priority.NORMAL)
     published_at = models.DateTimeField(null=True, blank=True)
 
     objects = OutboxMessageManager()
 
     class Meta:
         indexes = [
-            # Only unpublished rows are indexed, so the relay's claim stays as cheap
-            # with a million published rows behind it as with none.
+            # Only unpublished rows are indexed, by priority and due time, so the relay's
+            # claim of what is due reads only that: as cheap with a million published
+            # rows behind it, or a million scheduled ones ahead of it, as with none.
             models.Index(
-                fields=["id"],
-                name="notifications_outbox_pending",
+                fields=["priority", "due_at", "id"],
+                name="notifications_outbox_due",
                 condition=models.Q(published_at__isnull=True),
             ),
             models.Index(fields=["published_at"], name="notifications_outbox_pub_idx"),
@@ -127,6 +154,8 @@ class ClaimState(models.TextChoices):
     SENT = "sent", "sent"
     FAILED = "failed", "failed"
     HELD = "held", "held (ambiguous)"
+    EXPIRED = "expired", "expired"
+    CANCELLED = "cancelled", "cancelled"
 
 
 class SentEmail(models.Model):
@@ -171,3 +200,39 @@ class SentEmail(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key} ({self.state})"
+
+
+class EmailTemplate(models.Model):
+    """A template kept in the database and edited in the admin: ``notify(template=name)``
+    renders it (in ``language`` when a variant exists, else the default one, whose
+    language is empty)."""
+
+    name = models.CharField(max_length=200, help_text='What notify(template=...) names, e.g. "billing/invoice".')
+    language = models.CharField(max_length=35, blank=True, default="", help_text="Empty: the default variant.")
+    subject = models.TextField(help_text="Django template language; rendered without HTML escaping.")
+    body = models.TextField(blank=True, default="", help_text="The text body; rendered without HTML escaping.")
+    html_body = models.TextField(blank=True, default="", help_text="The HTML body (optional); escaped as HTML.")
+    sample_context = models.JSONField(blank=True, default=dict, help_text="The context the admin's preview renders.")
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["name", "language"], name="notifications_template_name_language_uniq"),
+        ]
+        ordering = ["name", "language"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.language})" if self.language else self.name
+
+
+class RateBucket(models.Model):
+    """One row per rate-limited email backend: the time its next email may start at
+    (a generic cell rate algorithm). In PostgreSQL, whose loss stops sending anyway, so
+    that the limit holds across every worker and host, and losing Redis changes nothing."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    next_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return self.name

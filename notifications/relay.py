@@ -147,6 +147,25 @@ def wake_relay() -> None:
         logger.warning("could not wake the relay (beat will publish): %s", exc)
 
 
+def wake_relay_in(seconds: float) -> None:
+    """After a commit that queued rows due in ``seconds`` (a retry's backoff): when no
+    relay loop runs (it would wake for them itself, see ``_until_next_due``), ask a
+    worker for a relay pass at that time. Only a hint, carrying no notification: beat's
+    periodic pass publishes the rows whatever becomes of it."""
+    from celery import current_app
+
+    from . import broker
+
+    if seconds <= 0:
+        wake_relay()
+        return
+    try:
+        if not loop_alive():
+            broker.wake(current_app, countdown=seconds)
+    except Exception as exc:
+        logger.warning("could not ask for a relay pass in %.1fs (beat will publish): %s", seconds, exc)
+
+
 WAKE_GAP = 0.005  # seconds between two wake-ups from one process
 
 
@@ -249,10 +268,27 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
         else:
             healthy = True
             locks.heartbeat(key(LOOP_ALIVE), alive_for)
-        if locks.wait(key(WAKE_LIST), interval) and linger > 0:
+        if locks.wait(key(WAKE_LIST), _until_next_due(using, interval) if healthy else interval) and linger > 0:
             stop.wait(linger)
             _hold_while_behind(stop, linger, alive_for if healthy else 0.0)
     locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
+
+
+def _until_next_due(using: str | None, interval: float) -> float:
+    """How long the loop may wait for a wake-up: ``interval``, or less when a scheduled
+    row (a ``send_at``, a retry's backoff) falls due sooner, so it is published on time
+    rather than up to an interval late."""
+    from .models import OutboxMessage
+
+    wait = interval
+    for db in [using] if using else databases():
+        try:
+            soon = OutboxMessage.objects.next_due_in(db, wait)
+        except Exception:  # the next pass says what is wrong
+            return interval
+        if soon is not None:
+            wait = min(wait, soon + 0.001)
+    return wait
 
 
 def _hold_while_behind(stop: threading.Event, step: float, alive_for: float) -> None:
@@ -271,13 +307,23 @@ def _hold_while_behind(stop: threading.Event, step: float, alive_for: float) -> 
 
     now = beat = time.monotonic()
     deadline = now + float(settings.RELAY_HOLD_MAX)
-    while now < deadline and broker.deliveries_waiting(current_app) > 0:
+    while now < deadline and broker.deliveries_waiting(current_app) > 0 and not _high_due():
         if stop.wait(step):
             return
         now = time.monotonic()
         if alive_for and now - beat >= 1.0:  # alive and publishing: commits keep waking this loop
             locks.heartbeat(key(LOOP_ALIVE), alive_for)
             beat = now
+
+
+def _high_due() -> bool:
+    """Whether a high-priority row waits: it goes out at once, backlog or not."""
+    from .models import OutboxMessage
+
+    try:
+        return any(OutboxMessage.objects.high_due(db) for db in databases())
+    except Exception:
+        return True  # the pass that follows says what is wrong
 
 
 def start_loop() -> threading.Thread:

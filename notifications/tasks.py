@@ -23,35 +23,38 @@ logger = logging.getLogger(__name__)
 
 
 def _countdown(seconds: float) -> int:
-    """RabbitMQ native delayed delivery (quorum queues) counts whole seconds, from 1."""
+    """Celery's countdown in whole seconds, from 1 (the last resort of ``_retry``)."""
     return max(1, math.ceil(seconds))
 
 
 def _retry(task: Any, seconds: float, exc: Exception | None = None, args: list[Any] | None = None) -> None:
-    """``task.retry()``, except when the retry cannot be published (the broker is
-    restarting, or refuses publishes while consumers still work). Celery would then
-    reject the message, which dead-letters a good notification; requeueing it instead
-    counts against the queue's delivery limit, so a brown-out of a few rounds would
-    dead-letter it all the same. So the notifications go back through the outbox of
-    this service's database (the relay publishes them when the broker takes messages
-    again) and this message is done. Only if the database cannot take them either is
-    the message requeued.
+    """Try the notifications of ``args`` (default: the task's own) again in ``seconds``.
 
-    Raises ``Retry`` (published), returns None (through the outbox) or raises
+    A retry is a due outbox row in this service's database, published by its relay once
+    due (``delivery.requeue_through_outbox``), never a countdown message the broker or a
+    worker holds: an operator sees every waiting email in one place, a worker restart
+    loses nothing, and a broker without delayed delivery needs none. Only when the
+    database cannot take the rows (the very error being retried, often) does the retry
+    fall back on Celery's countdown, and if that cannot be published either, the message
+    is requeued.
+
+    Returns None (through the outbox), or raises ``Retry`` (a countdown message) or
     ``Reject(requeue=True)``.
     """
+    payloads = _payloads(args if args is not None else list(task.request.args or []))
+    try:
+        queued = delivery.requeue_through_outbox(payloads, due_in=seconds)
+    except Exception as db_exc:
+        logger.warning("retry of %d notification(s) not queued in the outbox (%r)", len(payloads), db_exc)
+    else:
+        logger.info("%d notification(s) queued in the outbox, due in %.1fs", queued, seconds)
+        return
     try:
         task.retry(args=args, countdown=_countdown(seconds), exc=exc)
     except (Reject, SoftTimeLimitExceeded) as rejected:
-        # (The soft time limit may land in the publish: the notifications are the same.)
         reason = getattr(rejected, "reason", rejected)
-        payloads = _payloads(args if args is not None else list(task.request.args or []))
-        try:
-            queued = delivery.requeue_through_outbox(payloads, due_in=seconds)
-        except Exception as db_exc:
-            logger.warning("retry not published (%s) nor queued in the outbox (%r); requeueing", reason, db_exc)
-            raise Reject(reason, requeue=True) from None
-        logger.warning("retry not published (%s); %d notification(s) queued in the outbox instead", reason, queued)
+        logger.warning("retry not published (%s) nor queued in the outbox; requeueing", reason)
+        raise Reject(reason, requeue=True) from None
 
 
 def _payloads(args: list[Any]) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.headerregistry import Address
 from email.utils import getaddresses
@@ -19,6 +20,7 @@ from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.core.mail.message import sanitize_address
 from django.core.validators import validate_email
+from django.utils import timezone
 from django.utils.encoding import punycode
 
 from .conf import settings
@@ -376,3 +378,69 @@ def message_size(row: dict[str, Any], meta: Metadata) -> None:
         f"escaped), more than the {limit} that NOTIFICATIONS_MAX_MESSAGE_BYTES "
         f"({settings.MAX_MESSAGE_BYTES}) leaves for one notification; {largest} is {sizes[largest]} bytes of it",
     )
+
+
+# How far ahead a notification may be scheduled, or given to expire: a typo in a year
+# would otherwise hold an outbox row (and a place in every operator's list) for ever.
+MAX_SCHEDULE_DAYS = 366
+
+
+def moment(field: str, value: Any) -> datetime | None:
+    """``send_at`` / ``expires_at``: an aware ``datetime`` (a naive one has no meaning
+    across services in other time zones), within ``MAX_SCHEDULE_DAYS`` from now."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidNotification(field, f"must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidNotification(field, "must be an aware datetime (with a time zone), got a naive one")
+    try:
+        if value - timezone.now() > timedelta(days=MAX_SCHEDULE_DAYS):
+            raise InvalidNotification(field, f"is more than {MAX_SCHEDULE_DAYS} days ahead")
+    except OverflowError:
+        raise InvalidNotification(field, "is out of range") from None
+    return value.astimezone(UTC)
+
+
+def schedule(send_at: datetime | None, expires_at: datetime | None) -> None:
+    """An expiry that has passed, or that comes before the send time, could only ever
+    end the notification ``expired``: refused, so the caller hears of it now."""
+    now = timezone.now()
+    if expires_at is not None and expires_at <= now:
+        raise InvalidNotification("expires_at", "is not in the future")
+    if expires_at is not None and send_at is not None and expires_at <= send_at:
+        raise InvalidNotification("expires_at", "must be later than send_at")
+
+
+PRIORITIES = ("normal", "high")
+
+
+def priority(value: Any) -> str:
+    if value is None:
+        return "normal"
+    if value not in PRIORITIES or not isinstance(value, str):
+        raise InvalidNotification("priority", f"must be one of {', '.join(map(repr, PRIORITIES))}, got {value!r}")
+    return str(value)
+
+
+def backend(value: Any) -> str:
+    """A name in ``NOTIFICATIONS_BACKENDS`` (None: the default one), stored resolved, so
+    the row says which backend it went through."""
+    from . import backends
+
+    if value is None:
+        return backends.default_name()
+    if not isinstance(value, str):
+        raise InvalidNotification("backend", f"must be a string, got {type(value).__name__}")
+    names = backends.names()
+    if value not in names:
+        raise InvalidNotification("backend", f"{value!r} is not in NOTIFICATIONS_BACKENDS ({', '.join(names)})")
+    return value
+
+
+def language(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 35 or not re.fullmatch(r"[A-Za-z0-9_-]*", value):
+        raise InvalidNotification("language", f"must be a language code such as 'de' or 'pt-br', got {value!r}")
+    return value

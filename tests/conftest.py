@@ -54,7 +54,9 @@ def wait_for(
 
 def delivery_outcomes(key: str) -> list[str]:
     """The outcomes the finished deliver tasks stored for ``key``, sorted: what Flower and
-    the result backend show. A batch's result lists an outcome per notification."""
+    the result backend show. A batch's result lists an outcome per notification; a
+    "retry" (the notification went back to the outbox, due later) finished nothing and is
+    left out."""
     import json
 
     from django_celery_results.models import TaskResult
@@ -65,7 +67,7 @@ def delivery_outcomes(key: str) -> list[str]:
         if not isinstance(result, dict):
             continue
         for outcome in result.get("outcomes", [result]):
-            if outcome.get("key") == key:
+            if outcome.get("key") == key and outcome.get("status") != "retry":
                 found.append(outcome["status"])
     return sorted(found)
 

@@ -518,7 +518,7 @@ def test_notify_many_item_missing_a_field_or_not_a_mapping() -> None:
     del missing["body"]
     with pytest.raises(InvalidNotification) as caught:
         notify_many([notification_kwargs(), missing])
-    assert caught.value.field == "items[1]" and "'body'" in str(caught.value)
+    assert caught.value.field == "items[1].body" and "required" in str(caught.value)
 
     with pytest.raises(InvalidNotification) as caught:
         notify_many([notification_kwargs(), notification_kwargs(), "ann@example.com"])  # type: ignore[list-item]

@@ -36,9 +36,10 @@ def test_the_unique_keys_and_named_indexes_exist() -> None:
     assert sent["notifications_sentemail_key_uniq"]["columns"] == ["key"]
     for name in ("notifications_status_idx", "notifications_service_idx", "notifications_user_idx"):
         assert notification[name]["index"], name
-    assert outbox["notifications_outbox_pending"]["index"]
+    assert outbox["notifications_outbox_due"]["index"]
+    assert outbox["notifications_outbox_due"]["columns"] == ["priority", "due_at", "id"]
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'notifications_outbox_pending'")
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'notifications_outbox_due'")
         [(definition,)] = cursor.fetchall()
     assert "WHERE (published_at IS NULL)" in definition  # partial: only unpublished rows
 
@@ -80,8 +81,10 @@ def test_migrations_apply_and_reverse_on_an_empty_database(empty_database: str) 
         "notifications_notification",
         "notifications_outboxmessage",
         "notifications_sentemail",
+        "notifications_emailtemplate",
+        "notifications_ratebucket",
     }
     manage("migrate", "notifications", "zero", "--no-input")
     assert tables() == set()
     manage("migrate", "notifications", "--no-input")
-    assert len(tables()) == 3
+    assert len(tables()) == 5
