@@ -72,7 +72,9 @@ def delivery_outcomes(key: str) -> list[str]:
     return sorted(found)
 
 
-def take_delivery_payloads(wait: float = 0.5, limit: int = 0) -> list[list[dict[str, Any]]]:
+def take_delivery_payloads(
+    wait: float = 0.5, limit: int = 0, queue_name: str = "notifications.deliver"
+) -> list[list[dict[str, Any]]]:
     """Consume the delivery messages waiting in the queue (no worker runs; all of them, or
     the first ``limit``), decoded by kombu as a worker decodes them: the notification
     payloads each one carried (declaring the queues first, as the relay does)."""
@@ -86,7 +88,7 @@ def take_delivery_payloads(wait: float = 0.5, limit: int = 0) -> list[list[dict[
     with current_app.connection_for_read() as conn:
         for declared in (*broker.queues(), broker.dead_letter_queue()):  # so that there is a queue to read
             declared(conn.default_channel).declare()
-        queue = conn.SimpleQueue("notifications.deliver", no_ack=False, queue_opts={"no_declare": True})
+        queue = conn.SimpleQueue(queue_name, no_ack=False, queue_opts={"no_declare": True})
         queue.queue.no_declare = True
         try:
             while not limit or len(messages) < limit:
