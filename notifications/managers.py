@@ -349,19 +349,25 @@ class OutboxMessageManager(models.Manager[Any]):
         outbox = _q(self.model._meta.db_table)
         notif = _q(Notification._meta.db_table)
         cols = ", ".join(f"n.{_q(c)}" for c in PAYLOAD_COLUMNS)
-        sql = (
+        select = (
             f'SELECT o."id", n."id", n."created_at", {cols} FROM {outbox} o '
             f'JOIN {notif} n ON n."id" = o."notification_id" '
-            f'WHERE o."published_at" IS NULL AND o."priority" = %s AND o."due_at" <= now() '
-            f'ORDER BY o."due_at", o."id" LIMIT %s FOR UPDATE OF o SKIP LOCKED'
+            f'WHERE o."published_at" IS NULL AND o."priority" = %s AND '
         )
+        lock = 'ORDER BY o."due_at", o."id" LIMIT %s FOR UPDATE OF o SKIP LOCKED'
+        due = f'{select} o."due_at" <= now() {lock}'
+        # A row an earlier release wrote without a due time was due at once. Still read
+        # from the index (its NULLs sort last, after every scheduled row), in a
+        # statement of its own: an OR would make the scan read the scheduled rows.
+        undated = f'{select} o."due_at" IS NULL {lock}'
         rows: list[tuple[Any, ...]] = []
         with connections[using].cursor() as cursor:
             for priority in ("high", "normal"):
-                if len(rows) >= limit:
-                    break
-                cursor.execute(sql, [priority, limit - len(rows)])
-                rows += cursor.fetchall()
+                for sql in (due, undated):
+                    if len(rows) >= limit:
+                        break
+                    cursor.execute(sql, [priority, limit - len(rows)])
+                    rows += cursor.fetchall()
         out = []
         for row in rows:
             payload = dict(zip(PAYLOAD_COLUMNS, row[3:], strict=True))

@@ -240,3 +240,10 @@ def test_a_repeat_with_another_send_time_is_a_conflict():
     assert caught.value.fields == ("send_at",)
     same = notify(**kwargs, send_at=Notification.objects.get().send_at)
     assert same.pk == Notification.objects.get().pk
+
+
+def test_a_row_an_earlier_release_wrote_without_a_due_time_is_published(no_wakeups):
+    n = notify(**notification_kwargs())
+    OutboxMessage.objects.filter(notification=n).update(due_at=None)
+    assert relay.drain() == 1
+    assert [p["key"] for batch in take_delivery_payloads() for p in batch] == [n.key]
