@@ -113,7 +113,7 @@ class Fleet:
                 "--without-mingle",
                 "--without-gossip",
                 "-Q",
-                "notifications.deliver,notifications.relay",
+                "notifications.deliver.high,notifications.deliver,notifications.relay",
             ],
             **env,
         )

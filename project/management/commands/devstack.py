@@ -157,7 +157,7 @@ class Command(BaseCommand):
         beat_env = {**env, "NOTIFICATIONS_METRICS_PORT": str(METRICS_PORTS["beat"])}
         python = sys.executable
         celery = [python, "-m", "celery", "-A", "project"]
-        queues = f"{app_settings.DELIVER_QUEUE},{app_settings.RELAY_QUEUE}"
+        queues = f"{app_settings.HIGH_QUEUE},{app_settings.DELIVER_QUEUE},{app_settings.RELAY_QUEUE}"
         children = [
             Child("web", [python, "manage.py", "runserver", f"{WEB[0]}:{WEB[1]}"], env),
             Child(
