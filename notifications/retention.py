@@ -5,8 +5,10 @@ Three passes, in this order (beat's ``notifications.purge`` task and ``manage.py
 notifications purge`` run the same code):
 
 1. published outbox rows older than ``SENT_RETENTION_DAYS``;
-2. finished sent-email records (``sent``, ``failed``) not written for ``SENT_RETENTION_DAYS``;
-3. finished notifications (``sent``, ``failed``) created more than ``RETENTION_DAYS`` ago,
+2. finished sent-email records (``sent``, ``failed``, ``expired``, ``cancelled``) not written
+   for ``SENT_RETENTION_DAYS``;
+3. finished notifications (``sent``, ``failed``, ``expired``, ``cancelled``) created more than
+   ``RETENTION_DAYS`` ago,
    with the outbox rows left to them, but only once their key has no sent-email record
    and no unpublished outbox row. A held ambiguous notification waits for a person.
 
@@ -150,7 +152,7 @@ def purge(
     records = new_pass("sent")
     records.run(
         f'SELECT "id", "updated_at" FROM {sent} WHERE "updated_at" < %(before)s '
-        f"AND \"state\" IN ('sent', 'failed') "
+        f"AND \"state\" IN ('sent', 'failed', 'expired', 'cancelled') "
         f'AND ("updated_at", "id") > (%(after_key)s::timestamptz, %(after_id)s) '
         f'ORDER BY "updated_at", "id" LIMIT %(limit)s',
         {"before": sent_before},
@@ -168,7 +170,7 @@ def purge(
         # relay may hold while it publishes and then marks the notification.
         cursor.execute(
             f'SELECT "key" FROM {sent} WHERE "key" = ANY(%s) '
-            f"AND NOT (%s AND \"state\" IN ('sent', 'failed') AND \"updated_at\" < %s)",
+            f"AND NOT (%s AND \"state\" IN ('sent', 'failed', 'expired', 'cancelled') AND \"updated_at\" < %s)",
             [[row[2] for row in rows], dry_run, sent_before],
         )
         recorded = {key for (key,) in cursor.fetchall()}
@@ -205,7 +207,7 @@ def purge(
         return int(deleted)
 
     finished = new_pass("notifications")
-    for status in ("sent", "failed"):  # one index range each: (status, created_at)
+    for status in ("sent", "failed", "expired", "cancelled"):  # one index range each: (status, created_at)
         finished.run(
             f'SELECT "id", "created_at", "key" FROM {notification} WHERE "status" = %(status)s '
             f'AND "created_at" < %(before)s AND ("created_at", "id") > (%(after_key)s::timestamptz, %(after_id)s) '
