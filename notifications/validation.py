@@ -344,6 +344,7 @@ MESSAGE_OVERHEAD = 4096
 # The creation time the relay adds to each notification, in its ISO form.
 _CREATED_AT = "2000-01-01T00:00:00.000000+00:00"
 MESSAGE_FIELDS = ("key", "service", "notification_id", "user_id", "to", "from_email", "subject", "body", "html_body")
+_SHORT_FIELDS = ("template", "language", "priority", "backend")
 
 
 def message_size(row: dict[str, Any], meta: Metadata) -> None:
@@ -360,15 +361,21 @@ def message_size(row: dict[str, Any], meta: Metadata) -> None:
     texts = {name: row[name] for name in MESSAGE_FIELDS}
     texts["metadata"] = meta.text
     bound = 512 + meta.render_extra + sum((6 if s.isascii() else 12) * len(s) for s in texts.values())
+    bound += sum(12 * len(str(row.get(name) or "")) + 16 for name in _SHORT_FIELDS) + 2 * 48
     if bound <= limit:
         return
     sizes = {name: len(json.dumps(text)) for name, text in texts.items()}
     # The relay sends jsonb's text: the same length once escaped, but for its numbers.
     sizes["metadata"] += meta.render_extra
     sizes["created_at"] = len(json.dumps(_CREATED_AT))
+    for name in _SHORT_FIELDS:  # short, but in the message all the same
+        sizes[name] = len(json.dumps(row.get(name) or ""))
+    for name in ("send_at", "expires_at"):
+        sizes[name] = len(json.dumps(_CREATED_AT if row.get(name) else None))
     # {"name": value, ...} as json.dumps writes it, and ", " after it in the list.
     total = 2 + sum(len(json.dumps(name)) + 2 + size for name, size in sizes.items()) + 2 * (len(sizes) - 1) + 2
-    del sizes["created_at"]
+    for name in ("created_at", *_SHORT_FIELDS, "send_at", "expires_at"):
+        del sizes[name]
     if total <= limit:
         return
     largest = max(sizes, key=lambda name: sizes[name])

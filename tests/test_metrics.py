@@ -291,7 +291,8 @@ def test_worker_counters_agree_with_the_database_after_traffic(smtp_server, mete
     published = delta(after, worker_before, "notifications_published_total") + delta(
         web_after, web_before, "notifications_published_total"
     )
-    assert published == OutboxMessage.objects.filter(published_at__isnull=False).count() == len(keys)
+    # (The deferred one's retry was a row of its own, published when due.)
+    assert published == OutboxMessage.objects.filter(published_at__isnull=False).count() == len(keys) + 1
 
     # A redelivery of a sent notification is skipped, and counted so.
     again = Notification.objects.get(key=batch[0].key)
