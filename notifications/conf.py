@@ -93,6 +93,11 @@ DEFAULTS: dict[str, Any] = {
     "BACKENDS": None,
     # The backend of a notify() that names none (None: the first of BACKENDS).
     "DEFAULT_BACKEND": None,
+    # The database whose EmailTemplate rows notify(template=...) renders (None: the one
+    # notify() writes to). A calling service with a database of its own can point it at a
+    # (read-only) connection to the notification service's database, where the admin
+    # edits them.
+    "TEMPLATES_DATABASE": None,
     # Broker names.
     "EXCHANGE": "notifications",
     "DELIVER_QUEUE": "notifications.deliver",

@@ -18,3 +18,6 @@ DATABASES = {  # noqa: F405
         "PORT": 5432,
     }
 }
+
+# The second service's own template files, which the notification service does not have.
+TEMPLATES = [{**TEMPLATES[0], "DIRS": [os.path.join(os.path.dirname(__file__), "other_service_templates")]}]  # noqa: F405

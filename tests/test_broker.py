@@ -138,7 +138,12 @@ def test_a_worker_without_queues_named_still_consumes_the_default_queue() -> Non
     task_queues, so the app's default queue joins them: ``celery -A app worker`` without
     ``-Q`` consumes it as before, besides the pipeline's queues."""
     app = service_app()
-    assert sorted(app.amqp.queues) == ["celery", "notifications.deliver", "notifications.relay"]
+    assert sorted(app.amqp.queues) == [
+        "celery",
+        "notifications.deliver",
+        "notifications.deliver.high",
+        "notifications.relay",
+    ]
     named = service_app(task_default_queue="billing")
     assert sorted(named.amqp.queues) == ["billing", "notifications.deliver", "notifications.relay"]
     assert route(named, "billing.send_invoice") == ("billing", "billing", "billing")
@@ -147,7 +152,12 @@ def test_a_worker_without_queues_named_still_consumes_the_default_queue() -> Non
 def test_an_apps_own_queues_and_routes_are_kept() -> None:
     mine = Queue("billing.mail", Exchange("billing", type="direct"), routing_key="mail")
     app = service_app(task_queues=[mine], task_routes={"billing.*": {"queue": "billing.mail"}})
-    assert sorted(app.amqp.queues) == ["billing.mail", "notifications.deliver", "notifications.relay"]
+    assert sorted(app.amqp.queues) == [
+        "billing.mail",
+        "notifications.deliver",
+        "notifications.deliver.high",
+        "notifications.relay",
+    ]
     assert route(app, "billing.send_invoice") == ("billing.mail", "billing", "mail")
     assert route(app, broker.DELIVER_MANY_TASK)[0] == "notifications.deliver"
 

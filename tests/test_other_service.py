@@ -105,3 +105,26 @@ def test_a_relay_loop_here_is_not_taken_for_the_other_services(other_service_db)
     finally:
         loop.stop.set()  # type: ignore[attr-defined]
         loop.join(timeout=20)
+
+
+def test_other_services_own_template_files_render_there_and_arrive_whole(other_service_db, smtp_server, workers):
+    """The template files exist only in the calling service: rendered there, the message
+    carries the whole email, and the notification service's worker sends it as it is."""
+    workers.start()
+    notification_id = unique("shipped")
+    key = f"shop:{notification_id}:7"
+    run_in_other_service(
+        "shell",
+        "-c",
+        "from notifications import notify\n"
+        f"notify(service='shop', notification_id='{notification_id}', user_id=7, to='bob@example.com',\n"
+        "       template='shop/shipped', context={'order': 'A<17>'})\n",
+    )
+    run_in_other_service("relay")
+    [received] = smtp_server.wait_received(key)
+    assert received.message["Subject"] == "Order A<17> shipped"
+    parts = {p.get_content_type(): p.get_content() for p in received.message.walk() if not p.is_multipart()}
+    assert parts["text/plain"].strip() == "Your order A<17> is on its way."
+    assert "<b>A&lt;17&gt;</b>" in parts["text/html"]
+    here = wait_for(lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30)
+    assert here.template == "shop/shipped"
