@@ -290,3 +290,6 @@ class SentEmailAdmin(ReadOnlyAdmin):
     @admin.display(description="sent")
     def sent(self, obj: SentEmail) -> str:
         return to_the_second(obj.sent_at)
+
+
+from . import admin_templates  # noqa: E402,F401  (registers EmailTemplateAdmin)

@@ -431,7 +431,7 @@ class OutboxMessageManager(models.Manager[Any]):
             cursor.execute(
                 f"WITH u AS (SELECT * FROM unnest(%s::bigint[], %s::text[]) AS u(id, reason)), "
                 f'n AS (UPDATE {notif} n SET "status" = \'failed\', "last_error" = u.reason, "updated_at" = now() '
-                f"FROM u WHERE n.\"id\" = u.id "
+                f'FROM u WHERE n."id" = u.id '
                 f"AND n.\"status\" NOT IN ('sent', 'failed', 'ambiguous', 'expired', 'cancelled') "
                 f'RETURNING n."key", n."id", u.reason), '
                 f'claims AS (UPDATE {sent} s SET "state" = \'failed\', "response" = n.reason, "token" = s."token" + 1, '

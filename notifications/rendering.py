@@ -51,17 +51,38 @@ def render(name: Any, context: Any, language: str, using: str) -> Rendered:
     try:
         with _language(language):
             if sources is not None:
-                engine = _engine()
-                subject_source, body_source, html_source = sources
-                subject = _render(engine.from_string(subject_source), values, escape=False)
-                body = _render(engine.from_string(body_source), values, escape=False) if body_source.strip() else ""
-                html_body = _render(engine.from_string(html_source), values, escape=True) if html_source.strip() else ""
+                subject, body, html_body = _render_sources(sources, values)
             else:
                 subject, body, html_body = _render_files(name, language, values)
     except InvalidNotification:
         raise
     except Exception as exc:  # a syntax error, a failing filter, an error in the caller's object
         raise InvalidNotification("template", f"{name!r} could not be rendered: {type(exc).__name__}: {exc}") from None
+    return _finish(subject, body, html_body)
+
+
+def render_stored(template: Any, context: Mapping[str, Any]) -> Rendered:
+    """An ``EmailTemplate`` (saved or not) rendered with ``context``, as notify() would:
+    the admin's preview. Raises what rendering raises (a syntax error, say)."""
+    with _language(template.language):
+        return _finish(*_render_sources((template.subject, template.body, template.html_body), dict(context)))
+
+
+def _render_sources(sources: tuple[str, str, str], values: dict[str, Any]) -> tuple[str, str, str]:
+    engine = _engine()
+    subject_source, body_source, html_source = sources
+    subject = _render(engine.from_string(subject_source), values, escape=False)
+    body = _render(engine.from_string(body_source), values, escape=False) if body_source.strip() else ""
+    html_body = _render(engine.from_string(html_source), values, escape=True) if html_source.strip() else ""
+    return subject, body, html_body
+
+
+def compile_source(source: str) -> None:
+    """Compile ``source`` as the pipeline will (raises ``TemplateSyntaxError``)."""
+    _engine().from_string(source)
+
+
+def _finish(subject: str, body: str, html_body: str) -> Rendered:
     subject = _WHITESPACE.sub(" ", subject).strip()
     if not body.strip() and html_body.strip():
         body = html.unescape(strip_tags(html_body)).strip()
@@ -124,7 +145,10 @@ def _optional(engine: Engine, path: str, values: dict[str, Any], escape: bool) -
 def _render(template: Any, values: dict[str, Any], escape: bool) -> str:
     """Escaping is the context's (text: off, HTML: on), so ``{% extends %}`` and the
     caller's tags work alike in both."""
-    return str(template.render(Context(values, autoescape=escape)))
+    # Plain text, not the SafeString a render returns: what a template rendered is data to
+    # whoever shows it next (the admin's preview, the notification's page), never markup
+    # trusted as safe.
+    return "".join([template.render(Context(values, autoescape=escape))])
 
 
 @contextlib.contextmanager
