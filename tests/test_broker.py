@@ -145,7 +145,12 @@ def test_a_worker_without_queues_named_still_consumes_the_default_queue() -> Non
         "notifications.relay",
     ]
     named = service_app(task_default_queue="billing")
-    assert sorted(named.amqp.queues) == ["billing", "notifications.deliver", "notifications.relay"]
+    assert sorted(named.amqp.queues) == [
+        "billing",
+        "notifications.deliver",
+        "notifications.deliver.high",
+        "notifications.relay",
+    ]
     assert route(named, "billing.send_invoice") == ("billing", "billing", "billing")
 
 
