@@ -113,7 +113,8 @@ class Fleet:
                 "--without-mingle",
                 "--without-gossip",
                 "-Q",
-                "notifications.deliver,notifications.relay",
+                # Every queue a worker consumes unless told (notifications.broker.queues()).
+                "notifications.deliver.high,notifications.deliver,notifications.relay",
             ],
             **env,
         )
