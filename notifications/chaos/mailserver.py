@@ -6,6 +6,10 @@ one key: what a test pins down) and weather (for a while, a share of all DATA co
 get a 4xx, a dropped connection, or a reply slower than the client's timeout: what the
 chaos run throws at the pipeline). Keys whose user id starts with ``bounce-`` are
 rejected with a 5xx every time.
+
+It may listen on several ports at once, each with a name (``listeners``): every message
+records the listener that accepted it, so a run with several email backends, each pointed
+at its own port, can tell which backend sent what.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Received:
     at: float  # time.monotonic()
     wall: float  # time.time(), to compare with database timestamps
     peer: tuple[str, int] | None = None  # the client's address: one per SMTP connection
+    listener: str = "default"  # the name of the port that accepted it
 
 
 @dataclass
@@ -70,6 +75,7 @@ class RecordingHandler:
         self.weather: list[Weather] = []
         self.faults: dict[str, int] = {}
         self.random = random.Random(seed)
+        self.listeners: dict[int, str] = {}  # port -> name
 
     def _plan_for(self, key: str) -> Plan | None:
         with self.lock:
@@ -94,7 +100,11 @@ class RecordingHandler:
         return None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        # The moment the server holds the whole message: what "arrived at" means for the
+        # checks of send_at and expires_at, so it is taken before anything else.
+        at, wall = time.monotonic(), time.time()
         msg = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
+        arrival = (at, wall, self._listener(server))
         key = str(msg.get("X-Notification-Key", "")).strip()
         with self.changed:
             self.started[key] = self.started.get(key, 0) + 1
@@ -105,7 +115,7 @@ class RecordingHandler:
         if plan is not None:
             if plan.hold is not None:
                 if plan.keep:
-                    self._record(key, msg, envelope, session)
+                    self._record(key, msg, envelope, session, arrival)
                 while not plan.hold.is_set():
                     await asyncio.sleep(0.02)
                 return "250 2.0.0 OK queued" if plan.keep else "421 4.3.0 closing without accepting"
@@ -115,7 +125,7 @@ class RecordingHandler:
             if plan.reply:
                 return plan.reply
             if plan.hangup:
-                self._record(key, msg, envelope, session)
+                self._record(key, msg, envelope, session, arrival)
                 asyncio.get_running_loop().call_soon(server.transport.close)  # after the reply
                 return "250 2.0.0 OK queued"
         weather = self._weather_now()
@@ -126,13 +136,23 @@ class RecordingHandler:
                 server.transport.close()
                 return "421 4.3.0 dropped"
             # slow / hang: the message is kept, the reply comes after the client gave up
-            self._record(key, msg, envelope, session)
+            self._record(key, msg, envelope, session, arrival)
             await asyncio.sleep(weather.delay)
             return "250 2.0.0 OK queued (late)"
-        self._record(key, msg, envelope, session)
+        self._record(key, msg, envelope, session, arrival)
         return "250 2.0.0 OK queued"
 
-    def _record(self, key: str, msg: Any, envelope: Any, session: Any = None) -> None:
+    def _listener(self, server: Any) -> str:
+        try:
+            port = int(server.transport.get_extra_info("sockname")[1])
+        except Exception:  # no transport (a handler driven by hand)
+            return "default"
+        return self.listeners.get(port, "default")
+
+    def _record(
+        self, key: str, msg: Any, envelope: Any, session: Any = None, arrival: tuple[float, float, str] | None = None
+    ) -> None:
+        at, wall, listener = arrival or (time.monotonic(), time.time(), "default")
         with self.changed:
             self.received.append(
                 Received(
@@ -140,9 +160,10 @@ class RecordingHandler:
                     message_id=str(msg.get("Message-ID", "")).strip(),
                     to=list(envelope.rcpt_tos),
                     message=msg,
-                    at=time.monotonic(),
-                    wall=time.time(),
+                    at=at,
+                    wall=wall,
                     peer=tuple(session.peer) if session is not None and session.peer else None,
+                    listener=listener,
                 )
             )
             self.changed.notify_all()
@@ -154,6 +175,8 @@ class MailServer:
     controller: Controller
     port: int
     extra: dict[str, Any] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # every listener: name -> port
+    more: list[Controller] = field(default_factory=list)  # the controllers of the other listeners
 
     def messages(self, key: str) -> list[Received]:
         with self.handler.lock:
@@ -196,11 +219,26 @@ class MailServer:
         return self.messages(key)
 
     def stop(self) -> None:
+        for controller in self.more:
+            controller.stop()
         self.controller.stop()
 
 
-def start(port: int, seed: int = 0) -> MailServer:
+def start(port: int, seed: int = 0, listeners: dict[str, int] | None = None) -> MailServer:
+    """A server on ``port`` (the listener ``"default"``) and on each port of ``listeners``
+    (name -> port), all recording into one handler and sharing its plans and weather."""
     handler = RecordingHandler(seed)
+    handler.listeners = {port: "default", **{p: name for name, p in (listeners or {}).items()}}
     controller = Controller(handler, hostname="127.0.0.1", port=port, ready_timeout=10)
     controller.start()
-    return MailServer(handler=handler, controller=controller, port=port)
+    server = MailServer(handler=handler, controller=controller, port=port, ports={"default": port})
+    try:
+        for name, extra_port in (listeners or {}).items():
+            more = Controller(handler, hostname="127.0.0.1", port=extra_port, ready_timeout=10)
+            more.start()
+            server.more.append(more)
+            server.ports[name] = extra_port
+    except BaseException:
+        server.stop()
+        raise
+    return server

@@ -8,16 +8,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None, "max": None}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
-
-    return {"p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1], 4)}
+from . import kinds
+from .kinds import percentiles
 
 
 @dataclass
@@ -32,7 +24,35 @@ class Verdict:
 
 # Kinds of call whose notification committed (an "oversized" one committed only if
 # notify() took it: then it must end failed as too large for a broker message).
-COMMITTED_KINDS = ("new", "bounce", "poison", "undecodable", "large", "oversized")
+COMMITTED_KINDS = (
+    "new",
+    "bounce",
+    "poison",
+    "undecodable",
+    "large",
+    "oversized",
+    "scheduled",
+    "expiring",
+    "cancelled",
+    "templated",
+    "high",
+    "burst",
+)
+# An expiring call whose retry (after a database error) found its expiry passed: it
+# committed if its notification exists.
+UNCERTAIN_KINDS = ("expiring_uncertain",)
+# Where a notification may end: sent, or one of these with a reason the verdict checks.
+SETTLED_STATUSES = ("sent", "failed", "ambiguous", "expired", "cancelled")
+
+
+def committed_calls(calls: list[dict[str, Any]], existing: Any) -> dict[str, float]:
+    """Key -> commit time of every call whose notification committed (``existing``: the
+    keys the database has, which decide the uncertain ones)."""
+    out = {c["key"]: c["at"] for c in calls if c["kind"] in COMMITTED_KINDS}
+    for c in calls:
+        if c["kind"] in UNCERTAIN_KINDS and c["key"] in existing:
+            out.setdefault(c["key"], c["at"])
+    return out
 
 
 def judge(
@@ -45,8 +65,15 @@ def judge(
     poison_expected: bool,
     victims: list[dict[str, Any]] | None = None,
     takeover_limit: float = 30.0,
+    backends: dict[str, dict[str, Any]] | None = None,
+    rate_buckets: set[str] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Verdict:
-    committed = {c["key"]: c["at"] for c in calls if c["kind"] in COMMITTED_KINDS}
+    """The verdict on a run: ``calls`` the caller's lines, ``received`` what the mail
+    server accepted, ``notifications`` and ``claims`` the database's rows after the
+    drain (see ``ChaosRun.judge``); the kinds of traffic beside the plain one are judged
+    by ``kinds.judge``."""
+    committed = committed_calls(calls, notifications)
     refused = [c["key"] for c in calls if c["kind"] == "refused"]
     refused_written = sorted(k for k in refused if k in notifications)
     invalid = [c["key"] for c in calls if c["kind"] == "invalid"]
@@ -63,11 +90,11 @@ def judge(
 
     failed = {k: n for k, n in notifications.items() if n["status"] == "failed"}
     held = {k for k, n in notifications.items() if n["status"] == "ambiguous"}
+    # Ended without an email, each for a reason kinds.judge checks against its call.
+    stopped = {k for k, n in notifications.items() if n["status"] in ("expired", "cancelled")}
     ambiguous = {k: n["ambiguous_count"] for k, n in notifications.items() if n["ambiguous_count"] > 0}
-    lost = sorted(k for k in committed if k not in copies and k not in failed and k not in held)
-    unsettled = sorted(
-        k for k in committed if notifications.get(k, {}).get("status") not in ("sent", "failed", "ambiguous")
-    )
+    lost = sorted(k for k in committed if k not in copies and k not in failed and k not in held and k not in stopped)
+    unsettled = sorted(k for k in committed if notifications.get(k, {}).get("status") not in SETTLED_STATUSES)
     phantom = sorted(k for k in rolled_back if k in copies)
     duplicates = {k: c for k, c in copies.items() if c > 1}
     extra = sum(c - 1 for c in duplicates.values())
@@ -92,7 +119,10 @@ def judge(
     poison_keys = {k for k in committed if ":poison-" in k}
     poison_not_failed = sorted(k for k in poison_keys if k not in failed)
 
-    latency = [first_at[k] - committed[k] for k in committed if k in first_at]
+    # Commit to the mail server, of the notifications due at once (a scheduled one waits
+    # for its send_at on purpose: kinds.judge times it from then).
+    scheduled = {c["key"] for c in calls if c.get("send_at") is not None}
+    latency = [first_at[k] - committed[k] for k in committed if k in first_at and k not in scheduled]
     # Takeover: from a worker's death (or pause, or cut-off) to the moment each claim it
     # held was settled by another (sent, held or failed), as the database recorded it.
     takeovers: list[float] = []
@@ -139,6 +169,16 @@ def judge(
         "refused_yet_written": len(refused_written),
         "ambiguous_window_s": percentiles(window),
     }
+    traffic, traffic_failures = kinds.judge(
+        calls=calls,
+        received=received,
+        notifications=notifications,
+        committed=committed,
+        backends=backends,
+        rate_buckets=rate_buckets,
+        meta=meta,
+    )
+    report["traffic"] = traffic
     failures = []
     if lost:
         failures.append(f"{len(lost)} committed notification(s) lost, e.g. {lost[:3]}")
@@ -172,6 +212,7 @@ def judge(
             f"takeover p99 {slow[min(len(slow) - 1, int(0.99 * len(slow)))]:.1f}s is over {takeover_limit:.0f}s "
             f"(longest {slow[-1]:.1f}s)"
         )
+    failures += traffic_failures
     return Verdict(report=report, failures=failures)
 
 
@@ -194,7 +235,7 @@ def render(report: dict[str, Any]) -> str:
         ("held for a person (hold mode)", report["held"]),
         ("failed, by reason", json.dumps(report["failed_by_reason"]) if report["failed_by_reason"] else "0"),
         ("claims stuck after the drain", report["stuck_claims"]),
-        ("latency commit -> SMTP, p50 / p99 / max (s)", _p(report["latency_commit_to_smtp_s"])),
+        ("latency commit -> SMTP (due at once), p50 / p99 / max (s)", _p(report["latency_commit_to_smtp_s"])),
         (
             f"takeover of {report.get('takeovers', 0)} claim(s) of dead, paused or cut-off workers, "
             "p50 / p99 / max (s)",
@@ -218,9 +259,58 @@ def render(report: dict[str, Any]) -> str:
                 f"down {pause['down_seconds']}s, new leader {pause['new_leader']})",
             )
         )
+    rows += _traffic_rows(report.get("traffic") or {})
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
 def _p(values: dict[str, float | None]) -> str:
     return " / ".join("-" if v is None else f"{v:.3f}" for v in values.values())
+
+
+def _traffic_rows(traffic: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The report's lines on the kinds of traffic (``kinds.judge``)."""
+    if not traffic:
+        return []
+    rows: list[tuple[str, Any]] = []
+    mix = traffic.get("mix") or {}
+    rows.append(("traffic mix (shares of all calls; the rest plain)", ", ".join(f"{k} {v}" for k, v in mix.items())))
+    for label, row in (traffic.get("by_kind") or {}).items():
+        statuses = ", ".join(f"{k} {v}" for k, v in row["statuses"].items())
+        rows.append(
+            (
+                f"  {label}: committed / delivered / extra copies; ended",
+                f"{row['committed']} / {row['delivered']} / {row['extra_copies']}; {statuses}",
+            )
+        )
+    templated = traffic.get("templated") or {}
+    if templated:
+        state = "sent" if templated.get("enabled") else "SKIPPED"
+        rows.append(("templated traffic", f"{state}: {templated.get('note', '')}"))
+    outcomes = traffic.get("cancel_outcomes") or {}
+    rows.append(("cancel() said", ", ".join(f"{k} {v}" for k, v in outcomes.items()) or "-"))
+    rows.append(("latency high priority, p50 / p99 / max (s)", _p(traffic["latency_high_s"])))
+    rows.append(("latency normal priority, p50 / p99 / max (s)", _p(traffic["latency_normal_s"])))
+    rows.append(
+        ("scheduled: first arrival after send_at, p50 / p99 / max (s)", _p(traffic["lateness_after_send_at_s"]))
+    )
+    rows.append(("expiring: last arrival before expires_at, p50 / p99 / max (s)", _p(traffic["expiring_margin_s"])))
+    rows.append(
+        (
+            "closest to the edges: arrival before expires_at / after send_at (s)",
+            f"{traffic.get('closest_to_expiry_s')} / {traffic.get('closest_to_send_at_s')}",
+        )
+    )
+    routing = traffic.get("routing") or {}
+    if routing:
+        rows.append(("backend routing", routing.get("verdict", "-")))
+    for name, row in (traffic.get("rate") or {}).items():
+        rows.append(
+            (
+                f"rate of backend {name!r} ({row['rate_limit_per_s']}/s): peak emails in 1 s",
+                f"{row['peak_in_1s']} of {row['allowed_in_1s']} allowed, {row['emails']} emails: {row['verdict']}",
+            )
+        )
+    violations = traffic.get("violations") or {}
+    rows.append(("violations (early, after expiry, after cancel, ...)", json.dumps(violations) if violations else "0"))
+    return rows

@@ -53,6 +53,13 @@ class Options:
     changes: dict[str, str] = field(default_factory=dict)
     # A three-node RabbitMQ cluster of the run's own instead of the machine's broker.
     cluster: bool = False
+    # The traffic beside the plain notifications: shares of the kinds (caller.DEFAULT_MIX
+    # unless given, as "kind=share,..."), the share sent through the rate-limited bulk
+    # backend and its rate, and the size of the one burst into it (None: two seconds' worth).
+    mix: str = ""
+    bulk_share: float = 0.5
+    bulk_rate: float = 40.0
+    burst: int | None = None
 
 
 # What the report quotes of the settings the pipeline ran with.
@@ -69,7 +76,14 @@ REPORTED_SETTINGS = (
     "EMAIL_TIMEOUT",
     "CELERY_TASK_SOFT_TIME_LIMIT",
     "CELERY_TASK_TIME_LIMIT",
+    "NOTIFICATIONS_BACKENDS",
 )
+
+# The named backends the traffic goes through, each to a listener of the run's mail
+# server with the same name; Django's own EMAIL_HOST/EMAIL_PORT point at a third, so an
+# email sent through no named backend shows as such.
+TRANSACTIONAL, BULK = "transactional", "bulk"
+SMTP_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
 
 
 # The promise: a dead or cut-off worker's notifications are delivered (or held) within
@@ -142,7 +156,11 @@ class ChaosRun:
             if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE", "DJANGO_", "REDIS_"))
         }
         env.update(
-            DJANGO_SETTINGS_MODULE="project.settings",
+            # project/settings.py, plus only the named backends and the template directory
+            # the traffic needs (notifications/chaos/settings.py).
+            DJANGO_SETTINGS_MODULE="notifications.chaos.settings",
+            CHAOS_BASE_SETTINGS="project.settings",
+            CHAOS_BACKENDS=json.dumps(self.backends()),
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",
             DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{self.database}",
@@ -160,6 +178,19 @@ class ChaosRun:
             env["NOTIFICATIONS_CRASH_POINTS"] = "before_claim=chaos:poison-"
         env.update(self.o.changes)
         return env
+
+    def backends(self) -> dict[str, dict[str, Any]]:
+        """``NOTIFICATIONS_BACKENDS`` of the run: two SMTP backends, each to its own listener
+        of the run's mail server; the bulk one rate-limited, with two connections."""
+        ports = self.mail.ports
+
+        def smtp(name: str) -> dict[str, Any]:
+            return {"BACKEND": SMTP_BACKEND, "OPTIONS": {"host": "127.0.0.1", "port": ports[name]}}
+
+        return {
+            TRANSACTIONAL: smtp(TRANSACTIONAL),
+            BULK: {**smtp(BULK), "RATE_LIMIT": self.o.bulk_rate, "CONNECTIONS": 2},
+        }
 
     def broker_url(self) -> str:
         if self.cluster is not None:
@@ -190,7 +221,9 @@ class ChaosRun:
     def setup(self) -> None:
         self.say(f"chaos run {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}")
         self.ensure_services()
-        self.mail = mailserver.start(free_port(), seed=self.o.seed)
+        self.mail = mailserver.start(
+            free_port(), seed=self.o.seed, listeners={TRANSACTIONAL: free_port(), BULK: free_port()}
+        )
         self._admin_sql(f'CREATE DATABASE "{self.database}"')
         if self.o.cluster:
             from .cluster import Cluster
@@ -255,6 +288,8 @@ class ChaosRun:
 
     def traffic(self) -> subprocess.Popen[bytes]:
         self.calls_file = self.workdir / "calls.jsonl"
+        self.meta_file = self.workdir / "calls-meta.json"
+        burst = self.o.burst if self.o.burst is not None else int(2 * self.o.bulk_rate)
         poison = self.o.poison if "poison" in self.o.faults else 0
         undecodable = max(2, self.o.n // 500) if "undecodable" in self.o.faults else 0
         oversized = max(1, self.o.n // 2500) if "oversized" in self.o.faults else 0
@@ -274,8 +309,18 @@ class ChaosRun:
             str(undecodable),
             "--oversized",
             str(oversized),
+            "--mix",
+            self.o.mix,
+            "--backends",
+            f"{TRANSACTIONAL},{BULK}",
+            "--bulk-share",
+            str(self.o.bulk_share),
+            "--burst",
+            str(burst),
             "--out",
             str(self.calls_file),
+            "--meta",
+            str(self.meta_file),
         ]
         log = open(self.workdir / "caller.log", "wb")  # noqa: SIM115 (owned by the child)
         return subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
@@ -369,6 +414,11 @@ class ChaosRun:
             "concurrency": self.o.concurrency,
             "settings": self.settings,
             "settings_changed": dict(self.o.changes) or "none: project/settings.py as shipped",
+            "settings_added_for_the_traffic": {
+                "NOTIFICATIONS_BACKENDS": self.backends(),
+                "TEMPLATES[0]['DIRS']": "+ notifications/chaos/templates",
+                "mail_server_listeners": self.mail.ports,
+            },
             "rabbitmq_consumer_timeout": self.o.consumer_timeout or "the broker's own",
             "faults_selected": self.o.faults,
         }
@@ -397,6 +447,11 @@ class ChaosRun:
             out[fault["kind"]] = round(max(out.get(fault["kind"], 0.0), gap), 2)
         return dict(sorted(out.items()))
 
+    def rate_buckets(self) -> set[str]:
+        """The backends the pipeline wrote a rate bucket for (it enforced their rate)."""
+        with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
+            return {str(row[0]) for row in conn.execute("SELECT name FROM notifications_ratebucket")}
+
     def _snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
         with psycopg.connect(f"host=127.0.0.1 user=postgres dbname={self.database}") as conn:
             notes = {
@@ -419,13 +474,9 @@ class ChaosRun:
             pending = row[0] if row else 0
         return notes, claims, int(pending)
 
-    def _committed(self) -> set[str]:
-        keys = set()
-        for line in self.calls_file.read_text().splitlines():
-            call = json.loads(line)
-            if call["kind"] in report.COMMITTED_KINDS:
-                keys.add(call["key"])
-        return keys
+    def _committed(self, existing: Any) -> set[str]:
+        calls = [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+        return set(report.committed_calls(calls, existing))
 
     def note_victims(self, pids: list[int], fault: str) -> None:
         """Before a worker is killed, paused or cut off: the claims its pool processes
@@ -443,7 +494,6 @@ class ChaosRun:
             self.victims += [{"key": row[0], "fault": fault, "at": at} for row in rows]
 
     def drain(self) -> float | None:
-        committed = self._committed()
         deadline = time.monotonic() + self.o.drain_timeout
         last = ""
         while time.monotonic() < deadline:
@@ -452,7 +502,8 @@ class ChaosRun:
             except psycopg.Error:
                 time.sleep(1)
                 continue
-            open_keys = [k for k in committed if notes.get(k, {}).get("status") not in ("sent", "failed", "ambiguous")]
+            committed = self._committed(notes)
+            open_keys = [k for k in committed if notes.get(k, {}).get("status") not in report.SETTLED_STATUSES]
             held = sum(1 for c in claims.values() if c["state"] == "claimed")
             status = f"{len(open_keys)} open, {held} claims held, {pending} unpublished"
             if status != last:
@@ -466,6 +517,7 @@ class ChaosRun:
     def judge(self) -> report.Verdict:
         calls = [json.loads(line) for line in self.calls_file.read_text().splitlines()]
         notes, claims, _ = self._snapshot()
+        meta = json.loads(self.meta_file.read_text()) if self.meta_file.exists() else {}
         return report.judge(
             calls=calls,
             received=self.mail.all_messages(),
@@ -475,6 +527,9 @@ class ChaosRun:
             poison_expected="poison" in self.o.faults,
             victims=self.victims,
             takeover_limit=TAKEOVER_LIMIT,
+            backends=self.backends(),
+            rate_buckets=self.rate_buckets(),
+            meta=meta,
         )
 
 
