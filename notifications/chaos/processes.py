@@ -113,10 +113,7 @@ class Fleet:
                 "--without-mingle",
                 "--without-gossip",
                 "-Q",
-<<<<<<< HEAD
-=======
                 # Every queue a worker consumes unless told (notifications.broker.queues()).
->>>>>>> chaos
                 "notifications.deliver.high,notifications.deliver,notifications.relay",
             ],
             **env,

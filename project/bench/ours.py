@@ -64,7 +64,9 @@ def run_ours(bench: BenchRun, run: int) -> dict[str, Any]:
     reset(bench)
     fleet = bench.fleet(env)
     try:
-        procs = bench.workers(fleet, f"ours-r{run}", "project", "notifications.deliver.high,notifications.deliver,notifications.relay")
+        procs = bench.workers(
+            fleet, f"ours-r{run}", "project", "notifications.deliver.high,notifications.deliver,notifications.relay"
+        )
         schedule = str(bench.workdir / f"ours-r{run}-beat-schedule")
         fleet.add(f"ours-r{run}-beat", ["-m", "celery", "-A", "project", "beat", "-l", "warning", "-s", schedule])
         bench.wait_consumers("notifications.deliver", procs)
