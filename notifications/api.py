@@ -291,13 +291,12 @@ def cancel(key: str, *, reason: str = "cancelled", using: str | None = None) -> 
         notification = Notification.objects.using(db).filter(key=key).only("id", "status").first()
         if notification is None:
             return Cancellation(key, False, False, "unknown")
-        if notification.status in FINISHED_STATUSES:
-            done = notification.status == Status.CANCELLED
-            return Cancellation(key, done, done, notification.status)
+        if notification.status in FINISHED_STATUSES and notification.status != Status.CANCELLED:
+            return Cancellation(key, False, False, notification.status)
         claims: SentEmailManager = SentEmail.objects
         stopped, in_time, state = claims.cancel(key, notification.pk, why, db)
-        if not stopped:
-            return Cancellation(key, False, False, state)
+        if not stopped or notification.status == Status.CANCELLED:  # (a repeat: its first answer)
+            return Cancellation(key, stopped, in_time, state)
         Notification.objects.using(db).filter(pk=notification.pk).update(
             status=Status.CANCELLED, last_error=why, updated_at=timezone.now()
         )

@@ -50,6 +50,9 @@ _MOMENTS = ("send_at", "expires_at")
 
 KEY_AND_ID = '"key", "id"'
 
+# Ends a cancelled claim's response when the cancel came too late to be sure nothing was sent.
+LATE = "; an earlier send may have reached the mail server"
+
 # What a repeat of a key must carry unchanged (the rest of the row is the key itself).
 CONTENT_FIELDS = (
     "to",
@@ -756,8 +759,9 @@ class SentEmailManager(models.Manager[Any]):
                         return True, True, "cancelled"
                     continue  # a worker claimed it meanwhile: decide on its row
                 state, started, expired, ambiguous = row
-                if state == "cancelled":
-                    return True, True, "cancelled"
+                if state == "cancelled":  # a repeat: the first cancel's answer, kept in its response
+                    cursor.execute(f'SELECT "response" FROM {t} WHERE "key" = %s', [key])
+                    return True, LATE not in str(cursor.fetchone()[0]), "cancelled"
                 if state == "released":
                     in_time = not ambiguous
                 elif state == "claimed" and not started:
@@ -769,7 +773,7 @@ class SentEmailManager(models.Manager[Any]):
                 cursor.execute(
                     f'UPDATE {t} SET "state" = \'cancelled\', "token" = "token" + 1, "response" = %s, '
                     f'"lease_expires_at" = NULL, "send_started_at" = NULL, "updated_at" = now() WHERE "key" = %s',
-                    [reason if in_time else f"{reason}; an earlier send may have reached the mail server", key],
+                    [reason if in_time else f"{reason}{LATE}", key],
                 )
                 return True, in_time, "cancelled"
         raise AssertionError("the claim row kept changing under the cancel")

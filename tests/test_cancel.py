@@ -143,3 +143,18 @@ def test_racing_cancels_and_a_worker_never_send_a_cancelled_email(smtp_server, w
             assert Notification.objects.get(key=key).status == "cancelled"
         else:
             assert smtp_server.wait_received(key, timeout=30) and smtp_server.count(key) == 1, key
+
+
+def test_a_repeated_cancel_gives_the_first_answer(no_wakeups):
+    """Review: a repeat of a cancel that came too late answered "in time", telling a caller
+    retrying after a dropped connection that no email went out when one may have."""
+    n = notify(**notification_kwargs())
+    [claim] = SentEmail.objects.claim_many([(n.key, n.pk)], "holder", 0.001, "default").values()
+    SentEmail.objects.settle([], Start(n.key, claim.token, 0.001, message_id_for(n.key)), "default")
+    wait_for(lambda: SentEmail.objects.stuck().filter(key=n.key).exists())  # the holder died mid-send
+    first = cancel(n.key)
+    assert first.cancelled and not first.in_time
+    again = cancel(n.key)
+    assert again == first
+    fresh = notify(**notification_kwargs())
+    assert cancel(fresh.key).in_time and cancel(fresh.key).in_time
