@@ -225,6 +225,29 @@ class EmailTemplate(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.language})" if self.language else self.name
 
+    def clean(self) -> None:
+        """What notify() would refuse, refused on save instead: a name it cannot look
+        up, a language it does not take, a part that is not a Django template, no body,
+        a sample context that is not a JSON object."""
+        from django.core.exceptions import ValidationError
+
+        from . import rendering, validation
+        from .exceptions import InvalidNotification
+
+        errors: dict[str, str] = {}
+        for field, check in (("name", rendering.clean_name), ("language", validation.language)):
+            try:
+                check(getattr(self, field))
+            except InvalidNotification as exc:
+                errors[field] = str(exc).split(": ", 1)[-1]
+        errors.update(rendering.syntax_errors(subject=self.subject, body=self.body, html_body=self.html_body))
+        if not self.body.strip() and not self.html_body.strip():
+            errors.setdefault("body", "give a text body, an HTML body, or both")
+        if not isinstance(self.sample_context, dict):
+            errors["sample_context"] = "must be a JSON object, the context the preview renders with"
+        if errors:
+            raise ValidationError(errors)
+
 
 class RateBucket(models.Model):
     """One row per rate-limited email backend: the time its next email may start at

@@ -19,5 +19,6 @@ DATABASES = {  # noqa: F405
     }
 }
 
-# The second service's own template files, which the notification service does not have.
+# Its own template files, which the notification service does not have: notify(template=...)
+# renders them here, and the message carries the result.
 TEMPLATES = [{**TEMPLATES[0], "DIRS": [os.path.join(os.path.dirname(__file__), "other_service_templates")]}]  # noqa: F405

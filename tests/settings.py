@@ -38,9 +38,9 @@ os.environ.setdefault("NOTIFICATIONS_DELIVERY_LIMIT", "3")
 from project.settings import *  # noqa: E402,F403
 
 DATABASES["default"]["TEST"] = {"NAME": TEST_DB}  # noqa: F405
-# Template files of the tests' notify(template=...) calls (tests/templates/tests/...).
-TEMPLATES[0]["DIRS"] = [os.path.join(os.path.dirname(__file__), "templates")]  # noqa: F405
 # Production mode without DJANGO_SECRET_KEY has no key; the tests sign sessions (the admin
 # tests log in), so they bring one of their own.
 SECRET_KEY = f"tests-only-not-secret-{RUN_ID}"
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
+# The calling side's own template files (notify(template=...)), beside the app's.
+TEMPLATES = [{**TEMPLATES[0], "DIRS": [os.path.join(os.path.dirname(__file__), "templates")]}]  # noqa: F405

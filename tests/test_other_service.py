@@ -107,24 +107,32 @@ def test_a_relay_loop_here_is_not_taken_for_the_other_services(other_service_db)
         loop.join(timeout=20)
 
 
-def test_other_services_own_template_files_render_there_and_arrive_whole(other_service_db, smtp_server, workers):
-    """The template files exist only in the calling service: rendered there, the message
-    carries the whole email, and the notification service's worker sends it as it is."""
+def test_other_services_own_template_files_render_there_and_arrive(other_service_db, smtp_server, workers):
+    """The caller renders its own files (its TEMPLATES setting); the notification service
+    has no such template, and needs none: the message carries the rendered email."""
+    from notifications import InvalidNotification
+    from notifications.rendering import render
+
+    with pytest.raises(InvalidNotification, match="does not exist"):
+        render("shop/shipped", {}, "", "default")  # not a template of this service
     workers.start()
     notification_id = unique("shipped")
-    key = f"shop:{notification_id}:7"
-    run_in_other_service(
+    key = f"shop:{notification_id}:8"
+    out = run_in_other_service(
         "shell",
         "-c",
         "from notifications import notify\n"
-        f"notify(service='shop', notification_id='{notification_id}', user_id=7, to='bob@example.com',\n"
-        "       template='shop/shipped', context={'order': 'A<17>'})\n",
+        f"n = notify(service='shop', notification_id='{notification_id}', user_id=8, to='cy@example.com',\n"
+        "           template='shop/shipped', context={'order': 'A-17', 'name': 'Cy & <Co>'})\n"
+        "print('KEY', n.key, n.template)\n",
     )
+    assert f"KEY {key} shop/shipped" in out
     run_in_other_service("relay")
+
     [received] = smtp_server.wait_received(key)
-    assert received.message["Subject"] == "Order A<17> shipped"
-    parts = {p.get_content_type(): p.get_content() for p in received.message.walk() if not p.is_multipart()}
-    assert parts["text/plain"].strip() == "Your order A<17> is on its way."
-    assert "<b>A&lt;17&gt;</b>" in parts["text/html"]
+    assert received.message["Subject"] == "Order A-17 shipped"
+    assert received.message.get_body(("plain",)).get_content().strip() == "Hello Cy & <Co>, order A-17 is on its way."
+    html = received.message.get_body(("html",)).get_content().strip()
+    assert html == "<p>Hello Cy &amp; &lt;Co&gt;, order <b>A-17</b> is on its way.</p>"
     here = wait_for(lambda: Notification.objects.filter(key=key, status="sent").first(), timeout=30)
-    assert here.template == "shop/shipped"
+    assert (here.template, here.subject) == ("shop/shipped", "Order A-17 shipped")
