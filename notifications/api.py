@@ -86,6 +86,37 @@ def _clean(
     return row
 
 
+def _existing_rendering(
+    exc: InvalidNotification,
+    template: Any,
+    language: Any,
+    service: Any,
+    notification_id: Any,
+    user_id: Any,
+    using: str | None,
+) -> Notification | None:
+    """A repeat of a templated notify() whose template can no longer be rendered (deleted
+    or broken since): the notification of its key, rendered from the same template, if it
+    exists. A caller retrying after an unclear commit learns that its email was queued,
+    rather than that it was refused."""
+    from .models import Notification
+
+    if exc.field != "template" or not isinstance(template, str):
+        return None
+    try:
+        key = validation.key(
+            validation.identifier("service", service),
+            validation.identifier("notification_id", notification_id),
+            validation.identifier("user_id", user_id),
+        )
+    except InvalidNotification:
+        return None
+    found = Notification.objects.using(using or settings.DATABASE).filter(key=key).first()
+    if found is None or found.template != template or found.language != (language or ""):
+        return None
+    return found
+
+
 def rendering_name(template: Any) -> str:
     return str(template) if template is not None else ""
 
@@ -139,25 +170,31 @@ def notify(
     ``expires_at`` the latest; ``priority="high"`` overtakes a backlog; ``backend``
     names an entry of ``NOTIFICATIONS_BACKENDS``.
     """
-    row = _clean(
-        service=service,
-        notification_id=notification_id,
-        user_id=user_id,
-        to=to,
-        subject=subject,
-        body=body,
-        html_body=html_body,
-        from_email=from_email,
-        metadata=metadata,
-        template=template,
-        context=context,
-        language=language,
-        send_at=send_at,
-        expires_at=expires_at,
-        priority=priority,
-        backend=backend,
-        using=using,
-    )
+    try:
+        row = _clean(
+            service=service,
+            notification_id=notification_id,
+            user_id=user_id,
+            to=to,
+            subject=subject,
+            body=body,
+            html_body=html_body,
+            from_email=from_email,
+            metadata=metadata,
+            template=template,
+            context=context,
+            language=language,
+            send_at=send_at,
+            expires_at=expires_at,
+            priority=priority,
+            backend=backend,
+            using=using,
+        )
+    except InvalidNotification as exc:
+        existing = _existing_rendering(exc, template, language, service, notification_id, user_id, using)
+        if existing is None:
+            raise
+        return existing
     return _write([row], using or settings.DATABASE)[0]
 
 

@@ -305,3 +305,21 @@ def test_templated_notify_arrives_rendered_with_text_and_html_parts(smtp_server,
     assert "<p>Dear Ann &amp; &lt;Bob&gt;, you owe 12 EUR.</p>" in html
     n = wait_for(lambda: Notification.objects.filter(key=n.key, status="sent").first(), what="status sent")
     assert SentEmail.objects.get(key=n.key).state == "sent"
+
+
+@pytest.mark.django_db
+def test_a_repeat_after_its_template_was_deleted_returns_the_notification() -> None:
+    """Review: a repeat rendered the template again before finding the key, so a caller
+    retrying after an unclear commit was told the notification was refused when it was
+    queued (and is sent once)."""
+    from notifications import notify
+    from notifications.models import EmailTemplate, Notification
+    from tests.conftest import notification_kwargs
+
+    EmailTemplate.objects.create(name="gone/soon", subject="Hi {{ n }}", body="b")
+    kwargs = notification_kwargs()
+    del kwargs["subject"], kwargs["body"]
+    first = notify(**kwargs, template="gone/soon", context={"n": 1})
+    EmailTemplate.objects.filter(name="gone/soon").delete()
+    assert notify(**kwargs, template="gone/soon", context={"n": 1}).pk == first.pk
+    assert Notification.objects.filter(key=first.key).count() == 1
