@@ -5,11 +5,15 @@ second email for a key that was sent.
 Each action names the permission it needs, so Django offers it (and runs it) only for
 users who hold it: retrying a failed notification needs the change permission on
 Notification; resending or closing a held ambiguous one, which may send a second copy or
-suppress an email, needs ``notifications.resolve_ambiguous``.
+suppress an email, needs ``notifications.resolve_ambiguous``; cancelling one not yet sent
+needs ``notifications.cancel_notification``. Neither retry nor resend reopens an expired
+or a cancelled notification: the one would be sent after its expiry, the other against a
+decision.
 
 The lists are built for tables of millions of rows: every search and filter is answered
-by an index (no ``LIKE '%...%'``), counts stop at ``COUNT_LIMIT``, and columns do not
-sort (each sort would be a sort of the whole table). The on-call dashboard
+by an index (no ``LIKE '%...%'``; the backend filter, see ``BackendFilter``, is the one
+exception), counts stop at ``COUNT_LIMIT``, and columns do not sort (each sort would be a
+sort of the whole table). The on-call dashboard
 (``notifications.dashboard``) is a page of the Notification admin."""
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
-from . import status
+from . import backends, cancellation, status
 from .conf import settings
 from .exceptions import InvalidNotification
 from .models import ClaimState, EmailTemplate, Notification, OutboxMessage, SentEmail, Status, recipient_reversed
-from .requeue import requeue
+from .requeue import refusals, requeue
 
 COUNT_LIMIT = 10_000  # a list counts its rows up to this many, then says "more than"
 
@@ -98,20 +102,44 @@ class ServiceFilter(admin.AllValuesFieldListFilter):
         self.lookup_choices = status.services()  # type: ignore[assignment]
 
 
+class BackendFilter(admin.SimpleListFilter):
+    """The email backend filter, its choices the configured names (no DISTINCT over the
+    table); offered only when there is more than one. No index answers it: the list's
+    walk by id and its capped count stop early unless the backend is a rare one."""
+
+    title = "backend"
+    parameter_name = "backend"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = backends.names()
+        return [(name, name) for name in names] if len(names) > 1 else []
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(backend=value) if value else queryset
+
+
 @admin.register(Notification)
 class NotificationAdmin(ListAdmin):
     list_display = (  # the key holds the service and the user_id
         "key",
         "status",
+        "priority",
         "to",
         "short_subject",
+        "template_shown",
+        "backend",
         "short_last_error",
         "attempts",
         "ambiguous_count",
         "created",
+        "send_after",
+        "expires",
         "sent",
     )
-    list_filter = ("status", ("service", ServiceFilter))
+    # Priority: a high one through its partial index (notifications_priority_idx), a
+    # normal one, the usual kind, by the list's walk by id.
+    list_filter = ("status", "priority", BackendFilter, ("service", ServiceFilter))
     # Searched through indexes only, see get_search_results. No date_hierarchy: its
     # links are a DISTINCT over the dates of every row in the list (a full scan).
     search_fields = ("key",)
@@ -120,7 +148,7 @@ class NotificationAdmin(ListAdmin):
         "or the end of a recipient's address (ann@example.com, example.com)."
     )
     readonly_fields = [f.name for f in Notification._meta.fields] + ["message_id"]
-    actions = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+    actions = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent", "cancel_selected"]
 
     def get_urls(self) -> list[URLPattern]:
         from .dashboard import dashboard_view
@@ -171,6 +199,21 @@ class NotificationAdmin(ListAdmin):
     def sent(self, obj: Notification) -> str:
         return to_the_second(obj.sent_at)
 
+    @admin.display(description="template")
+    def template_shown(self, obj: Notification) -> str:
+        """The template and its language, as ``name (language)``."""
+        if not obj.template:
+            return "-"
+        return f"{obj.template} ({obj.language})" if obj.language else obj.template
+
+    @admin.display(description="send at")
+    def send_after(self, obj: Notification) -> str:
+        return to_the_second(obj.send_at)
+
+    @admin.display(description="expires")
+    def expires(self, obj: Notification) -> str:
+        return to_the_second(obj.expires_at)
+
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -188,8 +231,23 @@ class NotificationAdmin(ListAdmin):
         ``resolve_ambiguous`` permission of Notification's ``Meta.permissions``)."""
         return request.user.has_perm(f"{self.opts.app_label}.resolve_ambiguous")
 
+    def has_cancel_permission(self, request: HttpRequest) -> bool:
+        """Whether the user may cancel notifications (``cancel_notification`` of
+        Notification's ``Meta.permissions``). Not the change permission: a cancel stops
+        an email a service asked for, for good (no retry reopens a cancelled one), which
+        is more than the change permission's retry of a failed one gives; a view-only
+        user holds neither."""
+        return request.user.has_perm(f"{self.opts.app_label}.cancel_notification")
+
+    def _refused(self, request: HttpRequest, queryset: QuerySet[Notification], status: str, verb: str) -> None:
+        """Say which of the selected notifications a retry or resend left alone by
+        decision: the expired, the cancelled, those past their expires_at."""
+        for sentence in refusals(queryset, status).messages(verb):
+            self.message_user(request, sentence, messages.WARNING)
+
     @admin.action(description="Retry failed notifications through the outbox", permissions=["change"])
     def retry_failed(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        self._refused(request, queryset, Status.FAILED, "retried")
         count = requeue(queryset.filter(status=Status.FAILED), [ClaimState.FAILED], Status.CREATED)
         self.message_user(request, f"{count} failed notification(s) queued again.", messages.SUCCESS)
 
@@ -198,8 +256,21 @@ class NotificationAdmin(ListAdmin):
         permissions=["resolve_ambiguous"],
     )
     def resend_ambiguous(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        self._refused(request, queryset, Status.AMBIGUOUS, "resent")
         count = requeue(queryset.filter(status=Status.AMBIGUOUS), [ClaimState.HELD], Status.CREATED)
         self.message_user(request, f"{count} ambiguous notification(s) queued for resending.", messages.WARNING)
+
+    @admin.action(description="Cancel selected notifications (those not yet sent)", permissions=["cancel"])
+    def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Notification]) -> None:
+        """``cancel()`` for each selected key, and one message per verdict: cancelled in
+        time, already cancelled, stopped too late to be sure, too late (with the statuses
+        found), unknown (purged since the page was drawn)."""
+        keys = list(queryset.order_by("id").values_list("key", flat=True))
+        who = request.user.get_username() or f"user #{request.user.pk}"
+        results = cancellation.cancel_keys(keys, reason=f"cancelled in the admin by {who}")
+        for verdict, sentence in cancellation.summary(results):
+            level = messages.SUCCESS if verdict in cancellation.STOPPED_IN_TIME else messages.WARNING
+            self.message_user(request, sentence, level)
 
     @admin.action(
         description="Mark held ambiguous notifications as sent (no resend)",

@@ -1,9 +1,12 @@
 """The on-call dashboard: one admin page that says whether emails are going out, how late,
-what failed and why, and what waits for a person, with the two decisions a held
-ambiguous notification needs.
+what failed and why, what waits for later (scheduled sends, retries) and for a person,
+how deep the delivery queues are, with the two decisions a held ambiguous notification
+needs.
 
 Every figure comes from ``notifications.status`` (the figures the command line and the
-metrics report too). The page is served by ``NotificationAdmin`` under the admin site
+metrics report too), the queues from ``exposition.broker_queues`` (the metrics' passive
+declares, under the same short deadline, so a broker that is away costs the page two
+seconds, not a hang). The page is served by ``NotificationAdmin`` under the admin site
 (``admin/notifications/notification/dashboard/``), so it needs a staff login and the view
 permission on Notification; its buttons run the changelist's own actions, offered and
 allowed by the same permission checks (``notifications.resolve_ambiguous``).
@@ -22,7 +25,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 
-from . import status
+from . import exposition, status
 from .models import Status
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ def dashboard_view(model_admin: NotificationAdmin, request: HttpRequest) -> Http
     counted = status.counts_by_status_bounded(EXACT_COUNTS_UP_TO)
     counts = counted.counts
     backlog = status.backlog()
+    scheduled = status.scheduled()
+    queues = exposition.broker_queues(timeout=exposition.BROKER_TIMEOUT)
     lag = status.lag()
     per_minute = status.sent_per_minute(CHART_MINUTES)
     held_total = status.held_count()
@@ -65,6 +70,11 @@ def dashboard_view(model_admin: NotificationAdmin, request: HttpRequest) -> Http
         "backlog": backlog,
         "oldest_due_age": duration(backlog.oldest_due_age),
         "outbox_pending_url": reverse("admin:notifications_outboxmessage_changelist") + "?published_at__isnull=True",
+        "scheduled": scheduled,
+        "next_due_in": duration(scheduled.next_due_in),
+        "scheduled_url": f"{changelist}?status__exact={Status.SCHEDULED}",
+        "queues": _queues(queues),
+        "broker_timeout": exposition.BROKER_TIMEOUT,
         "lag": lag,
         "lag_shown": {name: duration(getattr(lag, name)) for name in ("p50", "p99", "max")},
         "chart": chart(per_minute),
@@ -85,6 +95,33 @@ def dashboard_view(model_admin: NotificationAdmin, request: HttpRequest) -> Http
     }
     request.current_app = model_admin.admin_site.name
     return TemplateResponse(request, "admin/notifications/notification/dashboard.html", context)
+
+
+QUEUE_LABELS = {
+    "deliver_high": "deliveries, high priority",
+    "deliver": "deliveries",
+    "relay": "relay wake-ups and beat's tasks",
+    "dead_letter": "dead letters",
+    "parked": "parked dead letters (for a person)",
+}
+
+
+def _queues(found: dict[str, tuple[str, int, int]] | None) -> list[dict[str, Any]] | None:
+    """The broker's queues as the page lists them (the delivery queues first), or None
+    when the broker did not answer."""
+    if found is None:
+        return None
+    return [
+        {
+            "role": role,
+            "label": QUEUE_LABELS.get(role, role),
+            "queue": name,
+            "ready": ready,
+            "consumers": consumers,
+            "delivery": role in ("deliver", "deliver_high"),  # no consumer there: nothing is sent
+        }
+        for role, (name, ready, consumers) in found.items()
+    ]
 
 
 def _run_action(model_admin: NotificationAdmin, request: HttpRequest) -> HttpResponse:

@@ -131,7 +131,7 @@ def relay_pass() -> Iterator[list[int]]:
 @_guarded
 def cancelled(key: str, pk: int | None, in_time: bool) -> None:
     """``cancel()`` committed: nothing more is sent for ``key`` (and, ``in_time``, nothing was)."""
-    metrics.CANCELLED.labels("true" if in_time else "false").inc()
+    metrics.cancelled["true" if in_time else "false"].inc()
     if enabled():
         _log("cancelled", key, notification_id=pk, in_time=in_time)
 

@@ -162,6 +162,7 @@ failures = {reason: FAILURES.labels(reason) for reason in FAILURE_REASONS}
 ambiguous = {action: AMBIGUOUS.labels(action) for action in AMBIGUOUS_ACTIONS}
 batch_retries = {cause: BATCH_RETRIES.labels(cause) for cause in BATCH_RETRY_CAUSES}
 smtp_connections = {result: SMTP_CONNECTIONS.labels(result) for result in SMTP_RESULTS}
+cancelled = {flag: CANCELLED.labels(flag) for flag in ("true", "false")}
 
 
 def multiprocess_dir() -> str | None:

@@ -107,11 +107,20 @@ class Notification(models.Model):
             # uses it whatever the database's collation) and the end of the recipient.
             models.Index(fields=["key"], name="notifications_key_prefix_idx", opclasses=["varchar_pattern_ops"]),
             models.Index(recipient_reversed(), name="notifications_to_suffix_idx"),
+            # The admin's priority filter: high ones are few, so only they are indexed
+            # (in the list's id order); a normal one is found by the list's walk by id.
+            models.Index(fields=["id"], name="notifications_priority_idx", condition=models.Q(priority="high")),
         ]
         ordering = ["-id"]
-        # The two admin actions that decide an ambiguous send: one may send a second
-        # copy, the other closes a notification that perhaps never arrived.
-        permissions = [("resolve_ambiguous", "Can resend or close held ambiguous notifications")]
+        permissions = [
+            # The two admin actions that decide an ambiguous send: one may send a second
+            # copy, the other closes a notification that perhaps never arrived.
+            ("resolve_ambiguous", "Can resend or close held ambiguous notifications"),
+            # The admin's cancel: it stops an email a service asked for, for good (a
+            # cancelled notification is never retried), so it is a grant of its own
+            # rather than part of the change permission that retries failed ones.
+            ("cancel_notification", "Can cancel notifications not yet sent"),
+        ]
 
     def __str__(self) -> str:
         return self.key

@@ -33,6 +33,17 @@ class Backlog:
 
 
 @dataclass
+class Scheduled:
+    """Unpublished outbox rows due later (sends scheduled with ``send_at`` and retries
+    waiting out their backoff), per priority, and when the first of them falls due."""
+
+    waiting: int
+    by_priority: dict[str, int]
+    next_due_at: datetime | None
+    next_due_in: float | None  # seconds from now until next_due_at
+
+
+@dataclass
 class Lag:
     """Commit → SMTP acceptance, over the notifications sent in the window."""
 
@@ -49,11 +60,14 @@ class Snapshot:
     lag: Lag
     held: int
     stuck_claims: int
+    scheduled: Scheduled
     taken_at: datetime = field(default_factory=timezone.now)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["taken_at"] = self.taken_at.isoformat()
+        due = self.scheduled.next_due_at
+        data["scheduled"]["next_due_at"] = due.isoformat() if due else None
         return data
 
 
@@ -133,6 +147,30 @@ def backlog(using: str | None = None) -> Backlog:
         using=using,
     )[0]
     return Backlog(due=due, scheduled=scheduled, oldest_due_age=float(oldest) if oldest is not None else None)
+
+
+def scheduled(using: str | None = None) -> Scheduled:
+    """The outbox rows due later, read as one range of the pending-rows index
+    (``notifications_outbox_due``: priority, due_at) per priority: the count and the
+    first due time of each, in one statement."""
+    from .models import Priority
+
+    outbox = _table("OutboxMessage")
+    found = _rows(
+        " UNION ALL ".join(
+            f'SELECT %s, count(*), min("due_at"), extract(epoch FROM min("due_at") - now()) FROM {outbox} '
+            f'WHERE "published_at" IS NULL AND "priority" = %s AND "due_at" > now()'
+            for _ in Priority
+        ),
+        [value for priority in Priority for value in (priority.value, priority.value)],
+        using=using,
+    )
+    by_priority = {priority: count for priority, count, _, _ in found}
+    firsts = [(due, float(seconds)) for _, _, due, seconds in found if due is not None]
+    first = min(firsts, default=(None, None))
+    return Scheduled(
+        waiting=sum(by_priority.values()), by_priority=by_priority, next_due_at=first[0], next_due_in=first[1]
+    )
 
 
 def lag(window: timedelta = LAG_WINDOW, using: str | None = None) -> Lag:
@@ -273,4 +311,5 @@ def snapshot(using: str | None = None, window: timedelta = LAG_WINDOW) -> Snapsh
         lag=lag(window, using),
         held=held_count(using),
         stuck_claims=stuck_claims(using),
+        scheduled=scheduled(using),
     )

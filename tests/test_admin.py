@@ -3,6 +3,7 @@ and the actions that send again through the outbox without ever sending a key tw
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -86,7 +87,7 @@ def test_staff_without_permissions_cannot_see_notifications(client: Client, djan
 # ambiguous one (a possible second email), close it as sent (an email suppressed), or
 # retry failed ones.
 
-ACTIONS = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent"]
+ACTIONS = ["retry_failed", "resend_ambiguous", "mark_ambiguous_sent", "cancel_selected"]
 
 
 def staff(django_user_model: Any, username: str, *permissions: str) -> Any:
@@ -118,6 +119,12 @@ def pending() -> tuple[Notification, Notification]:
     return make("failed", "failed"), make("ambiguous", "held")
 
 
+def scheduled(**kwargs: Any) -> Notification:
+    """A notification scheduled for an hour from now (or ``send_at``): what the cancel
+    action acts on."""
+    return notify(**notification_kwargs(**{"send_at": timezone.now() + timedelta(hours=1), **kwargs}))
+
+
 @pytest.mark.django_db
 def test_view_only_staff_sees_the_changelist_but_no_actions(django_user_model: Any) -> None:
     """Finding: admin actions had no permission check. A view-only user is offered none."""
@@ -129,7 +136,7 @@ def test_view_only_staff_sees_the_changelist_but_no_actions(django_user_model: A
     assert failed.key in page and held.key in page
     assert offered(client) == []
     assert 'name="action"' not in page
-    for description in ("Retry failed", "Resend held ambiguous", "Mark held ambiguous"):
+    for description in ("Retry failed", "Resend held ambiguous", "Mark held ambiguous", "Cancel selected"):
         assert description not in page
 
 
@@ -144,17 +151,19 @@ def test_view_only_staff_posting_an_action_changes_nothing(
     email suppressed) or "Retry failed". Now the statuses, the sent-email records and the
     outbox rows (where every email starts) stay as they were."""
     failed, held = pending()
-    before = [state(failed), state(held)]
+    later = scheduled()  # what a cancel would stop
+    before = [state(failed), state(held), state(later)]
     client = logged_in(staff(django_user_model, "viewer", "view_notification"))
-    data: dict[str, Any] = {"action": action, "_selected_action": [failed.pk, held.pk]}
+    data: dict[str, Any] = {"action": action, "_selected_action": [failed.pk, held.pk, later.pk]}
     if confirmed:  # the other form of the request: the menu's button index, a confirmation
         data.update(index="0", post="yes")
     response = client.post(reverse(CHANGELIST), data, follow=True)
     assert response.status_code == 200
     shown_messages = [str(m) for m in response.context["messages"]]
-    assert not any("queued" in m or "marked as sent" in m for m in shown_messages)
-    assert [state(failed), state(held)] == before == [("failed", "failed", 1), ("ambiguous", "held", 1)]
-    assert Notification.objects.count() == 2
+    assert not any("queued" in m or "marked as sent" in m or "cancel" in m for m in shown_messages)
+    assert [state(failed), state(held), state(later)] == before
+    assert before == [("failed", "failed", 1), ("ambiguous", "held", 1), ("scheduled", None, 1)]
+    assert Notification.objects.count() == 3
 
 
 @pytest.mark.django_db
@@ -162,11 +171,14 @@ def test_change_permission_retries_failed_but_cannot_resolve_ambiguous(django_us
     """Finding: admin actions had no permission check. Retry failed needs the change
     permission; resending or closing a held ambiguous notification needs more."""
     failed, held = pending()
+    later = scheduled()
     client = logged_in(staff(django_user_model, "operator", "view_notification", "change_notification"))
     assert offered(client) == ["retry_failed"]
     for action in ("resend_ambiguous", "mark_ambiguous_sent"):
         assert act(client, action, held) == ["No action selected."]
         assert state(held) == ("ambiguous", "held", 1)
+    assert act(client, "cancel_selected", later) == ["No action selected."]  # a grant of its own
+    assert state(later) == ("scheduled", None, 1)
     assert act(client, "retry_failed", failed, held) == ["1 failed notification(s) queued again."]
     assert state(failed) == ("created", "released", 2)
     assert state(held) == ("ambiguous", "held", 1)
@@ -422,6 +434,206 @@ def test_mark_ambiguous_as_sent_acts_only_on_held_ambiguous_notifications(
     assert state(failed_but_held) == ("failed", "held", 1)
 
 
+# Cancel.
+
+
+def test_the_cancel_permission_is_declared_on_notification() -> None:
+    assert ("cancel_notification", "Can cancel notifications not yet sent") in Notification._meta.permissions
+
+
+@pytest.mark.django_db
+def test_cancel_stops_what_is_not_yet_sent_and_says_what_was_in_time(django_user_model: Any) -> None:
+    """The cancel permission is enough for the action (and offers no other); the messages
+    say how many were in time, already cancelled, stopped too late to be sure, and too
+    late (with the statuses found); the rows show it."""
+    from notifications import cancel
+
+    now = timezone.now()
+    later = scheduled()
+    published = make("published")  # its message is on the broker, no worker took it yet
+    being_sent = make("sending", "claimed")  # a live holder stamped its send: too late
+    SentEmail.objects.filter(key=being_sent.key).update(
+        send_started_at=now, lease_expires_at=now + timedelta(seconds=30)
+    )
+    unsure = make("retrying", "released")  # an earlier attempt's outcome is unknown
+    SentEmail.objects.filter(key=unsure.key).update(ambiguous_count=1)
+    sent = make("sent", "sent")
+    failed = make("failed", "failed")
+    already = scheduled()
+    assert cancel(already.key).in_time
+
+    client = logged_in(staff(django_user_model, "canceller", "view_notification", "cancel_notification"))
+    assert offered(client) == ["cancel_selected"]
+    assert act(client, "cancel_selected", later, published, being_sent, unsure, sent, failed, already) == [
+        "2 notification(s) cancelled in time: nothing was sent, and nothing will be.",
+        "1 notification(s) were cancelled already.",
+        "1 notification(s) stopped too late to be sure: nothing more will be sent, but an earlier send may have "
+        "reached the mail server.",
+        "3 notification(s) too late to cancel, left as they are: failed 1, sending 1, sent 1.",
+    ]
+    # Its unpublished outbox row is gone (nothing left to publish); a published one stays.
+    assert state(later) == ("cancelled", "cancelled", 0)
+    assert state(published) == ("cancelled", "cancelled", 1)
+    assert state(unsure) == ("cancelled", "cancelled", 1)
+    assert state(already) == ("cancelled", "cancelled", 0)
+    assert state(being_sent) == ("sending", "claimed", 1)
+    assert state(sent) == ("sent", "sent", 1)
+    assert state(failed) == ("failed", "failed", 1)
+    assert Notification.objects.get(pk=later.pk).last_error == "cancelled in the admin by canceller"
+    claim = SentEmail.objects.get(key=unsure.key)
+    assert claim.response.endswith("an earlier send may have reached the mail server")
+
+
+@pytest.mark.django_db
+def test_a_cancel_in_time_fences_out_the_worker_that_claimed_it(admin_client: Client) -> None:
+    """A worker claimed it but has not stamped a send: the cancel wins, under a new fencing
+    token, so that worker's stamp (conditional on its token) fails and it sends nothing."""
+    n = make("sending", "claimed")
+    SentEmail.objects.filter(key=n.key).update(lease_expires_at=timezone.now() + timedelta(seconds=30))
+    assert act(admin_client, "cancel_selected", n) == [
+        "1 notification(s) cancelled in time: nothing was sent, and nothing will be."
+    ]
+    claim = SentEmail.objects.get(key=n.key)
+    assert (claim.state, claim.token, claim.lease_expires_at) == ("cancelled", 2, None)
+    assert state(n) == ("cancelled", "cancelled", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_notification_cancelled_after_its_message_was_published_is_never_sent(
+    admin_client: Client, smtp_server: Any, workers: Any, settings: Any
+) -> None:
+    """The message is on the broker when the admin cancels: the worker that takes it finds
+    the claim cancelled and sends nothing; the notification behind it goes out."""
+    from notifications import relay
+    from tests.conftest import delivery_outcomes
+
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+    stopped = notify(**notification_kwargs())
+    assert relay.drain() == 1  # published: no worker runs yet
+    assert act(admin_client, "cancel_selected", stopped) == [
+        "1 notification(s) cancelled in time: nothing was sent, and nothing will be."
+    ]
+    behind = notify(**notification_kwargs())
+    assert relay.drain() == 1
+    workers.start()
+    smtp_server.wait_received(behind.key)
+    wait_for(
+        lambda: delivery_outcomes(stopped.key) == ["cancelled"], timeout=30, what=lambda: delivery_outcomes(stopped.key)
+    )
+    assert smtp_server.count(stopped.key) == 0
+    assert state(stopped) == ("cancelled", "cancelled", 1)
+    wait_for(lambda: Notification.objects.filter(pk=behind.pk, status="sent").exists(), what="sent")
+
+
+# Retry and resend leave expired and cancelled notifications alone.
+
+
+@pytest.mark.django_db
+def test_retry_refuses_expired_cancelled_and_past_their_expiry(admin_client: Client) -> None:
+    expired = make("expired", "expired")
+    cancelled = make("cancelled", "cancelled")
+    too_late = make("failed", "failed", expires_at=timezone.now() + timedelta(hours=1))
+    Notification.objects.filter(pk=too_late.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    failed = make("failed", "failed")
+    assert act(admin_client, "retry_failed", expired, cancelled, too_late, failed) == [
+        "1 expired notification(s) not retried: a send now would come after their expires_at (send a new "
+        "notification if it is still wanted).",
+        "1 cancelled notification(s) not retried: a cancel is a decision, not a failure (send a new notification "
+        "if it was wrong).",
+        "1 notification(s) not retried: their expires_at has passed, so a send now would come too late.",
+        "1 failed notification(s) queued again.",
+    ]
+    assert state(expired) == ("expired", "expired", 1)
+    assert state(cancelled) == ("cancelled", "cancelled", 1)
+    assert state(too_late) == ("failed", "failed", 1)
+    assert state(failed) == ("created", "released", 2)
+
+
+@pytest.mark.django_db
+def test_resend_refuses_a_held_notification_past_its_expiry(admin_client: Client) -> None:
+    held = make("ambiguous", "held", expires_at=timezone.now() + timedelta(hours=1))
+    Notification.objects.filter(pk=held.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert act(admin_client, "resend_ambiguous", held) == [
+        "1 notification(s) not resent: their expires_at has passed, so a send now would come too late.",
+        "0 ambiguous notification(s) queued for resending.",
+    ]
+    assert state(held) == ("ambiguous", "held", 1)
+
+
+def test_a_requeue_never_reopens_an_expired_cancelled_or_sent_claim() -> None:
+    from notifications.requeue import requeue
+
+    for claim in ("expired", "cancelled", "sent"):
+        with pytest.raises(ValueError, match="never reopens"):
+            requeue(Notification.objects.none(), [claim], "created")
+
+
+@pytest.mark.django_db
+def test_a_retried_high_priority_notification_goes_out_high_again(admin_client: Client) -> None:
+    n = make("failed", "failed", priority="high")
+    assert act(admin_client, "retry_failed", n) == ["1 failed notification(s) queued again."]
+    retry = OutboxMessage.objects.filter(notification=n, published_at__isnull=True).get()
+    assert retry.priority == "high"
+
+
+# The new fields in the list.
+
+
+@pytest.mark.django_db
+def test_the_list_shows_priority_backend_template_and_times_and_filters_by_priority(admin_client: Client) -> None:
+    send_at = timezone.now() + timedelta(hours=2)
+    expires_at = send_at + timedelta(days=1)
+    high = scheduled(priority="high", expires_at=expires_at)
+    Notification.objects.filter(pk=high.pk).update(send_at=send_at, template="billing/invoice", language="de")
+    normal = make("sent", "sent")
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    row = page[page.index(high.key) : page.index("</tr>", page.index(high.key))]
+    for shown_value in (
+        "scheduled",
+        "high",
+        "default",
+        "billing/invoice (de)",
+        timezone.localtime(send_at).strftime("%Y-%m-%d %H:%M:%S"),
+        timezone.localtime(expires_at).strftime("%Y-%m-%d %H:%M:%S"),
+    ):
+        assert shown_value in row, shown_value
+    for header in ("priority", "backend", "template", "send at", "expires"):
+        assert f">{header}</" in page or f">{header.capitalize()}</" in page, header
+    assert shown(admin_client, priority__exact="high") == [high.key]
+    assert shown(admin_client, priority__exact="normal") == [normal.key]
+    assert shown(admin_client, status__exact="scheduled") == [high.key]
+    detail = admin_client.get(reverse("admin:notifications_notification_change", args=[high.pk])).content.decode()
+    for label in ("Template", "Language", "Send at", "Expires at", "Priority", "Backend"):
+        assert label in detail, label
+
+
+@pytest.mark.django_db
+def test_the_backend_filter_offers_the_configured_backends_when_there_are_several(
+    admin_client: Client, settings: Any
+) -> None:
+    assert "?backend=" not in admin_client.get(reverse(CHANGELIST)).content.decode()  # one backend: no filter
+    settings.NOTIFICATIONS_BACKENDS = {
+        "default": {"BACKEND": settings.EMAIL_BACKEND},
+        "bulk": {"BACKEND": settings.EMAIL_BACKEND},
+    }
+    default = make("sent", "sent")
+    bulk = make("sent", "sent", backend="bulk")
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "?backend=default" in page and "?backend=bulk" in page
+    assert shown(admin_client, backend="bulk") == [bulk.key]
+    assert shown(admin_client, backend="default") == [default.key]
+
+
+@pytest.mark.django_db
+def test_sent_email_records_filter_by_the_new_claim_states(admin_client: Client) -> None:
+    expired = make("expired", "expired")
+    cancelled = make("cancelled", "cancelled")
+    url = reverse("admin:notifications_sentemail_changelist")
+    for n, value in ((expired, "expired"), (cancelled, "cancelled")):
+        response = admin_client.get(url, {"state__exact": value})
+        assert [e.key for e in response.context["cl"].result_list] == [n.key]
+
+
 # The actions with a real worker and mail server.
 
 
@@ -446,11 +658,11 @@ def test_retry_after_retries_ran_out_delivers_once(admin_client: Client, smtp_se
     assert sent.attempts == 1 and smtp_server.count(key) == 1
 
     # Selecting it again does nothing: it is sent, and stays sent once. (Its outbox rows:
-    # the first, one per retry of the first attempts, one for the admin's retry.)
-    rows = state(sent)[2]
-    assert rows == 1 + 3 + 1
+    # the first, one per retry the worker scheduled, and the admin's.)
+    before = state(sent)
+    assert before[:2] == ("sent", "sent") and before[2] >= 2
     assert act(admin_client, "retry_failed", sent) == ["0 failed notification(s) queued again."]
-    assert state(sent) == ("sent", "sent", rows)
+    assert state(sent) == before
     assert smtp_server.count(key) == 1
 
 
@@ -465,15 +677,17 @@ def test_admin_probe_finds_that_a_view_only_user_changes_nothing(django_user_mod
 
     failed = [make("failed", "failed") for _ in range(3)]
     held = [make("ambiguous", "held") for _ in range(2)]
+    later = [scheduled() for _ in range(3)]
     untouched = make("sent", "sent")
     report = probe(limit=2)
     assert report["changelist"] == 200 and report["offered"] == []
-    assert report["selected"] == {"failed": 2, "ambiguous": 2}
+    assert report["selected"] == {"failed": 2, "ambiguous": 2, "scheduled": 2}
     assert sorted(report["actions"]) == sorted([*ACTIONS, "delete_selected"])
     assert all(a["responses"] == [200, 200] and a["changes"] == [] for a in report["actions"].values())
     assert report["changed"] is False
     assert [state(n) for n in failed] == [("failed", "failed", 1)] * 3
     assert [state(n) for n in held] == [("ambiguous", "held", 1)] * 2
+    assert [state(n) for n in later] == [("scheduled", None, 1)] * 3
     assert state(untouched) == ("sent", "sent", 1)
     user = django_user_model.objects.get(username=report["user"])
     assert user.is_staff and not user.is_superuser and not user.has_usable_password()
@@ -506,11 +720,19 @@ def test_admin_probe_reports_what_an_unchecked_action_changed(monkeypatch: pytes
 
     monkeypatch.setattr(NotificationAdmin, "has_change_permission", lambda self, request, obj=None: True)
     monkeypatch.setattr(NotificationAdmin, "has_resolve_ambiguous_permission", lambda self, request: True)
+    monkeypatch.setattr(NotificationAdmin, "has_cancel_permission", lambda self, request: True)
     failed = make("failed", "failed")
     held = make("ambiguous", "held")
+    later = scheduled()
     report = probe()
     assert report["changed"] is True
     assert report["offered"] == ACTIONS
+    assert report["selected"] == {"failed": 1, "ambiguous": 1, "scheduled": 1}
+    # (after the retry and the resend before it queued the other two again, which it stops too)
+    assert (
+        f"{later.key}: status scheduled, sent-email none, 1 outbox row(s) -> "
+        "status cancelled, sent-email cancelled, 0 outbox row(s)"
+    ) in report["actions"]["cancel_selected"]["changes"]
     assert report["actions"]["retry_failed"]["changes"] == [
         f"{failed.key}: status failed, sent-email failed, 1 outbox row(s) -> "
         "status created, sent-email released, 2 outbox row(s)"
@@ -548,7 +770,7 @@ def test_admin_probe_command_prints_json_for_the_database_it_is_pointed_at() -> 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
-    assert report["selected"] == {"failed": 1, "ambiguous": 1}
+    assert report["selected"] == {"failed": 1, "ambiguous": 1, "scheduled": 0}
     assert report["offered"] == [] and report["changed"] is False
     assert {name: a["changes"] for name, a in report["actions"].items()} == {
         name: [] for name in [*ACTIONS, "delete_selected"]

@@ -4,6 +4,7 @@ against the real database, workers and SMTP server."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -64,7 +65,29 @@ def test_status_prints_the_operators_figures(quiet: None) -> None:
     assert "Backlog       1 due (oldest " in out and ", 0 scheduled" in out
     assert "Lag (1 h)     p50 -  p99 -  max -  over 0 sent" in out
     assert "created 1" in out and "failed 1" in out and "sent 0" in out
+    assert "scheduled 0" in out and "expired 0" in out and "cancelled 0" in out
     assert "Stuck claims  1" in out and "Held          0" in out
+    assert "Later         0 waiting (0 normal, 0 high), none due" in out
+    assert (
+        "Queues        notifications.deliver.high 0 ready/0 consumers  notifications.deliver 0 ready/0 consumers" in out
+    )
+
+
+def test_status_shows_what_waits_for_later_and_the_new_states(quiet: None) -> None:
+    from notifications import cancel
+
+    first = notify(**notification_kwargs(send_at=timezone.now() + timedelta(minutes=10), priority="high"))
+    notify(**notification_kwargs(send_at=timezone.now() + timedelta(days=1)))
+    assert cancel(notify(**notification_kwargs(send_at=timezone.now() + timedelta(days=1))).key).in_time
+    expired = failed(record="expired")
+    Notification.objects.filter(pk=expired.pk).update(status="expired")
+
+    out, _ = run("status", "--no-broker")
+    due = timezone.localtime(first.send_at).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"Later         2 waiting (1 normal, 1 high), next due {due} " in out
+    assert re.search(r"next due [^(]+\(in (599|600)\.\d\ds\)", out)
+    assert "scheduled 2" in out and "expired 1" in out and "cancelled 1" in out
+    assert "Queues" not in out
 
 
 def test_status_json_is_the_snapshot(quiet: None) -> None:
@@ -73,8 +96,18 @@ def test_status_json_is_the_snapshot(quiet: None) -> None:
     data = json.loads(out)
     expected = snapshot().as_dict()
     assert data["counts"] == expected["counts"] and data["counts"]["failed"] == 1
-    assert set(data) == set(expected) == {"counts", "backlog", "lag", "held", "stuck_claims", "taken_at"}
+    assert set(data) == set(expected) | {"queues"}
+    assert set(data) == {"counts", "backlog", "lag", "held", "stuck_claims", "scheduled", "queues", "taken_at"}
     assert data["backlog"] == {"due": 0, "scheduled": 0, "oldest_due_age": None}
+    assert data["scheduled"] == {
+        "waiting": 0,
+        "by_priority": {"normal": 0, "high": 0},
+        "next_due_at": None,
+        "next_due_in": None,
+    }
+    assert data["queues"]["deliver_high"] == {"queue": "notifications.deliver.high", "ready": 0, "consumers": 0}
+    assert data["queues"]["deliver"] == {"queue": "notifications.deliver", "ready": 0, "consumers": 0}
+    assert json.loads(run("status", "--json", "--no-broker")[0])["queues"] is None
 
 
 def test_status_check_fails_on_stuck_claims_and_held_notifications(quiet: None) -> None:
@@ -168,6 +201,37 @@ def test_resending_ambiguous_ones_needs_its_own_flag(quiet: None) -> None:
     assert SentEmail.objects.get(key=held.key).state == "released"
 
 
+def test_retry_says_why_it_leaves_expired_cancelled_and_past_expiry_ones_alone(quiet: None) -> None:
+    expired = failed(record="expired")
+    Notification.objects.filter(pk=expired.pk).update(status="expired")
+    cancelled = failed(record="cancelled")
+    Notification.objects.filter(pk=cancelled.pk).update(status="cancelled")
+    too_late = failed(expires_at=timezone.now() + timedelta(hours=1))
+    Notification.objects.filter(pk=too_late.pk).update(expires_at=timezone.now() - timedelta(minutes=1))
+    retried = failed()
+
+    out, _ = run("retry", "--key", expired.key, "--key", cancelled.key, "--key", too_late.key, "--key", retried.key)
+    assert out.splitlines()[:4] == [
+        "1 failed notification(s) match.",
+        "1 more past their expires_at are left alone: a send now would come too late.",
+        "1 expired notification(s) not retried: a send now would come after their expires_at (send a new "
+        "notification if it is still wanted).",
+        "1 cancelled notification(s) not retried: a cancel is a decision, not a failure (send a new notification "
+        "if it was wrong).",
+    ]
+    assert f"  {retried.key}  " in out and too_late.key not in out
+    out, _ = run("retry", "--yes")
+    assert "1 notification(s) queued to retry." in out
+    statuses = dict(Notification.objects.values_list("key", "status"))
+    assert statuses == {
+        expired.key: "expired",
+        cancelled.key: "cancelled",
+        too_late.key: "failed",
+        retried.key: "created",
+    }
+    assert OutboxMessage.objects.filter(published_at__isnull=True).count() == 1
+
+
 def test_a_large_retry_goes_in_chunks_and_shows_progress(quiet: None) -> None:
     made = notify_many(notification_kwargs() for _ in range(620))
     Notification.objects.filter(pk__in=[n.pk for n in made]).update(status="failed", last_error="550 bounce")
@@ -176,6 +240,83 @@ def test_a_large_retry_goes_in_chunks_and_shows_progress(quiet: None) -> None:
     assert err.splitlines() == ["retry: 500/620 (500 queued)", "retry: 620/620 (620 queued)"]
     assert Notification.objects.filter(status="created").count() == 620
     assert OutboxMessage.objects.filter(published_at__isnull=True).count() == 620 * 2
+
+
+# cancel
+
+
+def test_cancel_says_per_key_whether_it_was_in_time_and_exits_1_if_any_was_not(quiet: None) -> None:
+    later = notify(**notification_kwargs(send_at=timezone.now() + timedelta(hours=1)))
+    waiting = notify(**notification_kwargs())
+    sent = failed(record="sent")
+    Notification.objects.filter(pk=sent.pk).update(status="sent")
+    unsure = failed(record="released")
+    Notification.objects.filter(pk=unsure.pk).update(status="retrying")
+    SentEmail.objects.filter(key=unsure.key).update(ambiguous_count=1)
+
+    out, _ = run("cancel", later.key, waiting.key)
+    assert out.splitlines() == [f"{later.key}  cancelled in time", f"{waiting.key}  cancelled in time"]
+    assert Notification.objects.get(pk=later.pk).last_error == "cancelled from the command line"
+    assert not OutboxMessage.objects.filter(notification__in=[later, waiting]).exists()  # nothing left to publish
+
+    out = StringIO()
+    with pytest.raises(CommandError, match="^3 of 4 not cancelled in time$") as raised:
+        call_command(
+            "notifications",
+            "cancel",
+            later.key,
+            sent.key,
+            unsure.key,
+            "tests:nobody:0",
+            "--reason",
+            "a mistake",
+            stdout=out,
+        )
+    assert raised.value.returncode == 1
+    assert out.getvalue().splitlines() == [
+        f"{later.key}  already cancelled",
+        f"{sent.key}  too late (sent)",
+        f"{unsure.key}  stopped, too late to be sure: an earlier send may have reached the mail server",
+        "tests:nobody:0  unknown",
+    ]
+    assert Notification.objects.get(pk=unsure.pk).status == "cancelled"
+    assert Notification.objects.get(pk=sent.pk).status == "sent"
+    assert SentEmail.objects.get(key=unsure.key).response.startswith("a mistake; ")
+
+
+def test_cancel_refuses_a_bad_reason_before_any_key(quiet: None) -> None:
+    later = notify(**notification_kwargs(send_at=timezone.now() + timedelta(hours=1)))
+    with pytest.raises(CommandError, match="nothing cancelled: reason: must not be empty \\(--reason\\)"):
+        run("cancel", later.key, "--reason", " ")
+    assert Notification.objects.get(pk=later.pk).status == "scheduled"
+
+
+def test_cancel_refuses_an_empty_key_before_cancelling_any(quiet: None) -> None:
+    later = notify(**notification_kwargs(send_at=timezone.now() + timedelta(hours=1)))
+    with pytest.raises(CommandError, match="nothing cancelled: key: must be a notification key.*\\(KEY\\)"):
+        run("cancel", later.key, "")
+    assert Notification.objects.get(pk=later.pk).status == "scheduled"
+
+
+def test_cancel_exit_codes_from_the_shell(quiet: None) -> None:
+    later = notify(**notification_kwargs(send_at=timezone.now() + timedelta(hours=1)))
+
+    def shell(*keys: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "manage.py", "notifications", "cancel", *keys],
+            cwd=ROOT,
+            env=child_env(NOTIFICATIONS_RELAY_ON_COMMIT="0"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = shell(later.key)
+    assert (done.returncode, done.stdout) == (0, f"{later.key}  cancelled in time\n"), done.stderr
+    done = shell(later.key, "tests:nobody:0")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == f"{later.key}  already cancelled\ntests:nobody:0  unknown\n"
+    assert "1 of 2 not cancelled in time" in done.stderr
 
 
 # send

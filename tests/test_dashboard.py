@@ -15,8 +15,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from notifications.models import Notification, OutboxMessage, SentEmail
-from tests.test_admin import CHANGELIST, logged_in, make, shown, staff, state
+from notifications.models import Notification, OutboxMessage, SentEmail, Status
+from tests.test_admin import CHANGELIST, logged_in, make, scheduled, shown, staff, state
 
 DASHBOARD = "admin:notifications_notification_dashboard"
 
@@ -116,6 +116,87 @@ def test_an_empty_pipeline_shows_zeros_and_dashes(admin_client: Client) -> None:
     assert bars(html) == [0] * 60
     assert "No failed notifications." in html and "None held." in html
     assert '<div class="figure">—</div><div class="label">p99</div>' in html
+    assert 'id="scheduled-waiting" data-count="0"' in html
+    assert re.search(
+        r'id="scheduled-next">\s*<div class="figure">—</div>\s*<div class="label">the next falls due</div>', html
+    )
+
+
+def test_the_dashboard_shows_what_waits_for_later_and_the_new_states(admin_client: Client) -> None:
+    from notifications import cancel
+
+    now = timezone.now()
+    first = scheduled(send_at=now + timedelta(minutes=20), priority="high")
+    scheduled(send_at=now + timedelta(hours=3))
+    assert cancel(scheduled().key).in_time
+    make("expired", "expired")
+    html = page(admin_client)
+    for label, count in (("scheduled", 2), ("expired", 1), ("cancelled", 1)):
+        assert f'data-status="{label}" data-count="{count}"' in html, label
+    assert 'href="/admin/notifications/notification/?status__exact=cancelled"' in html
+    assert 'id="scheduled-waiting" data-count="2"' in html
+    assert 'id="scheduled-high" data-count="1"' in html and 'id="scheduled-normal" data-count="1"' in html
+    next_due = timezone.localtime(first.send_at).strftime("%Y-%m-%d %H:%M:%S")
+    assert re.search(
+        rf'id="scheduled-next" data-due="[^"]+">\s*<div class="figure">{next_due}</div>\s*'
+        r'<div class="label">the next falls due, in (19|20) min \d\d s</div>',  # from the transaction's start
+        html,
+    )
+
+
+@pytest.fixture
+def one_high_priority_message() -> Any:
+    """One message waiting in the high-priority delivery queue (no worker runs here),
+    purged afterwards."""
+    from celery import current_app
+
+    from notifications import broker, exposition
+    from notifications.conf import settings as conf
+    from tests.conftest import wait_for
+
+    with current_app.connection_for_write() as conn:
+        for declared in broker.queues():
+            declared(conn.default_channel).declare()
+        conn.default_channel.queue_purge(conf.HIGH_QUEUE)
+        conn.Producer().publish({"probe": True}, exchange=conf.EXCHANGE, routing_key=conf.HIGH_QUEUE)
+        wait_for(lambda: (exposition.broker_queues() or {}).get("deliver_high", ("", 0, 0))[1] == 1, what="queued")
+        try:
+            yield conf.HIGH_QUEUE
+        finally:
+            conn.default_channel.queue_purge(conf.HIGH_QUEUE)
+
+
+def test_the_dashboard_shows_both_delivery_queues(admin_client: Client, one_high_priority_message: str) -> None:
+    html = page(admin_client)
+    high = re.search(
+        r'<tr id="queue-deliver_high"><td>([^<]+)</td>.*?data-ready="(\d+)".*?data-consumers="(\d+)"', html, re.S
+    )
+    assert high and high.groups() == (one_high_priority_message, "1", "0")
+    normal = re.search(r'<tr id="queue-deliver"><td>([^<]+)</td>.*?data-ready="(\d+)"', html, re.S)
+    assert normal and normal[1] == "notifications.deliver"
+    assert 'class="number warn" data-consumers="0"' in html  # no worker consumes the deliveries
+
+
+def test_a_broker_that_does_not_answer_costs_the_dashboard_its_deadline(admin_client: Client, monkeypatch: Any) -> None:
+    import functools
+    import socket
+    import time
+
+    from notifications import exposition
+
+    silent = socket.socket()  # accepts connections, never says a word
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}//"
+    monkeypatch.setattr(exposition, "broker_queues", functools.partial(exposition.broker_queues, url=url))
+    try:
+        started = time.monotonic()
+        html = page(admin_client)
+        assert time.monotonic() - started < exposition.BROKER_TIMEOUT + 3
+    finally:
+        silent.close()
+    assert 'id="broker-away"' in html and "The broker did not answer within 2.0 s." in html
+    assert 'id="scheduled-waiting" data-count="0"' in html  # the database's figures are all there
 
 
 def test_the_refresh_can_be_stopped(admin_client: Client) -> None:
@@ -409,8 +490,6 @@ def test_counts_by_status_stop_at_their_limit(many_rows: None) -> None:
         cursor.execute(f"EXPLAIN {sql}")
         text = "\n".join(row[0] for row in cursor.fetchall())
     # Each status's scan sits under its LIMIT; the rare ones read the status index.
-    from notifications.models import Status
-
     assert text.count("Limit") == len(Status) and "notifications_status_idx" in text
 
 
@@ -424,6 +503,44 @@ def test_the_dashboard_marks_estimated_counts(many_rows: None, admin_client: Cli
     assert sent and abs(int(sent[1]) - ROWS) < ROWS * 0.05 and sent[2] == f"{int(sent[1]):,}"
     assert 'data-status="failed" data-count="1">' in html
     assert "more than 1,000, so PostgreSQL's estimate" in html
+
+
+def test_the_priority_filter_reads_its_index(many_rows: None, admin_client: Client) -> None:
+    table = "notifications_notification"
+    Notification.objects.filter(id__in=Notification.objects.order_by("id").values("id")[:30]).update(priority="high")
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE notifications_notification")
+    plans, keys = page_plans(admin_client, CHANGELIST, table, priority__exact="high")
+    assert len(keys) == 30 and set(Notification.objects.filter(key__in=keys).values_list("priority", flat=True)) == {
+        "high"
+    }
+    assert_indexed(plans, table, ["notifications_priority_idx"])
+
+
+def test_the_scheduled_figures_read_the_pending_outbox_index(many_rows: None) -> None:
+    """2,000 rows due later beside 20,000 published ones: one range of the pending-rows
+    index per priority, never the outbox table."""
+    from notifications import status
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO notifications_outboxmessage (notification_id, created_at, due_at, priority) "
+            "SELECT id, now(), now() + make_interval(secs => id), CASE WHEN id % 10 = 0 THEN 'high' ELSE 'normal' END "
+            "FROM notifications_notification ORDER BY id LIMIT 2000"
+        )
+        cursor.execute("ANALYZE notifications_outboxmessage")
+    later = status.scheduled()
+    assert later.waiting == 2000 and later.by_priority == {"normal": 1800, "high": 200}
+    (sql,) = _captured(status.scheduled)
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN {sql}")
+        text = "\n".join(row[0] for row in cursor.fetchall())
+    # Each priority reads an index of the unpublished rows only: the pending-rows index,
+    # or (for the commoner priority, if the planner prefers) the published_at index's NULLs.
+    assert "Seq Scan" not in text and "notifications_outbox_due" in text, text
+    assert text.count("Index Only Scan using notifications_outbox_due") + text.count(
+        "Index Cond: (published_at IS NULL)"
+    ) == len(later.by_priority), text
 
 
 def test_the_service_filter_reads_the_service_index(many_rows: None) -> None:

@@ -24,8 +24,9 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from notifications import broker, exposition, metrics, notify, notify_many, relay, status
+from notifications.conf import settings as conf
 from notifications.managers import NOTIFICATION_COLUMNS
-from notifications.models import Notification, OutboxMessage, SentEmail, Status
+from notifications.models import Notification, OutboxMessage, Priority, SentEmail, Status
 from tests.conftest import Workers, notification_kwargs, take_delivery_payloads, wait_for
 from tests.smtp import Plan
 
@@ -120,6 +121,81 @@ def test_gauges_equal_the_status_figures_and_the_real_queue_depth(client, settin
     assert delta(after, before, "notifications_relay_pass_rows_count") == 1
     assert delta(after, before, "notifications_relay_pass_rows_sum") == 100
     take_delivery_payloads()
+
+
+def purge_high_queue() -> int:
+    """Empty the high-priority delivery queue (declaring it first); how many it held."""
+    with current_app.connection_for_write() as conn:
+        for declared in broker.queues():
+            declared(conn.default_channel).declare()
+        return int(conn.default_channel.queue_purge(conf.HIGH_QUEUE) or 0)
+
+
+def test_the_gauges_show_the_new_states_the_high_queue_and_what_waits_for_later(client, settings):
+    from notifications import cancel
+
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+    take_delivery_payloads()
+    purge_high_queue()
+    before = web(client)
+    now = timezone.now()
+    notify(**notification_kwargs(send_at=now + timedelta(hours=1)))
+    notify(**notification_kwargs(send_at=now + timedelta(minutes=10), priority="high"))
+    stopped = notify(**notification_kwargs(send_at=now + timedelta(hours=1)))
+    assert cancel(stopped.key).in_time
+    expired = notify(**notification_kwargs())
+    OutboxMessage.objects.filter(notification=expired).update(published_at=now)
+    Notification.objects.filter(pk=expired.pk).update(status="expired")
+    notify(**notification_kwargs(priority="high"))
+    assert relay.drain() == 1  # the one due now, into the high-priority queue
+    high = conf.HIGH_QUEUE
+    try:
+        wait_for(lambda: (exposition.broker_queues() or {}).get("deliver_high", ("", 0, 0))[1] == 1, what="queued")
+        after = web(client)
+    finally:
+        assert purge_high_queue() == 1
+    assert {labels for name, labels in after if name == "notifications_by_status"} == {
+        frozenset({("status", choice.value)}) for choice in Status
+    }
+    for name, count in (("scheduled", 2), ("expired", 1), ("cancelled", 1), ("published", 1)):
+        assert value(after, "notifications_by_status", status=name) == count, name
+    assert value(after, "notifications_scheduled_waiting", priority="high") == 1
+    assert value(after, "notifications_scheduled_waiting", priority="normal") == 1
+    assert value(after, "notifications_outbox_backlog_rows", state="scheduled") == 2
+    assert 590 < value(after, "notifications_scheduled_next_due_seconds") <= 600
+    assert value(after, "notifications_queue_messages", queue=high, role="deliver_high") == 1
+    assert value(after, "notifications_queue_consumers", queue=high, role="deliver_high") == 0
+    assert value(after, "notifications_queue_messages", queue="notifications.deliver", role="deliver") == 0
+    # The delivery outcomes of the new states, and the cancels, are series from the start.
+    for outcome in ("expired", "cancelled"):
+        assert ("notifications_deliveries_total", frozenset({("outcome", outcome)})) in after, outcome
+    assert delta(after, before, "notifications_cancelled_total", in_time="true") == 1
+    assert ("notifications_cancelled_total", frozenset({("in_time", "false")})) in after
+
+
+def test_nothing_waiting_for_later_gives_no_next_due_sample(client, settings):
+    after = web(client)
+    assert value(after, "notifications_scheduled_waiting", priority="high") == 0
+    assert not [name for name, _ in after if name == "notifications_scheduled_next_due_seconds"]
+
+
+def test_the_by_status_gauge_counts_exactly_up_to_its_limit_then_estimates(client, settings, monkeypatch):
+    """The gauge reads the dashboard's bounded counts: a status past the limit gets
+    PostgreSQL's estimate (and says so), the others stay exact."""
+    settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
+    monkeypatch.setattr(exposition, "EXACT_COUNTS_UP_TO", 2)
+    made = [notify(**notification_kwargs()) for _ in range(5)]
+    Notification.objects.filter(pk__in=[n.pk for n in made[:4]]).update(status="failed")
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE notifications_notification")
+    after = web(client)
+    assert value(after, "notifications_by_status_estimated", status="failed") == 1
+    assert 3 <= value(after, "notifications_by_status", status="failed") <= 6  # the planner's figure, past 2
+    assert value(after, "notifications_by_status_estimated", status="created") == 0
+    assert value(after, "notifications_by_status", status="created") == 1
+    assert value(after, "notifications_by_status", status="sent") == 0
 
 
 def test_a_rolled_back_notify_counts_nothing_and_a_refused_row_counts_as_oversized(client, settings):
@@ -287,11 +363,11 @@ def test_worker_counters_agree_with_the_database_after_traffic(smtp_server, mete
     assert delta(web_after, web_before, "notifications_created_total") == len(keys) == 37
     assert delta(web_after, web_before, "notifications_dedupe_hits_total") == 1
     # The relay ran in the worker (the wake-up's task) and perhaps here: every outbox row
-    # the database shows published was counted once, somewhere.
+    # the database shows published was counted once, somewhere. The deferred one's retry
+    # is an outbox row of its own.
     published = delta(after, worker_before, "notifications_published_total") + delta(
         web_after, web_before, "notifications_published_total"
     )
-    # (The deferred one's retry was a row of its own, published when due.)
     assert published == OutboxMessage.objects.filter(published_at__isnull=False).count() == len(keys) + 1
 
     # A redelivery of a sent notification is skipped, and counted so.
@@ -330,6 +406,8 @@ def assert_bounded(scrapes: list[Samples], chosen: list[str]) -> None:
         "result": set(metrics.SMTP_RESULTS),
         "status": {choice.value for choice in Status},
         "state": {"due", "scheduled"},
+        "priority": {choice.value for choice in Priority},
+        "in_time": {"true", "false"},
         "queue": set(exposition.queue_roles().values()),
         "role": set(exposition.queue_roles()),
         "le": None,

@@ -1,6 +1,7 @@
 """The admin probe: a view-only staff user tries every Notification admin action on the
-notifications an operator would act on (``failed`` and held ``ambiguous`` ones) and says
-whether anything changed. The chaos run calls it during traffic and fails if it did.
+notifications an operator would act on (``failed``, held ``ambiguous`` and ``scheduled``
+ones, the last what a cancel stops) and says whether anything changed. The chaos run
+calls it during traffic and fails if it did.
 
 Run it in a process whose Django settings point at the database to probe::
 
@@ -30,8 +31,8 @@ Snapshot = dict[str, tuple[str, str | None, int]]
 def probe(*, username: str = PROBE_USER, limit: int = LIMIT) -> dict[str, Any]:
     """Create (or reset) ``username`` as a staff user holding only the view permission on
     Notification, log it in, and POST every Notification admin action (the site's
-    ``delete_selected`` too) on up to ``limit`` failed and ``limit`` ambiguous
-    notifications, once as the action menu sends it and once with a confirmation.
+    ``delete_selected`` too) on up to ``limit`` failed, ``limit`` ambiguous and ``limit``
+    scheduled notifications, once as the action menu sends it and once with a confirmation.
 
     Returns a JSON-ready report: the actions the changelist offered the user, how many
     notifications were selected, and per action the changes seen in the selected rows
@@ -80,7 +81,8 @@ def _probe(username: str, limit: int) -> dict[str, Any]:
     ambiguous = list(
         Notification.objects.using(db).filter(status=Status.AMBIGUOUS).values_list("pk", flat=True)[:limit]
     )
-    selected = failed + ambiguous
+    later = list(Notification.objects.using(db).filter(status=Status.SCHEDULED).values_list("pk", flat=True)[:limit])
+    selected = failed + ambiguous + later
 
     model_admin = admin.site._registry[Notification]
     names = [name for name, _ in admin.site.actions]
@@ -99,7 +101,7 @@ def _probe(username: str, limit: int) -> dict[str, Any]:
         "user": username,
         "changelist": page.status_code,
         "offered": offered,
-        "selected": {"failed": len(failed), "ambiguous": len(ambiguous)},
+        "selected": {"failed": len(failed), "ambiguous": len(ambiguous), "scheduled": len(later)},
         "actions": actions,
         "changed": any(a["changes"] for a in actions.values()),
     }

@@ -271,7 +271,7 @@ def pg_cut(run: ChaosRun, rng: random.Random) -> str:
 
 
 def admin_probe(run: ChaosRun, rng: random.Random) -> str:
-    """A view-only staff user tries every admin action on the failed and held
+    """A view-only staff user tries every admin action on the failed, held and scheduled
     notifications of the moment (``notifications.chaos.admin_probe``); the run fails if
     anything changed."""
     import json

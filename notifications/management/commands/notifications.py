@@ -1,8 +1,10 @@
-"""``manage.py notifications status|retry|send|purge``: the pipeline from the shell.
+"""``manage.py notifications status|retry|cancel|send|purge``: the pipeline from the shell.
 
-``status`` reads the figures of ``notifications.status`` (the admin dashboard's), ``retry``
-goes through the admin's own requeue function, ``send`` through ``notify()`` and ``purge``
-through beat's retention pass, so the command line can do nothing the rest cannot.
+``status`` reads the figures of ``notifications.status`` (the admin dashboard's) and the
+broker's queues as the metrics do, ``retry`` goes through the admin's own requeue
+function, ``cancel`` through the admin's cancel (``cancel()`` per key), ``send`` through
+``notify()`` and ``purge`` through beat's retention pass, so the command line can do
+nothing the rest cannot.
 """
 
 from __future__ import annotations
@@ -45,20 +47,27 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}s"
 
 
+def _moment(value: datetime | None) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z") if value else "-"
+
+
 class Command(BaseCommand):
-    help = "Operate the notification pipeline: status, retry, send, purge."
+    help = "Operate the notification pipeline: status, retry, cancel, send, purge."
     stealth_options = ("stdin",)
 
     def add_arguments(self, parser: CommandParser) -> None:
-        commands = parser.add_subparsers(dest="command", required=True, metavar="{status,retry,send,purge}")
+        commands = parser.add_subparsers(dest="command", required=True, metavar="{status,retry,cancel,send,purge}")
 
         def command(name: str, help: str) -> CommandParser:
             sub = commands.add_parser(name, help=help, description=help)
             sub.add_argument("--database", default=None, help="Database alias (default: NOTIFICATIONS_DATABASE).")
             return sub
 
-        status = command("status", "Backlog, lag, counts by status, held and stuck claims.")
+        status = command(
+            "status", "Backlog, what waits for later, lag, counts by status, held and stuck claims, broker queues."
+        )
         status.add_argument("--json", action="store_true", dest="as_json", help="Print the figures as one JSON object.")
+        status.add_argument("--no-broker", action="store_true", help="Do not ask the broker for its queues.")
         status.add_argument(
             "--check",
             action="store_true",
@@ -82,6 +91,15 @@ class Command(BaseCommand):
         retry.add_argument("--key", action="append", default=[], help="Only this key (repeatable).")
         retry.add_argument("--show", type=int, default=20, help="Keys listed in the dry run (default 20).")
         retry.add_argument("--yes", "--apply", action="store_true", dest="yes", help="Queue them (else: dry run).")
+
+        cancel = command(
+            "cancel",
+            "Cancel notifications not yet sent, by key; say per key whether it was in time. Exits 1 if any was not.",
+        )
+        cancel.add_argument("keys", nargs="+", metavar="KEY", help="service:notification_id:user_id")
+        cancel.add_argument(
+            "--reason", default="cancelled from the command line", help="Recorded as the notification's last error."
+        )
 
         send = command("send", "Queue one notification through notify() and print its key, status and id.")
         send.add_argument("--service", required=True)
@@ -108,17 +126,33 @@ class Command(BaseCommand):
 
     # -- status -------------------------------------------------------------------------
 
-    def status(self, *, database: str, as_json: bool, check: bool, max_age: float, **options: Any) -> None:
+    def status(
+        self, *, database: str, as_json: bool, check: bool, max_age: float, no_broker: bool, **options: Any
+    ) -> None:
+        from notifications.exposition import BROKER_TIMEOUT, broker_queues
         from notifications.status import snapshot
 
         snap = snapshot(using=database)
+        queues = None if no_broker else broker_queues(timeout=BROKER_TIMEOUT)
         if as_json:
-            self.stdout.write(json.dumps(snap.as_dict(), sort_keys=True))
+            data = snap.as_dict()
+            data["queues"] = (
+                None
+                if queues is None
+                else {role: {"queue": q, "ready": ready, "consumers": n} for role, (q, ready, n) in queues.items()}
+            )
+            self.stdout.write(json.dumps(data, sort_keys=True))
         else:
-            b, lag = snap.backlog, snap.lag
+            b, lag, later = snap.backlog, snap.lag, snap.scheduled
             counts = "  ".join(f"{name} {count}" for name, count in snap.counts.items())
+            by_priority = ", ".join(f"{count} {priority}" for priority, count in later.by_priority.items())
             self.stdout.write(
                 f"Backlog       {b.due} due (oldest {_seconds(b.oldest_due_age)}), {b.scheduled} scheduled"
+            )
+            next_due = f"next due {_moment(later.next_due_at)} (in {_seconds(later.next_due_in)})"
+            self.stdout.write(
+                f"Later         {later.waiting} waiting ({by_priority}), "
+                + (next_due if later.next_due_at else "none due")
             )
             self.stdout.write(
                 f"Lag (1 h)     p50 {_seconds(lag.p50)}  p99 {_seconds(lag.p99)}  max {_seconds(lag.max)}"
@@ -127,6 +161,11 @@ class Command(BaseCommand):
             self.stdout.write(f"By status     {counts}")
             self.stdout.write(f"Held          {snap.held}")
             self.stdout.write(f"Stuck claims  {snap.stuck_claims}")
+            if queues is None and not no_broker:
+                self.stdout.write(f"Queues        the broker did not answer within {BROKER_TIMEOUT:g}s")
+            elif queues is not None:
+                shown = "  ".join(f"{q} {ready} ready/{n} consumers" for q, ready, n in queues.values())
+                self.stdout.write(f"Queues        {shown}")
         if check:
             problems = []
             if snap.stuck_claims:
@@ -142,7 +181,7 @@ class Command(BaseCommand):
 
     def retry(self, *, database: str, status: str, resend_ambiguous: bool, show: int, yes: bool, **o: Any) -> None:
         from notifications.models import Notification, Status
-        from notifications.requeue import RESEND, RETRY, matching, requeue
+        from notifications.requeue import RESEND, RETRY, matching, refusals, requeue
 
         if status == "ambiguous" and not resend_ambiguous:
             raise CommandError(
@@ -159,8 +198,22 @@ class Command(BaseCommand):
             keys=o["key"],
             using=database,
         )
+        # Past their expires_at: a send now would come too late (requeue leaves them too).
+        late = selected.filter(expires_at__lte=timezone.now())
+        late_count = late.count()
+        if late_count:
+            selected = selected.exclude(pk__in=late.values("pk"))
         ids = list(selected.values_list("id", flat=True))
         self.stdout.write(f"{len(ids)} {status} notification(s) match.")
+        if late_count:
+            self.stdout.write(
+                f"{late_count} more past their expires_at are left alone: a send now would come too late."
+            )
+        if o["key"]:  # keys named, whatever their status: say why the expired and cancelled stay
+            named = Notification.objects.using(database).filter(key__in=list(o["key"])).exclude(status=kind.status)
+            verb = "retried" if kind is RETRY else "resent"
+            for sentence in refusals(named, kind.status, using=database).messages(verb):
+                self.stdout.write(sentence)
         if not yes:
             for key, error in selected.values_list("key", "last_error")[: max(show, 0)]:
                 self.stdout.write(f"  {key}  {error.splitlines()[0] if error else ''}")
@@ -181,8 +234,26 @@ class Command(BaseCommand):
         self.stdout.write(f"{queued} notification(s) queued to {kind.verb}.")
         if queued < len(ids):
             self.stdout.write(
-                f"{len(ids) - queued} left alone: their sent-email record says sent, or a worker holds them now."
+                f"{len(ids) - queued} left alone: their sent-email record says sent, or a worker holds them now, "
+                "or their expires_at passed meanwhile."
             )
+
+    # -- cancel -------------------------------------------------------------------------
+
+    def cancel(self, *, database: str, keys: list[str], reason: str, **options: Any) -> None:
+        from notifications import InvalidNotification
+        from notifications.cancellation import STOPPED_IN_TIME, cancel_keys
+
+        try:
+            results = cancel_keys(keys, reason=reason, using=database)
+        except InvalidNotification as exc:
+            option = "KEY" if exc.field == "key" else f"--{exc.field}"
+            raise CommandError(f"nothing cancelled: {exc} ({option})") from None
+        for result in results:
+            self.stdout.write(f"{result.key}  {result.describe()}")
+        missed = [r for r in results if r.verdict not in STOPPED_IN_TIME]
+        if missed:
+            raise CommandError(f"{len(missed)} of {len(results)} not cancelled in time", returncode=1)
 
     # -- send ---------------------------------------------------------------------------
 
