@@ -6,7 +6,8 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention bench-dashboard
+.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention bench-dashboard \
+	bench-ratelimit
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
@@ -51,6 +52,11 @@ bench-retention: $(STAMP)
 # The dashboard's queries, the admin lists and their searches on 1,000,000 notifications.
 bench-dashboard: $(STAMP)
 	$(PYTHON) -m project.bench.dashboard $(BENCH_ARGS)
+
+# A backend limited to 50 emails/s, three worker processes: the fullest second at the SMTP
+# server, the average rate and the gaps between arrivals (README, "Providers and rate limits").
+bench-ratelimit: $(STAMP)
+	$(PYTHON) -m project.bench.ratelimit $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

@@ -2,7 +2,9 @@
 
 Each is any Django email backend with its own options, so a provider's backend
 (django-anymail's, say) plugs in beside SMTP. Without the setting there is one,
-``"default"``: Django's own ``EMAIL_BACKEND`` and ``EMAIL_*`` settings.
+``"default"``: Django's own ``EMAIL_BACKEND`` and ``EMAIL_*`` settings. The README's
+"Providers and rate limits" says what each key means; ``checks.py`` refuses a malformed
+entry at start-up.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from .conf import settings
 
 DEFAULT_NAME = "default"
 
+# The keys an entry may have (anything else is a typo the system check names).
+KEYS = frozenset({"BACKEND", "OPTIONS", "RATE_LIMIT", "CONNECTIONS", "IDEMPOTENCY_HEADER", "IDEMPOTENCY_IN"})
+# Where IDEMPOTENCY_HEADER goes: an email header (what SMTP relays read, and what
+# django-anymail copies into an API's own "headers" field), or a header of the HTTP
+# request an API backend makes (django-anymail's requests-based backends).
+IDEMPOTENCY_PLACES = ("email", "request")
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -27,6 +36,7 @@ class Backend:
     rate: float | None = None  # emails per second across every worker and host (None: no limit)
     connections: int | None = None  # mail-server connections per worker process (None: SEND_CONCURRENCY)
     idempotency_header: str | None = None  # a header the provider reads as an idempotency key
+    idempotency_in: str = "email"  # one of IDEMPOTENCY_PLACES
 
 
 def _entries() -> dict[str, Any]:
@@ -57,5 +67,6 @@ def get(name: str | None) -> Backend:
         options=dict(entry.get("OPTIONS") or {}),
         rate=float(rate) if rate else None,
         connections=int(limit) if limit else None,
-        idempotency_header=entry.get("IDEMPOTENCY_HEADER"),
+        idempotency_header=entry.get("IDEMPOTENCY_HEADER") or None,
+        idempotency_in=str(entry.get("IDEMPOTENCY_IN") or "email"),
     )

@@ -203,6 +203,134 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     return errors
 
 
+def _backend_errors(name: str, entry: Any) -> list[Error]:
+    """What is wrong with the entry ``name`` of ``NOTIFICATIONS_BACKENDS``."""
+    from django.utils.module_loading import import_string
+
+    from .backends import IDEMPOTENCY_PLACES, KEYS
+
+    where = f"NOTIFICATIONS_BACKENDS[{name!r}]"
+    if not isinstance(name, str) or not name or len(name) > 100:
+        return [
+            Error(
+                f"{where}: a backend's name must be a string of 1 to 100 characters (it is stored on each "
+                "notification).",
+                hint="Rename the entry.",
+                id="notifications.E016",
+            )
+        ]
+    if not isinstance(entry, dict):
+        return [
+            Error(
+                f"{where} must be a dict, not {type(entry).__name__}.",
+                hint='Write {"BACKEND": "dotted.path.EmailBackend", "OPTIONS": {...}, "RATE_LIMIT": ...}.',
+                id="notifications.E016",
+            )
+        ]
+    errors: list[Error] = []
+    unknown = sorted(map(str, set(entry) - KEYS))
+    if unknown:
+        errors.append(
+            Error(
+                f"{where} has unknown keys {unknown}.",
+                hint=f"The keys are {', '.join(sorted(KEYS))}.",
+                id="notifications.E016",
+            )
+        )
+    options = entry.get("OPTIONS", {})
+    if options is not None and not isinstance(options, dict):
+        errors.append(
+            Error(
+                f"{where}['OPTIONS'] must be a dict of the backend's keyword arguments, not {type(options).__name__}.",
+                hint='E.g. {"host": "smtp.example.com", "port": 587, "use_tls": True, "timeout": 10}.',
+                id="notifications.E016",
+            )
+        )
+    path = entry.get("BACKEND") or django_settings.EMAIL_BACKEND
+    try:
+        if not isinstance(path, str):
+            raise TypeError(f"not a string: {path!r}")
+        import_string(path)
+    except Exception as exc:
+        errors.append(
+            Error(
+                f"{where}['BACKEND'] = {path!r} cannot be imported: {exc}.",
+                hint="Give the dotted path of a Django email backend that is installed, e.g. "
+                "'django.core.mail.backends.smtp.EmailBackend' or 'anymail.backends.resend.EmailBackend'.",
+                id="notifications.E017",
+            )
+        )
+    rate = entry.get("RATE_LIMIT")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1e6):
+        errors.append(
+            Error(
+                f"{where}['RATE_LIMIT'] must be a positive number of emails per second, not {rate!r}.",
+                hint="Set it to the provider's limit (e.g. 14 for a sending quota of 14/s), or leave it out "
+                "for no limit.",
+                id="notifications.E018",
+            )
+        )
+    limit = entry.get("CONNECTIONS")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        errors.append(
+            Error(
+                f"{where}['CONNECTIONS'] must be a whole number of at least 1, not {limit!r}.",
+                hint="Connections per worker process (the total is CONNECTIONS x worker processes); leave it out "
+                "for NOTIFICATIONS_SEND_CONCURRENCY.",
+                id="notifications.E019",
+            )
+        )
+    header, place = entry.get("IDEMPOTENCY_HEADER"), entry.get("IDEMPOTENCY_IN", "email")
+    valid_header = header is None or (
+        isinstance(header, str) and header.isascii() and header.isprintable() and header and ":" not in header
+    )
+    if not valid_header or place not in IDEMPOTENCY_PLACES or (place == "request" and not header):
+        errors.append(
+            Error(
+                f"{where}: IDEMPOTENCY_HEADER={header!r} with IDEMPOTENCY_IN={place!r} is not a header name and "
+                "a place for it.",
+                hint="IDEMPOTENCY_HEADER is a header name (e.g. 'Resend-Idempotency-Key'); IDEMPOTENCY_IN is "
+                "'email' (the default: an email header) or 'request' (a header of the API's HTTP request). "
+                'The README\'s "Providers and rate limits" lists the providers.',
+                id="notifications.E021",
+            )
+        )
+    return errors
+
+
+@register(TAG, Tags.compatibility)
+def check_backends(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """``NOTIFICATIONS_BACKENDS`` and ``NOTIFICATIONS_DEFAULT_BACKEND``: a malformed entry
+    would fail (or silently mis-send) every email of its backend, so it is refused at
+    start-up."""
+    configured = settings.BACKENDS
+    if configured is None:
+        names: list[str] = []
+    elif not isinstance(configured, dict) or not configured:
+        return [
+            Error(
+                f"NOTIFICATIONS_BACKENDS must be a non-empty dict of named backends, not {configured!r}.",
+                hint='E.g. {"transactional": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend", '
+                '"OPTIONS": {...}}}; or leave it unset for one backend from the EMAIL_* settings.',
+                id="notifications.E016",
+            )
+        ]
+    else:
+        names = list(configured)
+    errors = [e for name in names for e in _backend_errors(name, configured[name])]  # type: ignore[index]
+    default = settings.DEFAULT_BACKEND
+    if default is not None and default not in (names or ["default"]):
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_DEFAULT_BACKEND={default!r} is not a name in NOTIFICATIONS_BACKENDS "
+                f"({', '.join(names or ['default'])}).",
+                hint="Name one of the configured backends, or leave it unset for the first one.",
+                id="notifications.E020",
+            )
+        )
+    return errors
+
+
 def refuse_unsafe_worker(**kwargs: Any) -> None:
     """At worker and beat start: refuse to run with settings that break the contract
     (Celery runs Django's checks there but only logs them).
@@ -210,7 +338,7 @@ def refuse_unsafe_worker(**kwargs: Any) -> None:
     Raises ``SystemExit``: Celery logs and swallows any ``Exception`` a signal handler
     raises, and the worker would start anyway.
     """
-    errors = [e for e in check_pipeline() if e.is_serious()]
+    errors = [e for e in (*check_pipeline(), *check_backends()) if e.is_serious()]
     if errors:
         lines = "\n".join(f"{e.id}: {e.msg}\n    HINT: {e.hint}" for e in errors)
         raise SystemExit(f"notifications: unsafe settings, refusing to start:\n{lines}")

@@ -30,7 +30,7 @@ from typing import Any
 from django.db import DatabaseError, close_old_connections, connections, transaction
 from django.utils import timezone
 
-from . import events, locks, mail
+from . import backends, events, locks, mail, metrics, ratelimit
 from .conf import settings
 from .exceptions import (
     AmbiguousDeliveryError,
@@ -323,17 +323,49 @@ def _count(lanes: _Lanes, settled: Sequence[Finish], written: set[str]) -> None:
 
 
 # Sending threads per worker process, each with its own mail-server and database
-# connection, shared by the batches this process runs (created after the fork).
-_lanes: tuple[int, ThreadPoolExecutor] | None = None
+# connection, shared by the batches this process runs (created after the fork). One pool
+# per backend (or set of backends, for a mixed batch), no larger than its lanes: a thread
+# keeps its connection open between batches, so only a pool of its own keeps a backend
+# within its CONNECTIONS limit.
+_lanes: tuple[int, dict[tuple[str, ...], ThreadPoolExecutor]] | None = None
 _lanes_lock = threading.Lock()
 
 
-def _executor(size: int) -> ThreadPoolExecutor:
+def _executor(size: int, names: tuple[str, ...] = ()) -> ThreadPoolExecutor:
     global _lanes
     with _lanes_lock:
-        if _lanes is None or _lanes[0] != os.getpid() or _lanes[1]._max_workers < size:
-            _lanes = (os.getpid(), ThreadPoolExecutor(max_workers=size, thread_name_prefix="notifications-send"))
-        return _lanes[1]
+        if _lanes is None or _lanes[0] != os.getpid():
+            _lanes = (os.getpid(), {})
+        pools = _lanes[1]
+        pool = pools.get(names)
+        if pool is None or pool._max_workers < size:
+            pool = pools[names] = ThreadPoolExecutor(
+                max_workers=size, thread_name_prefix=f"notifications-send-{'-'.join(names) or 'default'}"
+            )
+        return pool
+
+
+def _backend_name(item: _Item) -> str | None:
+    """The backend ``item`` goes through ("" or absent: the default)."""
+    return str(item.payload.get("backend") or "") or None
+
+
+def _lane_count(to_send: list[_Item]) -> tuple[int, tuple[str, ...]]:
+    """How many lanes a batch gets, and the backends they serve: SEND_CONCURRENCY, no
+    more than the batch's items, and no more than any of its backends' CONNECTIONS (per
+    worker process: the total is CONNECTIONS x worker processes). The relay puts one
+    backend in a message; a mixed one keeps to the smallest limit among them."""
+    size = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
+    names: set[str] = set()
+    for item in to_send:
+        try:
+            backend = backends.get(_backend_name(item))
+        except KeyError:  # not configured here: its items are released untried (mail.connection)
+            continue
+        names.add(backend.name)
+        if backend.connections:
+            size = min(size, backend.connections)
+    return size, tuple(sorted(names))
 
 
 @dataclass
@@ -351,8 +383,9 @@ class _Lanes:
 
 
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
-    """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once,
-    each lane taking the next item when its last is recorded (as ``_send_lane`` says).
+    """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once
+    (fewer where the backend's ``CONNECTIONS`` says so, see ``_lane_count``), each lane
+    taking the next item when its last is recorded (as ``_send_lane`` says).
     The round trips to the mail server and the database are waits, so lanes overlap
     them, and a slow email holds up only its own lane.
 
@@ -363,11 +396,11 @@ def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outc
     """
     if not to_send:
         return
-    size = max(1, min(len(to_send), int(settings.SEND_CONCURRENCY)))
+    size, names = _lane_count(to_send)
     shared = _Lanes(
         deque(to_send), lease, db, deadline, outcomes, threading.Event(), threading.Event(), {i.key: i for i in to_send}
     )
-    pool = _executor(size)
+    pool = _executor(size, names)
     futures = [pool.submit(_send_lane, shared) for _ in range(size)]
     try:
         concurrent.futures.wait(futures)
@@ -396,30 +429,36 @@ def _send_lane(lanes: _Lanes) -> None:
 
     Before that statement the lane makes sure its connection to the mail server is open:
     a server that cannot be reached costs no attempt and no ambiguity, and then no lane
-    tries the rest of the batch now. Once the time budget is spent, or the task stops,
-    what is left is released untried."""
+    tries the rest of the batch now. Then it takes the item's slot under its backend's
+    rate limit (``_take_slot``); a token is never taken after the start is stamped. Once
+    the time budget is spent, or the task stops, what is left is released untried."""
     settled: list[Finish] = []
     last: Outcome | None = None
     while True:
         if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
             settled += _release_rest(lanes, last)
         item = _next(lanes.queue)
-        if item is not None and settled and not mail.has_connection():
+        if item is not None and settled and not mail.has_connection(_backend_name(item)):
             # Connecting may take up to EMAIL_TIMEOUT: record the last outcome first, so
             # that the window in which a crash leaves it unknown stays one email wide.
-            written = _settle(settled, None, lanes.db)[0]
-            _check_written(settled, written)
-            _report(lanes, settled, written)
-            holder.release((f.key, f.token) for f in settled)
-            settled = []
+            settled = _record(lanes, settled)
         if item is not None:
             try:
-                mail.connection()
+                mail.connection(_backend_name(item))
             except MailServerUnreachable as exc:
                 finish, last = _unreachable(item, exc)
                 lanes.outcomes[item.key] = last
                 settled.append(finish)
                 lanes.unreachable.set()
+                continue
+            settled, release = _take_slot(lanes, item, settled)
+            if release is not None:
+                finish, last = release
+                lanes.outcomes[item.key] = last
+                settled.append(finish)
+                # Slots only move forward: none is left within this budget for the rest
+                # either, so the batch's budget is spent (each lane releases what is left).
+                lanes.deadline = min(lanes.deadline, time.monotonic())
                 continue
         start = item.start(lanes.lease) if item is not None else None
         sent_at = time.monotonic()
@@ -445,6 +484,93 @@ def _send_lane(lanes: _Lanes) -> None:
         settled = [finish]
         if not reachable:
             lanes.unreachable.set()
+
+
+def _record(lanes: _Lanes, settled: list[Finish]) -> list[Finish]:
+    """Record the outcomes in ``settled`` now, with no start: before the lane waits (to
+    connect, or for a rate limit). Returns what is left to record: nothing."""
+    written = _settle(settled, None, lanes.db)[0]
+    _check_written(settled, written)
+    _report(lanes, settled, written)
+    holder.release((f.key, f.token) for f in settled)
+    return []
+
+
+# Waits shorter than this are not worth a statement of their own: the next one (which
+# stamps the start) takes about as long.
+SLOT_SLACK = 0.002
+# The longest single sleep of a waiting lane, so that it sees its task stop promptly.
+WAIT_STEP = 0.1
+
+
+def _take_slot(lanes: _Lanes, item: _Item, settled: list[Finish]) -> tuple[list[Finish], tuple[Finish, Outcome] | None]:
+    """Wait for ``item``'s slot under its backend's rate limit (``ratelimit.py``), before
+    its start is stamped. Waiting is no attempt and loses nothing.
+
+    Before any wait the previous outcomes (``settled``) are recorded without a start,
+    so the window of unknown outcome stays one email wide. A slot is taken only if it
+    comes before the batch's time budget ends; if none can, or the task stops while the
+    lane waits, ``item`` is released untried (no attempt) and goes back through the
+    outbox. Returns what is left to record, and the release, if any."""
+    backend = backends.get(_backend_name(item))  # known: mail.connection() accepted it
+    if not backend.rate:
+        return settled, None
+    waited = 0.0
+    try:
+        while True:
+            left = lanes.deadline - time.monotonic()
+            grant = _grant(backend, left, lanes.db, settled) if left > 0 and not lanes.stop.is_set() else None
+            if grant is not None and grant.granted and grant.wait <= SLOT_SLACK:
+                return settled, None
+            if settled:
+                settled = _record(lanes, settled)
+            # Refused: its slot would come after the budget ends (slots are never given
+            # back), so there is no waiting for it.
+            if grant is None or (
+                not grant.granted and grant.wait >= lanes.deadline - time.monotonic() - ratelimit.HORIZON
+            ):
+                return settled, _rate_limited(item, lanes, grant.wait if grant is not None else 0.0)
+            until = time.monotonic() + grant.wait
+            while (pause := until - time.monotonic()) > 0:
+                if lanes.stop.wait(min(pause, WAIT_STEP)):
+                    return settled, _rate_limited(item, lanes, 0.0)
+            waited += grant.wait
+            if grant.granted:
+                return settled, None
+    finally:
+        if waited:
+            metrics.RATE_LIMIT_WAITS.labels(backend.name).inc(waited)
+
+
+def _grant(backend: backends.Backend, within: float, db: str, settled: list[Finish]) -> ratelimit.Grant:
+    """``ratelimit.acquire`` in autocommit, retried on database errors like ``_settle``;
+    if the database stays away, the outcomes in ``settled`` are recorded (or tried)
+    before the error goes up."""
+    assert backend.rate
+    for attempt in range(RECORD_RETRIES):
+        try:
+            return ratelimit.acquire(backend.name, backend.rate, within, db)
+        except DatabaseError:
+            if attempt == RECORD_RETRIES - 1:
+                if settled:
+                    _settle(settled, None, db)
+                raise
+            close_old_connections()
+            connections[db].close()
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _rate_limited(item: _Item, lanes: _Lanes, wait: float) -> tuple[Finish, Outcome]:
+    """Release ``item`` untried: its backend's rate limit had no slot for it before the
+    task's time budget ran out (or the task stopped). No attempt; it is due again soon."""
+    why = "the task was stopped" if lanes.stop.is_set() else "this batch's time budget ran out"
+    reason = f"not attempted: waiting for the backend's rate limit when {why}"
+    retry_in = min(max(wait, 0.05), 1.0)
+    finish = Finish(item.key, item.token, ClaimState.RELEASED, reason, item.attempts)
+    return finish, Outcome(
+        item.key, "retry", detail=reason, retry_in=retry_in, attempts=item.attempts, reason="rate_limited"
+    )
 
 
 def _release_rest(lanes: _Lanes, last: Outcome | None) -> list[Finish]:
@@ -498,7 +624,7 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
         finish = Finish(key, item.token, ClaimState.EXPIRED, reason, item.attempts)
         return finish, Outcome(key, "expired", detail=reason, attempts=item.attempts, reason="expired"), True
     try:
-        response = mail.send(mail.build_message(item.payload))
+        response = mail.send(mail.build_message(item.payload), _backend_name(item))
     except PermanentDeliveryError as exc:
         category = "could_not_build" if isinstance(exc, UnbuildableEmail) else "rejected"
         finish = Finish(key, item.token, ClaimState.FAILED, str(exc), attempts)

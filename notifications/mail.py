@@ -1,6 +1,6 @@
 """The mail server's side of a delivery: build the email, keep one reused connection
-per sending thread, hand the email over through Django's email backend, and say what a
-failure means for it.
+per sending thread and named email backend (``backends.py``), hand the email over
+through that Django email backend, and say what a failure means for it.
 
 What a failure means depends on how far the SMTP transaction got, so with Django's
 SMTP backend the connection is watched: an error before the message's final line was
@@ -15,16 +15,20 @@ cannot be watched: any error of theirs counts as ambiguous.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import smtplib
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 
-from . import metrics
+from . import backends, metrics
 from .exceptions import (
     AmbiguousDeliveryError,
     MailServerUnreachable,
@@ -46,18 +50,39 @@ FRESH_SECONDS = 1.0
 
 
 def build_message(payload: dict[str, Any]) -> EmailMultiAlternatives:
-    """The email for a payload; both headers are a pure function of the key."""
+    """The email for a payload; its headers are a pure function of the key (and of the
+    backend it goes through: ``IDEMPOTENCY_HEADER``, see ``idempotency_value``)."""
     key = payload["key"]
+    headers = {"Message-ID": message_id_for(key), "X-Notification-Key": key}
+    try:
+        backend = backends.get(payload.get("backend") or None)
+    except KeyError:  # connection() refuses it before any email is built
+        backend = None
+    if backend is not None and backend.idempotency_header and backend.idempotency_in == "email":
+        headers[backend.idempotency_header] = idempotency_value(key)
     message = EmailMultiAlternatives(
         subject=payload["subject"],
         body=payload["body"],
         from_email=payload.get("from_email") or django_settings.DEFAULT_FROM_EMAIL,
         to=[payload["to"]],
-        headers={"Message-ID": message_id_for(key), "X-Notification-Key": key},
+        headers=headers,
     )
     if payload.get("html_body"):
         message.attach_alternative(payload["html_body"], "text/html")
     return message
+
+
+# Providers take idempotency keys of limited length and character set (Resend: 1 to 256
+# characters); a key outside them is passed as its digest, the same on every send.
+IDEMPOTENCY_MAX_LENGTH = 256
+
+
+def idempotency_value(key: str) -> str:
+    """What a provider is given as ``key``'s idempotency key: the key itself, or, when it
+    is longer than ``IDEMPOTENCY_MAX_LENGTH`` or not printable ASCII, its SHA-256 hex digest."""
+    if len(key) <= IDEMPOTENCY_MAX_LENGTH and key.isascii() and key.isprintable():
+        return key
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 class _Watch:
@@ -93,33 +118,71 @@ class _Watch:
         self.reply = ""
 
 
-# One mail-server connection per sending thread, kept with the pid, so that a forked
-# child never writes to its parent's socket.
+@dataclass
+class _Held:
+    """One open connection of this thread: the backend it was built for (and from what
+    configuration), and how it has been used."""
+
+    pid: int
+    connection: Any  # the Django email backend instance
+    watch: _Watch | None
+    built_from: tuple[str, str]  # (path, options) it was made with
+    last_used: float = 0.0
+    carried: int = 0  # emails it has handed over
+
+
+# One connection per sending thread and email backend, kept with the pid, so that a
+# forked child never writes to its parent's socket.
 _local = threading.local()
 
 
-def _held() -> tuple[Any, _Watch | None] | None:
-    held = getattr(_local, "connection", None)
-    if held is not None and held[0] == os.getpid():
-        return held[1], held[2]
+def _connections() -> dict[str, _Held]:
+    held: dict[str, _Held] | None = getattr(_local, "connections", None)
+    if held is None:
+        held = _local.connections = {}
+        _local.opened = set()  # backends this thread has had a connection to (for the reconnect count)
+    return held
+
+
+def _backend(name: str | None) -> backends.Backend:
+    """The configured backend ``name``; one this process does not know is a mail server it
+    cannot reach: nothing is sent, and the email waits (no attempt) until it is configured."""
+    try:
+        return backends.get(name)
+    except KeyError:
+        raise MailServerUnreachable(
+            f"backend {name!r} is not in this worker's NOTIFICATIONS_BACKENDS ({', '.join(backends.names())})"
+        ) from None
+
+
+def _built_from(backend: backends.Backend) -> tuple[str, str]:
+    return backend.path, repr(sorted(backend.options.items()))
+
+
+def _held(name: str) -> _Held | None:
+    held = _connections().get(name)
+    if held is not None and held.pid == os.getpid():
+        return held
     return None
 
 
-def drop_connection() -> None:
-    held = _held()
-    if held is not None:
-        try:
-            held[0].close()
-        except Exception:  # closing a broken connection must not mask the outcome
-            pass
-    _local.connection = None
+def drop_connection(backend_name: str | None = None) -> None:
+    """Close this thread's connection to ``backend_name`` (None: to every backend)."""
+    held = _connections()
+    for name in [backend_name] if backend_name is not None else list(held):
+        found = held.pop(name, None)
+        if found is not None and found.pid == os.getpid():
+            try:
+                found.connection.close()
+            except Exception:  # closing a broken connection must not mask the outcome
+                pass
 
 
-def _alive(backend: Any) -> bool:
-    smtp = getattr(backend, "connection", None)
+def _alive(held: _Held) -> bool:
+    smtp = getattr(held.connection, "connection", None)
     if smtp is None:  # backends without a socket (console, locmem, most HTTP APIs)
         return True
-    if time.monotonic() - getattr(_local, "last_used", 0.0) < FRESH_SECONDS:
+    if time.monotonic() - held.last_used < FRESH_SECONDS:
         return True
     try:
         return int(smtp.noop()[0]) == 250
@@ -127,64 +190,102 @@ def _alive(backend: Any) -> bool:
         return False
 
 
-def has_connection() -> bool:
-    """Whether this thread holds a connection (that may still need its NOOP)."""
-    return _held() is not None
-
-
-def connection() -> Any:
-    """This thread's open connection to the mail server, opened (and logged in) if it
-    has none, checked with NOOP if it sat idle. Raises ``MailServerUnreachable`` for
-    any failure: nothing of any email was sent, so no email's outcome depends on it."""
-    held = _held()
-    if held is not None and _alive(held[0]):
-        return held[0]
-    drop_connection()
-    backend = get_connection(fail_silently=False)
+def has_connection(backend_name: str | None = None) -> bool:
+    """Whether this thread holds a connection to ``backend_name`` (None: the default
+    backend) that may still need its NOOP."""
     try:
-        backend.open()
+        name = backends.get(backend_name).name
+    except KeyError:
+        return False
+    return _held(name) is not None
+
+
+def connection(backend_name: str | None = None) -> Any:
+    """This thread's open connection through the email backend ``backend_name`` (None:
+    the default), opened (and logged in) if it has none, checked with NOOP if it sat
+    idle. Raises ``MailServerUnreachable`` for any failure, and for a backend name this
+    process is not configured with: nothing of any email was sent, so no email's
+    outcome depends on it."""
+    backend = _backend(backend_name)
+    held = _held(backend.name)
+    if held is not None and held.built_from == _built_from(backend) and _alive(held):
+        return held.connection
+    drop_connection(backend.name)
+    try:
+        opened = get_connection(backend.path, fail_silently=False, **backend.options)
+        opened.open()
     except smtplib.SMTPResponseException as exc:
         metrics.smtp_connections["failed"].inc()
         text = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
-        raise MailServerUnreachable(f"connect: {exc.smtp_code} {text}".strip()) from exc
+        raise MailServerUnreachable(f"{backend.name}: connect: {exc.smtp_code} {text}".strip()) from exc
     except Exception as exc:
         metrics.smtp_connections["failed"].inc()
-        raise MailServerUnreachable(f"connect: {exc!r}") from exc
+        raise MailServerUnreachable(f"{backend.name}: connect: {exc!r}") from exc
     metrics.smtp_connections["opened"].inc()
-    if getattr(_local, "opened_in", 0) == os.getpid():  # this thread had one before
+    connections = _connections()
+    if backend.name in _local.opened:  # this thread had one before
         metrics.SMTP_RECONNECTS.inc()
-    _local.opened_in = os.getpid()
-    _local.carried = 0  # emails this connection has handed over
-    smtp = getattr(backend, "connection", None)
+    _local.opened.add(backend.name)
+    smtp = getattr(opened, "connection", None)
     watch = _Watch(smtp) if isinstance(smtp, smtplib.SMTP) else None
-    _local.connection = (os.getpid(), backend, watch)
-    return backend
+    connections[backend.name] = _Held(os.getpid(), opened, watch, _built_from(backend))
+    return opened
 
 
-def send(message: EmailMultiAlternatives) -> str:
-    """Hand ``message`` to the mail server over this thread's connection; return the
-    server's reply. Raises a ``DeliveryError`` that says what the failure means (see
-    the module docstring); after any failure the connection is dropped."""
+@contextmanager
+def _request_header(backend: backends.Backend, held: _Held, message: EmailMultiAlternatives) -> Iterator[None]:
+    """With ``IDEMPOTENCY_IN = "request"``: the key as a header of the HTTP request the
+    backend makes for this one email. django-anymail's requests-based backends make every
+    request through ``self.session`` (a ``requests.Session`` opened by ``open()``), whose
+    headers go on each request; this thread's connection sends one email at a time, so
+    the header is set for it and taken off after."""
+    if not backend.idempotency_header or backend.idempotency_in != "request":
+        yield
+        return
+    headers = getattr(getattr(held.connection, "session", None), "headers", None)
+    if headers is None:
+        raise MailServerUnreachable(
+            f"{backend.name}: IDEMPOTENCY_IN is 'request' but {backend.path} has no HTTP session "
+            "(a django-anymail requests-based backend has one once opened)"
+        )
+    headers[backend.idempotency_header] = idempotency_value(str(message.extra_headers["X-Notification-Key"]))
+    try:
+        yield
+    finally:
+        headers.pop(backend.idempotency_header, None)
+
+
+def send(message: EmailMultiAlternatives, backend_name: str | None = None) -> str:
+    """Hand ``message`` to the mail server through the email backend ``backend_name``
+    (None: the default) over this thread's connection; return the server's reply.
+    Raises a ``DeliveryError`` that says what the failure means (see the module
+    docstring); after any failure the connection is dropped."""
+    backend = _backend(backend_name)
     for again in (False, True):
-        backend = connection()
-        held = _held()
-        watch = held[1] if held is not None else None
+        opened = connection(backend.name)
+        held = _held(backend.name)
+        assert held is not None  # connection() just stored it
+        watch = held.watch
         if watch is not None:
             watch.reset()
         try:
-            sent = backend.send_messages([message])
+            with _request_header(backend, held, message):
+                sent = opened.send_messages([message])
+        except MailServerUnreachable:
+            drop_connection(backend.name)
+            raise
         except smtplib.SMTPRecipientsRefused as exc:
-            drop_connection()
+            drop_connection(backend.name)
             code, reply = next(iter(exc.recipients.values()))
             raise _classify(code, reply, handed_over=False) from exc
         except smtplib.SMTPResponseException as exc:
-            drop_connection()
+            drop_connection(backend.name)
             handed_over = watch is None or watch.handed_over
             if not again and not handed_over and exc.smtp_code == 421:
                 continue  # the server closed this connection before the email: a new one
             raise _classify(exc.smtp_code, exc.smtp_error, handed_over) from exc
         except Exception as exc:
-            drop_connection()
+            drop_connection(backend.name)
             if watch is None or watch.handed_over:
                 raise AmbiguousDeliveryError(f"connection lost during the SMTP transaction: {exc!r}") from exc
             if not watch.talking:  # failed before the first SMTP command: the email itself
@@ -193,12 +294,12 @@ def send(message: EmailMultiAlternatives) -> str:
                 continue  # nothing was handed over: a reused connection had died
             raise MailServerUnreachable(f"connection lost before the email was handed over: {exc!r}") from exc
         if sent != 1:
-            drop_connection()
+            drop_connection(backend.name)
             raise AmbiguousDeliveryError("the email backend reported no message sent")
-        _local.last_used = time.monotonic()
-        if getattr(_local, "carried", 0):
+        held.last_used = time.monotonic()
+        if held.carried:
             metrics.SMTP_REUSES.inc()
-        _local.carried = getattr(_local, "carried", 0) + 1
+        held.carried += 1
         return (watch.reply if watch is not None and watch.reply else "") or "250 accepted"
     raise AssertionError("unreachable")
 

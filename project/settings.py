@@ -4,6 +4,7 @@ Every value defaults to the local services on their standard ports, so a develop
 machine needs no configuration; production sets the environment variables.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -140,6 +141,13 @@ NOTIFICATIONS_RELAY_HOLD_MAX = env_float("NOTIFICATIONS_RELAY_HOLD_MAX", 1.0)
 NOTIFICATIONS_RELAY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_RELAY_BATCH_SIZE", "200"))
 NOTIFICATIONS_DELIVERY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_DELIVERY_BATCH_SIZE", "50"))
 NOTIFICATIONS_SEND_CONCURRENCY = int(os.environ.get("NOTIFICATIONS_SEND_CONCURRENCY", "4"))
+# Named email backends, each with its rate and connection limits (README, "Providers and
+# rate limits"), as JSON; unset: one backend from the EMAIL_* settings above. Passwords
+# and API keys belong in the environment, so the whole setting comes from there.
+NOTIFICATIONS_BACKENDS = (
+    json.loads(os.environ["NOTIFICATIONS_BACKENDS"]) if os.environ.get("NOTIFICATIONS_BACKENDS") else None
+)
+NOTIFICATIONS_DEFAULT_BACKEND = os.environ.get("NOTIFICATIONS_DEFAULT_BACKEND") or None
 # RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
 NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
 
