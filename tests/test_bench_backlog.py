@@ -36,8 +36,8 @@ def test_bench_backlog_reports_every_size(tmp_path: Path) -> None:
     assert empty["topped_up"] == 500 and empty["claim"]["rows"] == 0
     assert empty["after"] == {"pending": 0, "published": 500}
     assert full["claim"]["rows"] == result["setup"]["batch"]
-    assert "notifications_outbox_pending" in full["explain"]["indexes"]
-    assert "notifications_outbox_pending" in full["explain_after"]["indexes"]
+    assert "notifications_outbox_due" in full["explain"]["indexes"]
+    assert "notifications_outbox_due" in full["explain_after"]["indexes"]
     assert full["after"] == {"pending": 1500, "published": 500}
     assert result["verdict"]["claim_reference_size"] == 2000
     assert [x["size"] for x in result["verdict"]["ratios"]] == [0, 2000]
