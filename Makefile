@@ -6,8 +6,8 @@ VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-retention bench-dashboard \
-	bench-ratelimit
+.PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-schedule bench-priority \
+	bench-retention bench-dashboard bench-ratelimit
 
 run: $(STAMP)
 	$(PYTHON) manage.py devstack
@@ -44,6 +44,16 @@ bench-short: $(STAMP)
 # The relay's claim time and cost per row from an empty outbox to 1,000,000 pending rows.
 bench-backlog: $(STAMP)
 	$(PYTHON) manage.py bench_backlog $(BENCH_ARGS)
+
+# The relay's claim with 0 to 1,000,000 rows scheduled for later (beside the claim without its
+# index and the claim of earlier releases), and how close to its send_at a scheduled email arrives.
+bench-schedule: $(STAMP)
+	$(PYTHON) -m project.bench.schedule $(BENCH_ARGS)
+
+# A priority="high" notification sent into 20,000 waiting normal ones: its latency to the mail
+# server, beside a normal one sent at the same moment.
+bench-priority: $(STAMP)
+	$(PYTHON) -m project.bench.priority $(BENCH_ARGS)
 
 # The retention purge on 1,000,000 notifications, with notify() and the relay's claim running beside it.
 bench-retention: $(STAMP)

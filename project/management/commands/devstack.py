@@ -31,7 +31,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from notifications import health
+from notifications import broker, health
 from notifications.conf import settings as app_settings
 from project import devbroker
 
@@ -157,7 +157,8 @@ class Command(BaseCommand):
         beat_env = {**env, "NOTIFICATIONS_METRICS_PORT": str(METRICS_PORTS["beat"])}
         python = sys.executable
         celery = [python, "-m", "celery", "-A", "project"]
-        queues = f"{app_settings.HIGH_QUEUE},{app_settings.DELIVER_QUEUE},{app_settings.RELAY_QUEUE}"
+        # Both delivery queues (priority="high" travels in a queue of its own) and the relay's.
+        queues = ",".join([*broker.delivery_queue_names(), str(app_settings.RELAY_QUEUE)])
         children = [
             Child("web", [python, "manage.py", "runserver", f"{WEB[0]}:{WEB[1]}"], env),
             Child(
