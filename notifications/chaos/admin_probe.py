@@ -146,10 +146,14 @@ def snapshot(ids: list[int]) -> Snapshot:
 
 
 def differences(before: Snapshot, after: Snapshot) -> list[str]:
-    """One line per key whose row changed (or vanished) between the snapshots."""
+    """One line per key whose row changed (or vanished) between the snapshots. A scheduled
+    notification that fell due meanwhile and was published or sent is progress, not a
+    change an action made; cancelling one is."""
     lines = []
     for key in sorted(before.keys() | after.keys()):
         was, now = before.get(key), after.get(key)
+        if was is not None and now is not None and was[0] == "scheduled" and "cancelled" not in now[:2]:
+            continue  # fell due during the probe and went on its way: the pipeline's doing, no action's
         if was != now:
             lines.append(f"{key}: {_show(was)} -> {_show(now)}")
     return lines
