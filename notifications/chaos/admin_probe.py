@@ -145,6 +145,10 @@ def snapshot(ids: list[int]) -> Snapshot:
     return {key: (status, claims.get(key), outbox.get(key, 0)) for key, status in notes.items()}
 
 
+# Statuses the pipeline moves on by itself; the actions act on failed and held ones.
+IN_FLIGHT = ("scheduled", "created", "published", "sending", "retrying")
+
+
 def differences(before: Snapshot, after: Snapshot) -> list[str]:
     """One line per key whose row changed (or vanished) between the snapshots. A scheduled
     notification that fell due meanwhile and was published or sent is progress, not a
@@ -152,8 +156,8 @@ def differences(before: Snapshot, after: Snapshot) -> list[str]:
     lines = []
     for key in sorted(before.keys() | after.keys()):
         was, now = before.get(key), after.get(key)
-        if was is not None and now is not None and was[0] == "scheduled" and "cancelled" not in now[:2]:
-            continue  # fell due during the probe and went on its way: the pipeline's doing, no action's
+        if was is not None and now is not None and was[0] in IN_FLIGHT and "cancelled" not in now[:2]:
+            continue  # on its way (fell due, sent, expired): the pipeline's doing, no action's
         if was != now:
             lines.append(f"{key}: {_show(was)} -> {_show(now)}")
     return lines
