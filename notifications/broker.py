@@ -118,6 +118,9 @@ def configure(app: Celery, *, maintenance: bool = True) -> None:
     from . import exposition
 
     beat_init.connect(_start_relay_loop, weak=False, dispatch_uid="notifications.relay.loop")
+    from . import streams
+
+    streams.connect_signals()  # with NOTIFICATIONS_BROKER=kafka, workers consume the topics
     exposition.connect_signals()  # a worker's or beat's metrics server (NOTIFICATIONS_METRICS_PORT)
 
 
@@ -310,6 +313,10 @@ def publish_deliveries(
     """
     if not payloads:
         return []
+    from . import kafka
+
+    if kafka.enabled():
+        return kafka.publish_deliveries(payloads, per_message)
     by_name = {q.name: q for q in queues()}
     batches: list[Batch] = []
     refused: list[Refused] = []
@@ -445,6 +452,10 @@ def deliveries_waiting(app: Celery) -> int:
     """How many delivery messages wait in the queue with no worker on them yet (a
     passive declare: ready messages, not the ones workers hold unacked). 0 when the
     broker cannot be asked: the caller then publishes as it would anyway."""
+    from . import kafka
+
+    if kafka.enabled():
+        return kafka.deliveries_waiting()
     try:
         with app.pool.acquire(block=True) as pooled:
             conn: Any = pooled

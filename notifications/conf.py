@@ -112,6 +112,24 @@ DEFAULTS: dict[str, Any] = {
     # Where the dead-letter pass leaves messages that carry no notification it can read,
     # with the reason in a header: for a person, never consumed.
     "PARKED_QUEUE": "notifications.parked",
+    # The delivery broker: "rabbitmq" (the quorum queues above) or "kafka" (the topics
+    # below). Celery's own messages (relay wake-ups, housekeeping) ride CELERY_BROKER_URL
+    # with either.
+    "BROKER": "rabbitmq",
+    "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+    # Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.*).
+    "KAFKA_CONFIG": {},
+    "KAFKA_TOPIC": "notifications.deliver",
+    "KAFKA_HIGH_TOPIC": "notifications.deliver.high",
+    # Copies of messages no worker can deliver (undecodable, or crashing past DELIVERY_LIMIT).
+    "KAFKA_DEAD_TOPIC": "notifications.dead",
+    "KAFKA_GROUP": "notifications",
+    # For topics the pipeline creates (it leaves existing ones alone): the partitions cap
+    # how many worker processes deliver at once; production wants a replication factor of 3.
+    "KAFKA_PARTITIONS": 12,
+    "KAFKA_REPLICATION_FACTOR": 1,
+    # Seconds without a heartbeat before the group gives a consumer's partitions to others.
+    "KAFKA_SESSION_TIMEOUT": 6.0,
     # Server-side prepared statements for the statements run per email and per notify():
     # off behind a pooler that does not keep sessions (PgBouncer in transaction mode).
     "PREPARED_STATEMENTS": True,

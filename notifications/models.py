@@ -268,3 +268,25 @@ class RateBucket(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class StreamDelivery(models.Model):
+    """How many times a worker began a Kafka delivery message: Kafka counts no
+    redeliveries, and a message that kills its worker each time would otherwise replay
+    forever. A second start is a replay after a crash (the message is split, as on
+    RabbitMQ); past ``NOTIFICATIONS_DELIVERY_LIMIT`` starts its notifications end failed.
+    Rows of a partition's earlier offsets are deleted as its later ones begin."""
+
+    topic = models.CharField(max_length=249)
+    partition = models.IntegerField()
+    offset = models.BigIntegerField()
+    attempts = models.IntegerField(default=1)
+    started_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["topic", "partition", "offset"], name="notifications_stream_offset"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"

@@ -151,6 +151,27 @@ NOTIFICATIONS_DEFAULT_BACKEND = os.environ.get("NOTIFICATIONS_DEFAULT_BACKEND") 
 # RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
 NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
 
+# The delivery broker: rabbitmq (the default) or kafka (README, "Kafka"). Celery's own
+# messages keep CELERY_BROKER_URL (RabbitMQ or Redis) with either.
+NOTIFICATIONS_BROKER = os.environ.get("NOTIFICATIONS_BROKER", "rabbitmq").strip().lower()
+NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+NOTIFICATIONS_KAFKA_CONFIG = {
+    name: os.environ[var]
+    for name, var in (
+        ("security.protocol", "KAFKA_SECURITY_PROTOCOL"),
+        ("sasl.mechanism", "KAFKA_SASL_MECHANISM"),
+        ("sasl.username", "KAFKA_SASL_USERNAME"),
+        ("sasl.password", "KAFKA_SASL_PASSWORD"),
+        ("ssl.ca.location", "KAFKA_SSL_CA_LOCATION"),
+    )
+    if os.environ.get(var)
+}
+for _name in ("TOPIC", "HIGH_TOPIC", "DEAD_TOPIC", "GROUP"):
+    if os.environ.get(f"NOTIFICATIONS_KAFKA_{_name}"):
+        globals()[f"NOTIFICATIONS_KAFKA_{_name}"] = os.environ[f"NOTIFICATIONS_KAFKA_{_name}"]
+NOTIFICATIONS_KAFKA_PARTITIONS = int(os.environ.get("NOTIFICATIONS_KAFKA_PARTITIONS", "12"))
+NOTIFICATIONS_KAFKA_REPLICATION_FACTOR = int(os.environ.get("NOTIFICATIONS_KAFKA_REPLICATION_FACTOR", "1"))
+
 # Operations: /healthz, /readyz (details for loopback, staff, or this bearer token) and the
 # worker's alive file (see the README's "Health" section).
 NOTIFICATIONS_OPS_TOKEN = os.environ.get("NOTIFICATIONS_OPS_TOKEN") or None

@@ -1,0 +1,346 @@
+"""The worker side of Kafka: every worker process consumes the delivery topics.
+
+With ``NOTIFICATIONS_BROKER = "kafka"``, ``celery -A project worker`` starts, in each of
+its pool processes, one consumer per delivery topic (high priority and normal), all in
+the group ``NOTIFICATIONS_KAFKA_GROUP``: Kafka gives each partition to one of them, so
+the partitions cap how many processes deliver at once. kombu's own Kafka transport is
+not used: it commits every assigned partition at once.
+
+A consumer works on one message at a time and commits that message's partition offset,
+and only that one, after every outcome of it is recorded (sent, failed, or queued again
+in the outbox). A crash, a cut connection or a rebalance before the commit replays the
+message, and the claims make the replay harmless. Retries and scheduled sends are due
+outbox rows, as on RabbitMQ: nothing waits in Kafka for later.
+
+Kafka has no delivery limit or dead-letter queue, so the starts of each message are
+counted in PostgreSQL (``StreamDelivery``): a message started before is a replay after a
+crash and is split into one message per notification, as RabbitMQ's redelivered batches
+are; a message started more than ``NOTIFICATIONS_DELIVERY_LIMIT`` times ends its
+notifications failed (``crashed_worker``), and it, like a message no worker can decode,
+is copied to ``NOTIFICATIONS_KAFKA_DEAD_TOPIC`` before its offset is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from typing import Any
+
+from django.db import close_old_connections, connections
+
+from . import kafka, metrics
+from .conf import settings
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+MAX_BACKOFF = 30.0
+
+_consumers: list[DeliveryConsumer] = []
+_started_in: int | None = None
+
+
+def _backoff(failures: int) -> float:
+    return min(MAX_BACKOFF, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+
+
+def decode(value: bytes | None) -> list[dict[str, Any]]:
+    """The notifications of a delivery message; ValueError if it carries none we can read."""
+    if value is None:
+        raise ValueError("the message has no value")
+    body = json.loads(value)
+    payloads = body.get("notifications") if isinstance(body, dict) else None
+    if not isinstance(payloads, list) or not payloads:
+        raise ValueError("no list of notifications in the message")
+    for payload in payloads:
+        if not isinstance(payload, dict) or not isinstance(payload.get("key"), str):
+            raise ValueError("a notification without a key")
+    return payloads
+
+
+def began(topic: str, partition: int, offset: int) -> int:
+    """Count a start of the message at ``offset`` and return its starts so far; rows of
+    the partition's earlier offsets, done with, go in the same statement."""
+    from .models import StreamDelivery
+
+    table = connections[settings.DATABASE].ops.quote_name(StreamDelivery._meta.db_table)
+    with connections[settings.DATABASE].cursor() as cursor:
+        cursor.execute(
+            f"WITH done AS (DELETE FROM {table} WHERE topic = %s AND partition = %s AND \"offset\" < %s) "
+            f'INSERT INTO {table} (topic, partition, "offset", attempts) VALUES (%s, %s, %s, 1) '
+            f'ON CONFLICT (topic, partition, "offset") DO UPDATE SET attempts = {table}.attempts + 1, '
+            "started_at = now() RETURNING attempts",
+            [topic, partition, offset, topic, partition, offset],
+        )
+        row = cursor.fetchone()
+    return int(row[0]) if row else 1
+
+
+class Retry(Exception):
+    """The message cannot be finished now (its outcomes could not be recorded): its
+    partition goes back to it after ``delay`` seconds, uncommitted."""
+
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
+class DeliveryConsumer(threading.Thread):
+    """One consumer of one delivery topic, in a thread of a worker process."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(name=f"kafka-{topic}", daemon=True)
+        self.topic = topic
+        self.stopping = threading.Event()
+        self.failures = 0
+        self.ready = threading.Event()  # set once the group gave this consumer partitions (or none)
+        self.consumer: Any = None
+        self._again: set[tuple[int, int]] = set()  # (partition, offset) this consumer itself goes back to
+
+    def _config(self) -> dict[str, Any]:
+        session = int(float(settings.KAFKA_SESSION_TIMEOUT) * 1000)
+        return {
+            **kafka.client_config(),
+            "group.id": str(settings.KAFKA_GROUP),
+            "client.id": f"notifications-{os.getpid()}-{self.topic}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": session,
+            "heartbeat.interval.ms": max(500, session // 4),
+            # A message is worked on for at most the batch budget (60 s), then handed on.
+            "max.poll.interval.ms": 300_000,
+            # One message at a time is all a consumer takes; fetching far ahead only
+            # holds messages another consumer could take after a rebalance.
+            "queued.max.messages.kbytes": 8192,
+            "error_cb": lambda err: logger.debug("Kafka consumer error: %s", err),
+        }
+
+    def run(self) -> None:
+        from confluent_kafka import Consumer
+
+        while not self.stopping.is_set():
+            try:
+                kafka.ensure_topics()
+                self.consumer = Consumer(self._config())
+                self.consumer.subscribe([self.topic], on_assign=self._assigned)
+                self._loop()
+            except Exception:
+                logger.exception("Kafka consumer of %s stopped; starting again", self.topic)
+                self.stopping.wait(_backoff(self.failures))
+                self.failures += 1
+            finally:
+                self._close()
+
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        self.ready.set()
+
+    def _close(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()  # leaves the group: its partitions move on at once
+            except Exception as exc:
+                logger.debug("Kafka consumer close: %r", exc)
+            self.consumer = None
+
+    def _loop(self) -> None:
+        paused: dict[Any, tuple[float, int]] = {}  # partition -> (resume at, offset)
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            for tp, (at, offset) in list(paused.items()):
+                if at <= now:
+                    del paused[tp]
+                    self._resume(tp, offset)
+            msg = self.consumer.poll(POLL_SECONDS)
+            if msg is None:
+                continue
+            if any(tp.topic == msg.topic() and tp.partition == msg.partition() for tp in paused):
+                continue  # fetched before the pause: read again from its offset on resume
+            if msg.error():
+                if not msg.error().is_fatal():
+                    logger.debug("Kafka consume error: %s", msg.error())
+                    continue
+                raise RuntimeError(f"fatal Kafka consumer error: {msg.error()}")
+            try:
+                self.handle(msg)
+            except Retry as again:
+                from confluent_kafka import TopicPartition
+
+                tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+                logger.warning("Kafka message %s[%d]@%d: %s; again in %.1fs", msg.topic(), msg.partition(), msg.offset(), again, again.delay)
+                self.consumer.pause([tp])
+                paused[tp] = (time.monotonic() + again.delay, msg.offset())
+                self._again.add((msg.partition(), msg.offset()))
+                continue
+            self._commit(msg)
+
+    def _resume(self, tp: Any, offset: int) -> None:
+        from confluent_kafka import TopicPartition
+
+        try:
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            self.consumer.resume([tp])
+        except Exception as exc:
+            # Revoked meanwhile: its new owner starts from the committed offset.
+            logger.debug("Kafka partition %s[%d] not resumed: %r", tp.topic, tp.partition, exc)
+
+    def _commit(self, msg: Any) -> None:
+        from confluent_kafka import TopicPartition
+
+        self._again.discard((msg.partition(), msg.offset()))
+        try:
+            self.consumer.commit(
+                offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)], asynchronous=False
+            )
+        except Exception as exc:
+            # Not committed: the message is replayed by whoever holds the partition next,
+            # and finds its claims settled.
+            logger.warning("Kafka offset %s[%d]@%d not committed: %r", msg.topic(), msg.partition(), msg.offset(), exc)
+
+    def handle(self, msg: Any) -> None:
+        """Deliver one message, or record what becomes of it; raises ``Retry`` when that
+        cannot be recorded now."""
+        close_old_connections()
+        try:
+            payloads = decode(msg.value())
+        except ValueError as exc:
+            logger.error("undecodable Kafka message %s[%d]@%d (%s): copied to the dead-letter topic", msg.topic(), msg.partition(), msg.offset(), exc)
+            self._dead(msg, f"undecodable: {exc}")
+            metrics.UNDECODABLE.inc()
+            return
+        ours = (msg.partition(), msg.offset()) in self._again
+        try:
+            starts = 1 if ours else began(msg.topic(), msg.partition(), msg.offset())
+        except Exception as exc:
+            self.failures += 1
+            raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
+        if starts > int(settings.DELIVERY_LIMIT):
+            self._crashed(msg, payloads, starts)
+            return
+        if starts > 1 and len(payloads) > 1:
+            self._split(payloads)
+            return
+        self._deliver(payloads)
+        self.failures = 0
+
+    def _deliver(self, payloads: list[dict[str, Any]]) -> None:
+        from . import delivery
+        from .tasks import INFRASTRUCTURE_ERRORS, _cause
+
+        try:
+            outcomes = delivery.deliver_many(payloads, budget=60.0)
+        except INFRASTRUCTURE_ERRORS as exc:
+            metrics.batch_retries[_cause(exc)].inc()
+            self.failures += 1
+            delay = _backoff(self.failures)
+            logger.warning("%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0]["key"], exc, delay)
+            self._requeue(payloads, delay)
+            return
+        again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
+        if again:
+            self._requeue([p for p, _ in again], max(o.retry_in for _, o in again) + random.uniform(0, 0.5))
+
+    def _requeue(self, payloads: list[dict[str, Any]], delay: float) -> None:
+        """Their retry as due outbox rows; if the database will not take them either, the
+        message itself is tried again after ``delay`` (uncommitted)."""
+        from . import delivery
+
+        try:
+            delivery.requeue_through_outbox(payloads, due_in=delay)
+        except Exception as exc:
+            raise Retry(delay, f"its retry not queued in the outbox ({exc!r})") from exc
+
+    def _split(self, payloads: list[dict[str, Any]]) -> None:
+        """A replayed batch: one message per notification, so that only a poison one
+        reaches the delivery limit."""
+        from . import deadletters
+
+        try:
+            refused = kafka.publish_deliveries(payloads, per_message=1)
+        except Exception as exc:
+            logger.warning("replayed batch of %d not split (%r): through the outbox", len(payloads), exc)
+            self._requeue(payloads, 0.0)
+            return
+        by_key = {p["key"]: p for p in payloads}
+        for r in refused:
+            deadletters.fail(by_key[r.key], f"failed: {r.reason}", crashed=True, category="oversized")
+        logger.warning("replayed batch of %d split into single messages", len(payloads))
+        metrics.BATCHES_SPLIT.inc()
+
+    def _crashed(self, msg: Any, payloads: list[dict[str, Any]], starts: int) -> None:
+        from . import deadletters
+
+        why = (
+            f"dead-lettered: delivery crashed its worker {starts - 1} times "
+            f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"
+        )
+        try:
+            for payload in payloads:
+                deadletters.fail(payload, why, crashed=True, category="crashed_worker")
+        except Exception as exc:
+            raise Retry(_backoff(self.failures + 1), f"its failure not recorded ({exc!r})") from exc
+        self._dead(msg, why)
+
+    def _dead(self, msg: Any, reason: str) -> None:
+        headers = [
+            ("source", f"{msg.topic()}[{msg.partition()}]@{msg.offset()}".encode()),
+            ("reason", reason.encode()[:1000]),
+        ]
+        try:
+            kafka.publish_dead(msg.value(), headers)
+        except Exception as exc:
+            raise Retry(_backoff(self.failures + 1), f"not copied to the dead-letter topic ({exc!r})") from exc
+
+
+def start() -> list[DeliveryConsumer]:
+    """Start this process's consumers (once per process: a forked pool process starts
+    its own), high priority first."""
+    global _started_in
+    if not kafka.enabled() or _started_in == os.getpid():
+        return _consumers
+    _consumers.clear()
+    _started_in = os.getpid()
+    for topic in kafka.delivery_topics():
+        consumer = DeliveryConsumer(topic)
+        consumer.start()
+        _consumers.append(consumer)
+    logger.info("Kafka consumers started in process %d: %s", os.getpid(), ", ".join(kafka.delivery_topics()))
+    return _consumers
+
+
+def stop(timeout: float = 10.0) -> None:
+    """Stop this process's consumers once their current message is done, leaving the
+    group so that their partitions move to others without waiting for the session."""
+    global _started_in
+    if _started_in != os.getpid():
+        return
+    for consumer in _consumers:
+        consumer.stopping.set()
+    deadline = time.monotonic() + timeout
+    for consumer in _consumers:
+        consumer.join(max(0.0, deadline - time.monotonic()))
+    _consumers.clear()
+    _started_in = None
+
+
+def connect_signals() -> None:
+    """Run the consumers in every worker process: in each prefork pool process, or in
+    the worker itself with the solo and thread pools."""
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+
+    def in_child(**kwargs: Any) -> None:
+        start()
+
+    def in_worker(sender: Any = None, **kwargs: Any) -> None:
+        pool = type(getattr(sender, "pool", None)).__module__
+        if not pool.endswith(".prefork"):  # prefork pool processes start their own
+            start()
+
+    worker_process_init.connect(in_child, weak=False, dispatch_uid="notifications.streams.child")
+    worker_process_shutdown.connect(lambda **kw: stop(), weak=False, dispatch_uid="notifications.streams.child_stop")
+    worker_ready.connect(in_worker, weak=False, dispatch_uid="notifications.streams.worker")
+    worker_shutdown.connect(lambda **kw: stop(), weak=False, dispatch_uid="notifications.streams.worker_stop")

@@ -1,0 +1,283 @@
+"""The delivery path on Kafka against a real Kafka-protocol broker (noida-db): the relay's
+confirmed, user-partitioned publish, real workers consuming in a group, offsets committed
+after outcomes, replays split, a poison notification failed at the delivery limit, and
+undecodable messages copied to the dead-letter topic without blocking the rows behind."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from notifications import kafka, notify, relay, streams
+from notifications.models import Notification, OutboxMessage, StreamDelivery
+from tests.conftest import notification_kwargs, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    binary = Path(sys.executable).parent / "noida-db"
+    data = tmp_path_factory.mktemp("kafka")
+    proc = subprocess.Popen(
+        [str(binary), "start", "--only", "kafka", "--kafka-port", str(port), "--host", "127.0.0.1", "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    from confluent_kafka.admin import AdminClient
+
+    def answers() -> bool:
+        try:
+            AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=1)
+            return True
+        except Exception:
+            return False
+
+    wait_for(answers, timeout=30, what="the Kafka test broker")
+    yield f"127.0.0.1:{port}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture
+def kafka_names() -> dict[str, str]:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "KAFKA_TOPIC": f"t-{tag}.deliver",
+        "KAFKA_HIGH_TOPIC": f"t-{tag}.deliver.high",
+        "KAFKA_DEAD_TOPIC": f"t-{tag}.dead",
+        "KAFKA_GROUP": f"g-{tag}",
+    }
+
+
+@pytest.fixture
+def on_kafka(kafka_bootstrap: str, kafka_names: dict[str, str]) -> Iterator[dict[str, str]]:
+    """This test's process relays to Kafka, with topics and a group of its own."""
+    names = {f"NOTIFICATIONS_{k}": v for k, v in kafka_names.items()}
+    with override_settings(
+        NOTIFICATIONS_BROKER="kafka",
+        NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
+        NOTIFICATIONS_KAFKA_PARTITIONS=4,
+        **names,
+    ):
+        kafka._reset()
+        yield {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "NOTIFICATIONS_BROKER": "kafka", **names}
+    kafka._reset()
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 20.0) -> list[Any]:
+    """Every message of ``topic`` (at least ``expect``), read by a group of its own."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    got: list[Any] = []
+    try:
+
+        def enough() -> bool:
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                got.append(msg)
+            return len(got) >= expect
+
+        wait_for(enough, timeout=timeout, interval=0, what=lambda: f"{len(got)} of {expect} messages in {topic}")
+        while (msg := consumer.poll(0.5)) is not None:  # and nothing more than that
+            if not msg.error():
+                got.append(msg)
+    finally:
+        consumer.close()
+    return got
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return {tp.partition: tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(4)], 10)}
+    finally:
+        consumer.close()
+
+
+def ends(bootstrap: str, topic: str) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(4)}
+    finally:
+        consumer.close()
+
+
+def test_murmur2_places_keys_as_the_java_client_does() -> None:
+    # Kafka's own UtilsTest vectors for Utils.murmur2.
+    vectors = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    assert {k: kafka.murmur2(k) for k in vectors} == vectors
+    assert kafka.partition_for("abc", 12) == (479470107 & 0x7FFFFFFF) % 12
+
+
+def test_relay_publishes_each_user_to_its_partition_and_marks_rows_published(on_kafka: dict[str, str]) -> None:
+    users = ["u-1", "u-2", "u-3", "ü-4"]
+    made = [notify(**notification_kwargs(user_id=users[i % 4])) for i in range(12)]
+    made.append(notify(**notification_kwargs(user_id="u-1", priority="high")))
+    assert relay.drain() == 13
+    assert not OutboxMessage.objects.filter(published_at__isnull=True).exists()
+
+    bootstrap, topic = on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    messages = read_topic(bootstrap, topic, expect=4)
+    seen: dict[str, int] = {}
+    for msg in messages:
+        for payload in streams.decode(msg.value()):
+            assert msg.partition() == kafka.partition_for(payload["user_id"], 4), payload["user_id"]
+            seen[payload["key"]] = seen.get(payload["key"], 0) + 1
+        assert dict(msg.headers())["content-type"] == b"application/json"
+    assert seen == {n.key: 1 for n in made[:12]}  # each once, the normal topic only
+    [high] = read_topic(bootstrap, on_kafka["NOTIFICATIONS_KAFKA_HIGH_TOPIC"], expect=1)
+    assert [p["key"] for p in streams.decode(high.value())] == [made[12].key]
+    assert high.key() == b"u-1"  # one user: keyed by it
+
+
+def test_publish_to_an_unreachable_broker_leaves_the_rows_for_the_next_pass(
+    on_kafka: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from notifications import broker
+
+    n = notify(**notification_kwargs())
+    kafka.ensure_topics()
+    kafka.partition_count(on_kafka["NOTIFICATIONS_KAFKA_TOPIC"])
+    monkeypatch.setattr(kafka, "CONFIRM_TIMEOUT", 1.0)
+    with override_settings(NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1"):
+        kafka._producer = None  # a producer for a broker that is not there; topics known from before
+        with pytest.raises(kafka.PublishError):
+            broker.publish_deliveries(None, [OutboxMessage.objects.claim_pending(10, "default")[0].payload])  # type: ignore[arg-type]
+        with pytest.raises(kafka.PublishError):
+            relay.drain(budget=3)
+    assert OutboxMessage.objects.get(notification=n).published_at is None
+    kafka._reset()
+    assert relay.drain() == 1
+    assert Notification.objects.get(pk=n.pk).published_at is not None
+
+
+def test_workers_deliver_from_kafka_and_commit_what_they_recorded(
+    on_kafka: dict[str, str], workers: Any, smtp_server: Any
+) -> None:
+    env = dict(on_kafka, NOTIFICATIONS_KAFKA_PARTITIONS="4")
+    workers.start(concurrency=2, **env)
+    made = [notify(**notification_kwargs(user_id=f"user-{i % 5}")) for i in range(20)]
+    relay.drain()
+    for n in made:
+        smtp_server.wait_received(n.key, timeout=60)
+    wait_for(lambda: Notification.objects.filter(pk__in=[n.pk for n in made], status="sent").count() == 20)
+    assert all(smtp_server.count(n.key) == 1 for n in made)
+    bootstrap, group, topic = env["KAFKA_BOOTSTRAP_SERVERS"], env["NOTIFICATIONS_KAFKA_GROUP"], env["NOTIFICATIONS_KAFKA_TOPIC"]
+    end = ends(bootstrap, topic)
+    wait_for(lambda: committed(bootstrap, group, topic) == {p: (e if e else -1001) for p, e in end.items()},
+             timeout=20, what=lambda: (committed(bootstrap, group, topic), end))
+    assert kafka.deliveries_waiting() == 0
+
+
+def test_a_poison_notification_fails_at_the_delivery_limit_and_the_rest_of_its_batch_is_sent(
+    on_kafka: dict[str, str], workers: Any, smtp_server: Any
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    poison = notify(**notification_kwargs(service=f"poison{tag}", user_id="same"))
+    rest = [notify(**notification_kwargs(user_id="same")) for _ in range(3)]  # one user: one message
+    env = dict(on_kafka, NOTIFICATIONS_CRASH_POINTS=f"before_send=poison{tag}:")
+    workers.start(concurrency=2, **env)
+    relay.drain()
+    for n in rest:
+        smtp_server.wait_received(n.key, timeout=90)
+    failed = wait_for(
+        lambda: Notification.objects.filter(pk=poison.pk, status="failed").first(), timeout=150, what="poison failed"
+    )
+    assert "crashed its worker" in failed.last_error
+    assert smtp_server.count(poison.key) == 0
+    assert all(smtp_server.count(n.key) == 1 for n in rest)
+    [dead] = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_DEAD_TOPIC"], expect=1)
+    assert [p["key"] for p in streams.decode(dead.value())] == [poison.key]
+    assert b"crashed its worker" in dict(dead.headers())["reason"]
+
+
+def test_an_undecodable_message_goes_to_the_dead_topic_and_the_next_one_is_delivered(
+    on_kafka: dict[str, str], smtp_server: Any
+) -> None:
+    from confluent_kafka import Producer
+
+    kafka.ensure_topics()
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    producer = Producer({"bootstrap.servers": on_kafka["KAFKA_BOOTSTRAP_SERVERS"]})
+    producer.produce(topic, value=b"\xff not json", partition=0)
+    producer.produce(topic, value=json.dumps({"notifications": [{"no": "key"}]}).encode(), partition=0)
+    assert producer.flush(10) == 0
+    n = notify(**notification_kwargs(user_id="behind"))
+    # The good one after them, in the same partition.
+    payload = OutboxMessage.objects.claim_pending(10, "default")[0].payload
+    producer.produce(topic, value=kafka.encode([payload]), partition=0)
+    assert producer.flush(10) == 0
+
+    consumer = streams.DeliveryConsumer(topic)
+    consumer.start()
+    try:
+        smtp_server.wait_received(n.key, timeout=60)
+        wait_for(lambda: Notification.objects.filter(pk=n.pk, status="sent").exists())
+    finally:
+        consumer.stopping.set()
+        consumer.join(15)
+    dead = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_DEAD_TOPIC"], expect=2)
+    assert [m.value() for m in dead] == [b"\xff not json", json.dumps({"notifications": [{"no": "key"}]}).encode()]
+    assert all(dict(m.headers())["reason"].startswith(b"undecodable") for m in dead)
+    group = on_kafka["NOTIFICATIONS_KAFKA_GROUP"]
+    assert committed(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], group, topic)[0] == 3
+
+
+def test_a_replayed_batch_is_split_into_single_messages(on_kafka: dict[str, str]) -> None:
+    made = [notify(**notification_kwargs(user_id="one")) for _ in range(3)]
+    payloads = [m.payload for m in OutboxMessage.objects.claim_pending(10, "default")]
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    StreamDelivery.objects.create(topic=topic, partition=0, offset=0, attempts=1)  # started once, never finished
+
+    class Message:
+        def topic(self) -> str:
+            return topic
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return 0
+
+        def value(self) -> bytes:
+            return kafka.encode(payloads)
+
+    streams.DeliveryConsumer(topic).handle(Message())
+    assert StreamDelivery.objects.get(topic=topic, partition=0, offset=0).attempts == 2
+    singles = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], topic, expect=3)
+    assert sorted(p["key"] for m in singles for p in streams.decode(m.value())) == sorted(n.key for n in made)
+    assert all(len(streams.decode(m.value())) == 1 for m in singles)
