@@ -1,0 +1,163 @@
+"""The local Kafka broker (project/kafkabroker.py) against confluent-kafka: it starts and
+answers, carries messages from an idempotent producer to a consumer group, and a restart
+keeps the messages and the group's committed offset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from project import kafkabroker
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[kafkabroker.Broker]:
+    started = kafkabroker.start(data_dir=tmp_path / "kafka")
+    yield started
+    started.stop()
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)]).values():
+        future.result(timeout=10)
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    """Publish with the settings the relay uses (idempotent, acks=all) and fail unless
+    every delivery report succeeded."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    errors: list[KafkaError] = []
+
+    def report(error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            errors.append(error)
+
+    for value in values:
+        producer.produce(topic, value=value, key=b"user-42", on_delivery=report)
+    assert producer.flush(15) == 0, "delivery reports outstanding"
+    assert errors == []
+
+
+def consumer(bootstrap: str, group: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+        }
+    )
+
+
+def take(client: Consumer, count: int, timeout: float = 20.0) -> list[Message]:
+    """The next ``count`` messages, or fail after ``timeout``."""
+    taken: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(taken) < count:
+        assert time.monotonic() < deadline, f"got {len(taken)} of {count} messages within {timeout}s"
+        message = client.poll(0.5)
+        if message is None:
+            continue
+        assert message.error() is None, message.error()
+        taken.append(message)
+    return taken
+
+
+def test_the_broker_answers_on_its_bootstrap_address(broker: kafkabroker.Broker) -> None:
+    assert broker.bootstrap == f"127.0.0.1:{broker.port}"
+    assert broker.running() and broker.pid > 0
+    assert kafkabroker.answers(broker.bootstrap)
+    assert (broker.data_dir / kafkabroker.PID_FILE).read_text().strip() == str(broker.pid)
+
+
+def test_a_message_goes_from_a_producer_to_a_consumer_group(broker: kafkabroker.Broker) -> None:
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    create_topic(broker.bootstrap, topic)
+    produce(broker.bootstrap, topic, [b"one", b"two"])
+
+    client = consumer(broker.bootstrap, f"g-{uuid.uuid4().hex[:8]}")
+    client.subscribe([topic])
+    try:
+        assert [m.value() for m in take(client, 2)] == [b"one", b"two"]
+    finally:
+        client.close()
+
+
+def test_a_restart_keeps_the_messages_and_the_committed_offset(broker: kafkabroker.Broker) -> None:
+    topic, group = f"t-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    create_topic(broker.bootstrap, topic)
+    produce(broker.bootstrap, topic, [b"a", b"b", b"c"])
+    client = consumer(broker.bootstrap, group)
+    client.subscribe([topic])
+    try:
+        first = take(client, 1)[0]
+        # The next offset to read, as the worker commits it once a message's outcomes are recorded.
+        client.commit(offsets=[TopicPartition(topic, 0, first.offset() + 1)], asynchronous=False)
+    finally:
+        client.close()
+    port, pid = broker.port, broker.pid
+
+    broker.restart()
+
+    assert (broker.port, broker.bootstrap) == (port, f"127.0.0.1:{port}") and broker.pid != pid
+    again = consumer(broker.bootstrap, group)
+    again.subscribe([topic])
+    try:
+        assert [m.value() for m in take(again, 2)] == [b"b", b"c"]  # resumes after the committed one
+    finally:
+        again.close()
+    everything = consumer(broker.bootstrap, f"g-{uuid.uuid4().hex[:8]}")
+    everything.subscribe([topic])
+    try:
+        assert [m.value() for m in take(everything, 3)] == [b"a", b"b", b"c"]
+    finally:
+        everything.close()
+
+
+def test_start_refuses_a_port_in_use(broker: kafkabroker.Broker, tmp_path: Path) -> None:
+    with pytest.raises(kafkabroker.BrokerError, match="in use"):
+        kafkabroker.start(port=broker.port, data_dir=tmp_path / "other")
+
+
+def test_stop_ends_the_whole_process_group_and_keeps_the_data_dir(tmp_path: Path) -> None:
+    started = kafkabroker.start(data_dir=tmp_path / "kafka")
+    pid = started.pid
+    started.stop()
+    assert not kafkabroker._group_alive(pid)
+    assert not kafkabroker.answers(started.bootstrap, timeout=1.0)
+    assert (tmp_path / "kafka").is_dir() and not (tmp_path / "kafka" / kafkabroker.PID_FILE).exists()
+
+
+def test_the_cli_starts_a_daemon_and_stops_it(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "kafka", kafkabroker.free_port()
+    cli = [sys.executable, "-m", "project.kafkabroker"]
+    started = subprocess.run(
+        [*cli, "start", "--port", str(port), "--data-dir", str(data_dir), "--daemon"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    pid = int((data_dir / kafkabroker.PID_FILE).read_text())
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"127.0.0.1:{port}" in started.stdout
+        assert kafkabroker.answers(f"127.0.0.1:{port}")
+    finally:
+        stopped = subprocess.run(
+            [*cli, "stop", "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not kafkabroker._group_alive(pid)
+    assert not (data_dir / kafkabroker.PID_FILE).exists()
