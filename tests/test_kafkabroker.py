@@ -161,3 +161,19 @@ def test_the_cli_starts_a_daemon_and_stops_it(tmp_path: Path) -> None:
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not kafkabroker._group_alive(pid)
     assert not (data_dir / kafkabroker.PID_FILE).exists()
+
+
+def test_the_fixtures_give_each_test_its_own_topics_on_the_session_broker(
+    on_kafka: dict[str, str], kafka_topics: dict[str, str]
+) -> None:
+    from django.conf import settings
+
+    from tests.conftest import kafka_env
+
+    assert kafkabroker.answers(on_kafka["bootstrap"])
+    assert settings.NOTIFICATIONS_BROKER == "kafka"
+    assert on_kafka["bootstrap"] == settings.NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS
+    assert settings.NOTIFICATIONS_KAFKA_TOPIC == kafka_topics["topic"] != "notifications.deliver"
+    assert len({kafka_topics[k] for k in ("topic", "high", "dead", "group")}) == 4
+    env = kafka_env(on_kafka["bootstrap"], kafka_topics)
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == on_kafka["bootstrap"] and env["NOTIFICATIONS_BROKER"] == "kafka"
