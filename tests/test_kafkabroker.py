@@ -1,6 +1,7 @@
 """The local Kafka broker (project/kafkabroker.py) against confluent-kafka: it starts and
 answers, carries messages from an idempotent producer to a consumer group, and a restart
-keeps the messages and the group's committed offset."""
+keeps the messages and the group's committed offset. Also docker-compose.yml's ``kafka``
+profile, the Apache Kafka this broker stands in for."""
 
 from __future__ import annotations
 
@@ -177,3 +178,26 @@ def test_the_fixtures_give_each_test_its_own_topics_on_the_session_broker(
     assert len({kafka_topics[k] for k in ("topic", "high", "dead", "group")}) == 4
     env = kafka_env(on_kafka["bootstrap"], kafka_topics)
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == on_kafka["bootstrap"] and env["NOTIFICATIONS_BROKER"] == "kafka"
+
+
+def test_compose_runs_apache_kafka_in_its_profile_and_points_worker_and_beat_at_it() -> None:
+    """No Docker here: the file as Compose reads it. The local broker stands in for this one."""
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    kafka = services["kafka"]
+    assert kafka["profiles"] == ["kafka"] and kafka["image"].startswith("apache/kafka:")
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller" and env["KAFKA_NODE_ID"] == "1"
+    assert "PLAINTEXT://:9092" in env["KAFKA_LISTENERS"].split(",")
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert all(port.startswith("127.0.0.1:") for port in kafka["ports"])
+    assert "kafka-data:/var/lib/kafka/data" in kafka["volumes"] and env["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
+    for name in ("worker", "beat", "web"):
+        service = services[name]
+        assert "profiles" not in service  # they run in every profile; the environment picks the broker
+        assert service["environment"]["NOTIFICATIONS_BROKER"] == "${NOTIFICATIONS_BROKER:-rabbitmq}"
+        assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "${KAFKA_BOOTSTRAP_SERVERS:-kafka:9092}"
+        # Without the profile there is no kafka service: a required dependency would refuse to start.
+        assert service["depends_on"]["kafka"] == {"condition": "service_healthy", "required": False}
