@@ -60,13 +60,16 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def answers(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True if a Kafka broker at ``bootstrap`` answers a metadata request within ``timeout``."""
+def answers(bootstrap: str, timeout: float = 2.0, config: dict[str, Any] | None = None) -> bool:
+    """True if a Kafka broker at ``bootstrap`` answers a metadata request within ``timeout``
+    (``config``: more client settings, such as security.protocol and sasl.*)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     # log_level 0: a broker that is not up yet is the expected case here, not worth a line.
-    client = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, "socket.timeout.ms": int(timeout * 1000)})
+    client = AdminClient(
+        {**(config or {}), "bootstrap.servers": bootstrap, "log_level": 0, "socket.timeout.ms": int(timeout * 1000)}
+    )
     try:
         client.list_topics(timeout=timeout)
     except KafkaException:

@@ -201,3 +201,29 @@ def test_compose_runs_apache_kafka_in_its_profile_and_points_worker_and_beat_at_
         assert service["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "${KAFKA_BOOTSTRAP_SERVERS:-kafka:9092}"
         # Without the profile there is no kafka service: a required dependency would refuse to start.
         assert service["depends_on"]["kafka"] == {"condition": "service_healthy", "required": False}
+
+
+def test_the_dev_stack_runs_a_broker_in_its_state_dir_and_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make run BROKER=kafka``: a broker of its own (9092 there; a free port here), and a
+    broker a killed earlier run left behind is stopped first rather than left holding the port."""
+    from project.management.commands import devstack
+
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.setattr(devstack, "KAFKA_PORT", kafkabroker.free_port())
+    left = kafkabroker.start(devstack.KAFKA_PORT, tmp_path / "kafka")  # as if a killed run had left it
+    command = devstack.Command()
+    command.state_dir, command.kafka, command.write = tmp_path, None, lambda text: None
+
+    try:
+        bootstrap = command.start_kafka()
+
+        assert not left.running() and bootstrap == f"127.0.0.1:{devstack.KAFKA_PORT}"
+        assert kafkabroker.answers(bootstrap)
+        assert command.kafka is not None and command.kafka.data_dir == tmp_path / "kafka"
+    finally:
+        left.stop()
+        command.stop_kafka()
+    assert not kafkabroker.answers(bootstrap, timeout=1.0)
+    assert not (tmp_path / "kafka" / kafkabroker.PID_FILE).exists()
