@@ -9,8 +9,10 @@ STAMP   := $(VENV)/.installed
 .PHONY: run clean-dev test lint chaos chaos-short bench bench-short bench-backlog bench-schedule bench-priority \
 	bench-retention bench-dashboard bench-ratelimit
 
+# BROKER=kafka: deliveries over Kafka (a local broker, data in .devstack/kafka, unless
+# KAFKA_BOOTSTRAP_SERVERS names one); Celery's own tasks stay on RabbitMQ.
 run: $(STAMP)
-	$(PYTHON) manage.py devstack
+	$(PYTHON) manage.py devstack $(if $(BROKER),--broker $(BROKER))
 
 # Remove what `make run` created: its database and RabbitMQ vhost (only if it created
 # them), the app's Redis keys, and .devstack/.

@@ -300,3 +300,66 @@ def module_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any
     worker = pool.start()
     yield worker
     pool.stop_all()
+
+
+# Kafka ----------------------------------------------------------------------------------
+# The Kafka delivery path's tests talk to a real broker: KAFKA_BOOTSTRAP_SERVERS when it
+# names one that answers (a CI service, an Apache Kafka of yours), else a noida-db broker
+# this run starts (project/kafkabroker.py). Each test gets topics and a group of its own.
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from project import kafkabroker
+
+    given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if given and kafkabroker.answers(given, timeout=5.0):
+        yield given
+        return
+    broker = kafkabroker.start(data_dir=tmp_path_factory.mktemp("kafka"))
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture
+def kafka_topics() -> dict[str, str]:
+    """This test's topic names and consumer group: ``topic``, ``high``, ``dead``, ``group``."""
+    suffix = uuid.uuid4().hex[:12]
+    return {
+        "topic": f"notifications.deliver.{suffix}",
+        "high": f"notifications.deliver.high.{suffix}",
+        "dead": f"notifications.dead.{suffix}",
+        "group": f"notifications.{suffix}",
+    }
+
+
+def kafka_settings(bootstrap: str, topics: dict[str, str]) -> dict[str, Any]:
+    """The Django settings that put the delivery path on Kafka with these topics."""
+    return {
+        "NOTIFICATIONS_BROKER": "kafka",
+        "NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "NOTIFICATIONS_KAFKA_TOPIC": topics["topic"],
+        "NOTIFICATIONS_KAFKA_HIGH_TOPIC": topics["high"],
+        "NOTIFICATIONS_KAFKA_DEAD_TOPIC": topics["dead"],
+        "NOTIFICATIONS_KAFKA_GROUP": topics["group"],
+    }
+
+
+def kafka_env(bootstrap: str, topics: dict[str, str]) -> dict[str, str]:
+    """The same for a worker or beat process a test starts (``workers.start(**kafka_env(...))``):
+    project/settings.py reads these from the environment."""
+    settings_ = kafka_settings(bootstrap, topics)
+    env = {name: str(value) for name, value in settings_.items() if name != "NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS"}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+    return env
+
+
+@pytest.fixture
+def on_kafka(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Run the test with the delivery path on Kafka (override_settings for this process;
+    pass ``kafka_env(...)`` to the processes it starts). Yields the topic names and
+    ``bootstrap``."""
+    from django.test import override_settings
+
+    with override_settings(**kafka_settings(kafka_bootstrap, kafka_topics)):
+        yield {**kafka_topics, "bootstrap": kafka_bootstrap}

@@ -5,6 +5,9 @@ creates its own RabbitMQ vhost (``notifications-dev``, unless ``CELERY_BROKER_UR
 set), resets a local ``admin`` superuser, then runs the web server, a worker, beat, Flower
 (with the queues, from RabbitMQ's management API) and a printing SMTP server as child
 processes with prefixed output, until Ctrl-C. ``--teardown`` removes what it created.
+``--broker kafka`` puts the delivery path on Kafka: ``KAFKA_BOOTSTRAP_SERVERS`` if set,
+else a local noida-db broker on 127.0.0.1:9092 (project/kafkabroker.py, data in
+``.devstack/kafka``) that lives as long as the command.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ from django.db import connections
 
 from notifications import broker, health
 from notifications.conf import settings as app_settings
-from project import devbroker
+from project import devbroker, kafkabroker
 
 WEB = ("127.0.0.1", 8000)
 FLOWER = ("127.0.0.1", 5555)
 METRICS_PORTS = {"worker": 9101, "beat": 9102}  # their metrics servers; the web's is /metrics
 SMTP_PORT = 1025
+KAFKA_PORT = 9092  # Kafka's own, so that a client on this machine finds it without settings
 STOP_TIMEOUT = 10.0
 CHECK_TIMEOUT = 3.0
 
@@ -98,6 +102,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--no-smtp", action="store_true", help="Do not run the local SMTP server.")
         parser.add_argument("--no-flower", action="store_true", help="Do not run Flower.")
+        parser.add_argument(
+            "--broker",
+            choices=["rabbitmq", "kafka"],
+            default=os.environ.get("NOTIFICATIONS_BROKER") or "rabbitmq",
+            help="The delivery path's broker (default rabbitmq, or NOTIFICATIONS_BROKER). With kafka, a local "
+            "Kafka broker runs unless KAFKA_BOOTSTRAP_SERVERS names one; Celery's own tasks stay on RabbitMQ.",
+        )
         parser.add_argument("--concurrency", type=int, default=2, metavar="N", help="Worker processes (default 2).")
         parser.add_argument(
             "--verbose-relay",
@@ -120,12 +131,20 @@ class Command(BaseCommand):
             return
         if options["concurrency"] < 1:
             raise CommandError("--concurrency must be at least 1")
+        self.kafka: kafkabroker.Broker | None = None
+        try:
+            self.run_stack(options)
+        finally:
+            self.stop_kafka()
+
+    def run_stack(self, options: dict[str, Any]) -> None:
         smtp_port = int(os.environ.get("EMAIL_PORT") or SMTP_PORT)
         self.state_dir.mkdir(exist_ok=True)
         self.check_services()
         self.check_ports(
             [WEB[1]] + ([] if options["no_flower"] else [FLOWER[1]]) + ([] if options["no_smtp"] else [smtp_port])
         )
+        kafka_bootstrap = self.start_kafka() if options["broker"] == "kafka" else ""
         if self.ensure_database():
             self.record(database=self._database_record())
         self.say("Migrating the database")
@@ -149,6 +168,10 @@ class Command(BaseCommand):
         if not options["no_smtp"] or not env.get("EMAIL_HOST"):
             env["EMAIL_HOST"] = "127.0.0.1"
         env["FLOWER_BASIC_AUTH"] = flower_auth
+        env["NOTIFICATIONS_BROKER"] = options["broker"]
+        if kafka_bootstrap:
+            # Every child: worker and beat deliver over it, web's dashboard reads its backlog.
+            env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
 
         # Worker and beat serve their counters (README, "Metrics"); the worker's pool
         # processes write theirs to a directory of its own, cleared when it starts.
@@ -286,6 +309,36 @@ class Command(BaseCommand):
         self.say(f"Created database {name}")
         return True
 
+    def start_kafka(self) -> str:
+        """The Kafka the pipeline delivers over: ``KAFKA_BOOTSTRAP_SERVERS`` if set (it must
+        answer), else a noida-db broker started here on 127.0.0.1:9092, its data in
+        ``.devstack/kafka`` (kept between runs, like the database), stopped by stop_kafka()."""
+        given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if given:
+            if not kafkabroker.answers(given, CHECK_TIMEOUT, getattr(settings, "NOTIFICATIONS_KAFKA_CONFIG", None)):
+                raise CommandError(
+                    f"Kafka at {given} (KAFKA_BOOTSTRAP_SERVERS) does not answer within {CHECK_TIMEOUT:.0f}s: start "
+                    "it, or unset KAFKA_BOOTSTRAP_SERVERS and a local broker runs."
+                )
+            self.say(f"Kafka answers at {given}")
+            return given
+        data_dir = self.state_dir / "kafka"
+        # A devstack killed outright (SIGKILL, a closed terminal) leaves its broker running.
+        if kafkabroker.stop_pid_file(data_dir / kafkabroker.PID_FILE):
+            self.say("Stopped the Kafka broker an earlier run left running")
+        try:
+            self.kafka = kafkabroker.start(KAFKA_PORT, data_dir)
+        except kafkabroker.BrokerError as exc:
+            raise CommandError(f"{exc}\n  or point KAFKA_BOOTSTRAP_SERVERS at a running Kafka.") from exc
+        self.say(f"Started a Kafka broker (noida-db) on {self.kafka.bootstrap}, data in {data_dir}")
+        return self.kafka.bootstrap
+
+    def stop_kafka(self) -> None:
+        if self.kafka is not None:
+            self.kafka.stop()
+            self.kafka = None
+            self.say("Kafka broker stopped (its data stays in .devstack/kafka)")
+
     # What this command created, for --teardown ----------------------------------
 
     @property
@@ -339,6 +392,8 @@ class Command(BaseCommand):
         self.say(
             f"Deleted {deleted} Redis key(s) {app_settings.REDIS_KEY_PREFIX}* in {_safe_url(app_settings.REDIS_URL)}"
         )
+        if kafkabroker.stop_pid_file(self.state_dir / "kafka" / kafkabroker.PID_FILE):
+            self.say("Stopped the Kafka broker an earlier run left running")
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
             self.say(f"Removed {self.state_dir}")
@@ -385,6 +440,8 @@ class Command(BaseCommand):
             login = flower_auth.replace(":", " / ", 1)
             lines.append(f"  Flower  http://{FLOWER[0]}:{FLOWER[1]}/   login: {login}")
         lines.append(f"  Broker  {_safe_url(self.broker_url)}")
+        if env.get("NOTIFICATIONS_BROKER") == "kafka":
+            lines.append(f"  Kafka   {env['KAFKA_BOOTSTRAP_SERVERS']} (deliveries; Celery's tasks: the broker above)")
         ports = f"worker :{METRICS_PORTS['worker']}, beat :{METRICS_PORTS['beat']}"
         lines.append(f"  Metrics http://{WEB[0]}:{WEB[1]}/metrics, {ports}")
         if options["no_smtp"]:
