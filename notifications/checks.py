@@ -5,6 +5,7 @@ They run with ``manage.py check`` (and every management command) and at worker s
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.conf import settings as django_settings
@@ -203,6 +204,115 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     return errors
 
 
+BROKERS = ("rabbitmq", "kafka")
+# One bootstrap address as librdkafka reads it: an optional listener name, a host name or
+# IPv4 address or bracketed IPv6 address, and an optional port (9092 when left out).
+_BOOTSTRAP_ADDRESS = re.compile(r"(?:[A-Za-z][A-Za-z0-9_]*://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(\d{1,5}))?")
+# kombu's names for its confluentkafka transport.
+_KOMBU_KAFKA = ("kafka", "confluentkafka")
+
+
+def _celery_broker_urls(conf: Any) -> list[str]:
+    """Every URL Celery's broker setting lists (a string, ``;``-separated, or a list)."""
+    url = conf.broker_url
+    urls = url if isinstance(url, list | tuple) else str(url or "").split(";")
+    return [str(u).strip() for u in urls if str(u).strip()]
+
+
+def _bootstrap_problem(servers: Any) -> str | None:
+    """Why ``servers`` is no list of Kafka bootstrap addresses, or None."""
+    if not isinstance(servers, str) or not servers.strip():
+        return "is empty" if servers in (None, "") or isinstance(servers, str) else f"is not a string: {servers!r}"
+    for address in servers.split(","):
+        found = _BOOTSTRAP_ADDRESS.fullmatch(address.strip())
+        if found is None or (found.group(1) is not None and not 0 < int(found.group(1)) < 65536):
+            return f"has {address.strip()!r}, which is not host:port"
+    return None
+
+
+@register(TAG, Tags.compatibility)
+def check_broker(app_configs: Any = None, **kwargs: Any) -> list[Error]:
+    """``NOTIFICATIONS_BROKER`` and, with Kafka, its settings; and Celery's own broker,
+    which must never be kombu's Kafka transport."""
+    errors: list[Error] = []
+    conf = _celery_conf()
+    transport = str(conf.broker_transport or "").lower()
+    schemes = {url.split("://", 1)[0].lower() for url in _celery_broker_urls(conf) if "://" in url}
+    used = (schemes | {transport}) & set(_KOMBU_KAFKA)
+    if used:
+        errors.append(
+            Error(
+                f"CELERY_BROKER_URL uses kombu's Kafka transport ({', '.join(sorted(used))}): it "
+                "acks by committing every assigned partition at once (acking whatever was fetched before the "
+                "message) and publishes with no delivery report, so a crash loses tasks (a countdown task "
+                "never runs after a worker restart) and the relay marks rows published that Kafka never stored.",
+                hint="Set NOTIFICATIONS_BROKER=kafka with KAFKA_BOOTSTRAP_SERVERS=host:port for the delivery "
+                "path, and keep CELERY_BROKER_URL on RabbitMQ (amqp://) or Redis (redis://) for Celery's own "
+                "tasks.",
+                id="notifications.E026",
+            )
+        )
+    broker = settings.BROKER
+    if broker not in BROKERS:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_BROKER={broker!r} is not one of 'rabbitmq', 'kafka'.",
+                hint="Set NOTIFICATIONS_BROKER = 'rabbitmq' (the default: quorum queues through CELERY_BROKER_URL) "
+                "or 'kafka' (topics on KAFKA_BOOTSTRAP_SERVERS).",
+                id="notifications.E022",
+            )
+        )
+        return errors
+    if broker != "kafka":
+        return errors
+    try:
+        import confluent_kafka  # noqa: F401
+    except Exception as exc:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_BROKER='kafka' but confluent_kafka cannot be imported ({type(exc).__name__}: {exc}).",
+                hint="Install confluent-kafka (pip install 'confluent-kafka>=2.15,<3'), or set "
+                "NOTIFICATIONS_BROKER = 'rabbitmq'.",
+                id="notifications.E023",
+            )
+        )
+    problem = _bootstrap_problem(settings.KAFKA_BOOTSTRAP_SERVERS)
+    if problem:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS {problem}: the relay and the workers could reach no broker.",
+                hint="Set KAFKA_BOOTSTRAP_SERVERS (NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS) to a comma-separated list "
+                "of host:port, e.g. 'kafka-1:9092,kafka-2:9092'.",
+                id="notifications.E024",
+            )
+        )
+    for name in ("KAFKA_PARTITIONS", "KAFKA_REPLICATION_FACTOR"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            errors.append(
+                Error(
+                    f"NOTIFICATIONS_{name} must be a whole number of at least 1, not {value!r}: the relay creates "
+                    "the delivery topics with it.",
+                    hint=f"Set NOTIFICATIONS_{name} to a positive integer (default {DEFAULTS[name]}; a replication "
+                    "factor of 3 in production).",
+                    id="notifications.E025",
+                )
+            )
+    config = settings.KAFKA_CONFIG
+    if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+        errors.append(
+            Error(
+                "NOTIFICATIONS_KAFKA_CONFIG must be a dict of librdkafka settings (names to values), not "
+                f"{type(config).__name__} (or one with keys that are not strings).",
+                hint="Set NOTIFICATIONS_KAFKA_CONFIG to e.g. {'security.protocol': 'SASL_SSL', 'sasl.mechanism': "
+                "'SCRAM-SHA-512'} (the project reads them from KAFKA_SECURITY_PROTOCOL and the other KAFKA_* "
+                "variables).",
+                id="notifications.E027",
+            )
+        )
+    return errors
+
+
 def _backend_errors(name: str, entry: Any) -> list[Error]:
     """What is wrong with the entry ``name`` of ``NOTIFICATIONS_BACKENDS``."""
     from django.utils.module_loading import import_string
@@ -338,7 +448,7 @@ def refuse_unsafe_worker(**kwargs: Any) -> None:
     Raises ``SystemExit``: Celery logs and swallows any ``Exception`` a signal handler
     raises, and the worker would start anyway.
     """
-    errors = [e for e in (*check_pipeline(), *check_backends()) if e.is_serious()]
+    errors = [e for e in (*check_pipeline(), *check_backends(), *check_broker()) if e.is_serious()]
     if errors:
         lines = "\n".join(f"{e.id}: {e.msg}\n    HINT: {e.hint}" for e in errors)
         raise SystemExit(f"notifications: unsafe settings, refusing to start:\n{lines}")

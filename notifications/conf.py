@@ -112,20 +112,30 @@ DEFAULTS: dict[str, Any] = {
     # Where the dead-letter pass leaves messages that carry no notification it can read,
     # with the reason in a header: for a person, never consumed.
     "PARKED_QUEUE": "notifications.parked",
-    # The delivery broker: "rabbitmq" (the quorum queues above) or "kafka" (the topics
-    # below). Celery's own messages (relay wake-ups, housekeeping) ride CELERY_BROKER_URL
-    # with either.
+    # The delivery broker: "rabbitmq" (the quorum queues above, through CELERY_BROKER_URL)
+    # or "kafka" (the topics below). Celery's own tasks (relay wake-ups, recovery, purge,
+    # dead-letter passes) keep CELERY_BROKER_URL either way: kombu's Kafka transport
+    # commits every partition at once and has no publisher confirms, so it cannot carry them.
     "BROKER": "rabbitmq",
+    # Kafka (BROKER="kafka"): comma-separated host:port list the clients bootstrap from.
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
-    # Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.*).
+    # Extra librdkafka client settings for every producer, consumer and admin client
+    # (security.protocol, sasl.*, ssl.*): the project fills it from the environment, so
+    # passwords never live in settings files.
     "KAFKA_CONFIG": {},
+    # Topics for normal and high-priority deliveries (a topic each, as with the queues, so
+    # a high-priority message never waits behind a partition's backlog of normal ones).
     "KAFKA_TOPIC": "notifications.deliver",
     "KAFKA_HIGH_TOPIC": "notifications.deliver.high",
-    # Copies of messages no worker can deliver (undecodable, or crashing past DELIVERY_LIMIT).
+    # Where a consumer copies a message it cannot decode, for a person: Kafka has no
+    # dead-letter queue, and a notification that crashed its consumer is failed by it.
     "KAFKA_DEAD_TOPIC": "notifications.dead",
+    # The consumer group every worker process joins; offsets commit per partition only
+    # after the outcomes of the messages before them are recorded.
     "KAFKA_GROUP": "notifications",
-    # For topics the pipeline creates (it leaves existing ones alone): the partitions cap
-    # how many worker processes deliver at once; production wants a replication factor of 3.
+    # For topics the relay creates on first publish when missing: partitions bound how many
+    # consumers work at once (one per partition at most); production wants a replication
+    # factor of 3 (with min.insync.replicas=2), a single test broker only allows 1.
     "KAFKA_PARTITIONS": 12,
     "KAFKA_REPLICATION_FACTOR": 1,
     # Seconds without a heartbeat before the group gives a consumer's partitions to others.

@@ -1,7 +1,7 @@
 """The on-call dashboard: one admin page that says whether emails are going out, how late,
 what failed and why, what waits for later (scheduled sends, retries) and for a person,
-how deep the delivery queues are, with the two decisions a held ambiguous notification
-needs.
+how deep the delivery queues are (with Kafka, the delivery topics' lag), with the two
+decisions a held ambiguous notification needs.
 
 Every figure comes from ``notifications.status`` (the figures the command line and the
 metrics report too), the queues from ``exposition.broker_queues`` (the metrics' passive
@@ -26,6 +26,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from . import exposition, status
+from .conf import settings
 from .models import Status
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def dashboard_view(model_admin: NotificationAdmin, request: HttpRequest) -> Http
         "next_due_in": duration(scheduled.next_due_in),
         "scheduled_url": f"{changelist}?status__exact={Status.SCHEDULED}",
         "queues": _queues(queues),
+        "kafka": settings.BROKER == "kafka",
         "broker_timeout": exposition.BROKER_TIMEOUT,
         "lag": lag,
         "lag_shown": {name: duration(getattr(lag, name)) for name in ("p50", "p99", "max")},

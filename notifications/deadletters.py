@@ -135,7 +135,14 @@ def _failed(key: str, pk: int, finished: Any, category: str) -> None:
 
 def settle(limit: int = 100) -> list[str]:
     """Take up to ``limit`` messages off the dead-letter queue and settle each as the
-    module docstring says; return the keys ended failed (or held)."""
+    module docstring says; return the keys ended failed (or held).
+
+    With ``NOTIFICATIONS_BROKER=kafka`` there is no delivery dead-letter queue: the
+    consumer ends a notification that crashed it ``failed`` itself and copies a message
+    it cannot decode to ``NOTIFICATIONS_KAFKA_DEAD_TOPIC``; the pass returns [] without
+    connecting to any broker."""
+    if settings.BROKER == "kafka":
+        return []
     from celery import current_app
 
     from . import broker

@@ -7,8 +7,9 @@ same ones the admin dashboard and ``manage.py notifications status`` show: count
 status, bounded as the dashboard's are, the outbox backlog and what waits for later)
 and the depth and consumers of the broker queues (both delivery queues among them),
 read with a passive declare under a short deadline, so a scrape never hangs on a broker
-that is away (``notifications_broker_up 0``). Only the web process asks: workers never
-query for gauges.
+that is away (``notifications_broker_up 0``). With ``NOTIFICATIONS_BROKER=kafka`` the
+delivery "queues" are the Kafka topics, their depth the consumer group's lag. Only the
+web process asks: workers never query for gauges.
 
 A worker (or beat) with ``NOTIFICATIONS_METRICS_PORT`` serves its counters on that port
 (``NOTIFICATIONS_METRICS_ADDRESS``, 127.0.0.1 by default) from its main process. Its
@@ -209,11 +210,15 @@ class PipelineCollector(Collector):
             return
         depth = GaugeMetricFamily(
             "notifications_queue_messages",
-            "Messages ready in a queue of the pipeline (not counting those workers hold unacked).",
+            "Messages ready in a queue of the pipeline (not counting those workers hold unacked); with Kafka, "
+            "a delivery topic's consumer lag (less the message in progress per partition).",
             labels=["queue", "role"],
         )
         consumers = GaugeMetricFamily(
-            "notifications_queue_consumers", "Consumers of a queue of the pipeline.", labels=["queue", "role"]
+            "notifications_queue_consumers",
+            "Consumers of a queue of the pipeline (with Kafka, of a delivery topic: the group's members assigned "
+            "a partition of it).",
+            labels=["queue", "role"],
         )
         for role, (name, ready, consuming) in found.items():
             depth.add_metric([name, role], ready)
@@ -222,8 +227,19 @@ class PipelineCollector(Collector):
         yield consumers
 
 
+DELIVERY_ROLES = ("deliver_high", "deliver")
+
+
 def queue_roles() -> dict[str, str]:
-    """role -> queue name, for the queues a scrape reads (a bounded set of names)."""
+    """role -> queue (or topic) name, for the queues a scrape reads (a bounded set of
+    names). With Kafka the delivery roles are its topics, and Celery's broker carries
+    the relay queue only: deliveries have no dead-letter or parked queue there."""
+    if settings.BROKER == "kafka":
+        return {
+            "deliver_high": settings.KAFKA_HIGH_TOPIC,
+            "deliver": settings.KAFKA_TOPIC,
+            "relay": settings.RELAY_QUEUE,
+        }
     return {
         "deliver_high": settings.HIGH_QUEUE,
         "deliver": settings.DELIVER_QUEUE,
@@ -238,6 +254,10 @@ def broker_queues(
 ) -> dict[str, tuple[str, int, int]] | None:
     """role -> (queue, ready messages, consumers), or None if the broker did not answer
     within ``timeout`` seconds. A queue nobody declared yet counts as empty, unconsumed.
+    With ``NOTIFICATIONS_BROKER=kafka`` a delivery topic's "ready" is its consumer lag
+    (``kafka.lag_by_topic``: published, not yet committed by the group, less the message
+    in progress per partition) and its consumers the group's members assigned to it; a
+    Kafka or a Celery broker that does not answer makes it None.
 
     The passive declares run on a connection of their own in a thread that is waited
     for at most ``timeout``: a broker that accepts the connection and then says nothing
@@ -249,7 +269,10 @@ def broker_queues(
 
     def ask() -> None:
         try:
-            result["queues"] = _declare_passively(app, timeout, url)
+            if settings.BROKER == "kafka":
+                result["queues"] = _kafka_queues(app, timeout, url)
+            else:
+                result["queues"] = _declare_passively(app, timeout, url, queue_roles())
         except Exception as exc:
             result["error"] = exc
 
@@ -262,7 +285,35 @@ def broker_queues(
     return dict(result["queues"])
 
 
-def _declare_passively(app: Any, timeout: float, url: str | None) -> dict[str, tuple[str, int, int]]:
+def _kafka_queues(app: Any, timeout: float, url: str | None) -> dict[str, tuple[str, int, int]]:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from . import kafka
+
+    roles = queue_roles()
+    topics = {roles[role]: role for role in DELIVERY_ROLES}
+    lag = kafka.lag_by_topic()  # raises if Kafka does not answer
+    client = AdminClient(kafka.client_config())
+    [described] = client.describe_consumer_groups([str(settings.KAFKA_GROUP)], request_timeout=timeout).values()
+    consumers = dict.fromkeys(topics, 0)
+    try:
+        members = described.result(timeout=timeout).members
+    except KafkaException as exc:  # a group no consumer ever joined, on some brokers
+        logger.debug("metrics: the Kafka group was not described: %r", exc)
+        members = []
+    for member in members:
+        assigned = member.assignment.topic_partitions if member.assignment else []
+        for topic in {tp.topic for tp in assigned} & set(topics):
+            consumers[topic] += 1
+    found = {role: (topic, int(lag.get(topic, 0)), consumers[topic]) for topic, role in topics.items()}
+    found.update(_declare_passively(app, timeout, url, {r: n for r, n in roles.items() if r not in DELIVERY_ROLES}))
+    return found
+
+
+def _declare_passively(
+    app: Any, timeout: float, url: str | None, roles: dict[str, str]
+) -> dict[str, tuple[str, int, int]]:
     from amqp.exceptions import NotFound
 
     found: dict[str, tuple[str, int, int]] = {}
@@ -271,7 +322,7 @@ def _declare_passively(app: Any, timeout: float, url: str | None) -> dict[str, t
         conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         channel = conn.channel()
         try:
-            for role, name in queue_roles().items():
+            for role, name in roles.items():
                 try:
                     declared = channel.queue_declare(queue=name, passive=True)
                 except NotFound:  # and the broker closed the channel

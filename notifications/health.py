@@ -1,5 +1,7 @@
 """Health probes and their views: ``/healthz`` says the web process is alive,
-``/readyz`` whether PostgreSQL, Redis and the broker answer within a timeout.
+``/readyz`` whether PostgreSQL, Redis and the brokers answer within a timeout: Celery's
+(``CELERY_BROKER_URL``, which carries the relay wake-ups and beat's tasks with either
+delivery broker) and, with ``NOTIFICATIONS_BROKER=kafka``, the Kafka cluster.
 
 Mount them in a service's urls (``path("", include("notifications.health"))``), or
 route the two views yourself.
@@ -57,11 +59,33 @@ def check_rabbitmq(timeout: float, url: str | None = None) -> None:
         conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1, interval_start=0, interval_step=0)
 
 
+def check_kafka(timeout: float) -> None:
+    """Ask the Kafka cluster (``NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS``, with the app's
+    client settings) for its metadata: a broker that answers names the cluster's brokers.
+    The delivery topics need not exist yet (the relay creates them on first publish)."""
+    from confluent_kafka.admin import AdminClient
+
+    from . import kafka
+
+    metadata = AdminClient(kafka.client_config()).list_topics(timeout=timeout)
+    if not metadata.brokers:
+        raise ConnectionError("the cluster's metadata names no broker")
+
+
+# Celery's broker keeps the name "rabbitmq" with either delivery broker (it may be Redis):
+# a probe's name is what monitoring matches on.
 PROBES: dict[str, Probe] = {
     "postgresql": check_postgresql,
     "redis": check_redis,
     "rabbitmq": check_rabbitmq,
 }
+KAFKA_PROBES: dict[str, Probe] = {"kafka": check_kafka}
+
+
+def probes() -> dict[str, Probe]:
+    """The probes /readyz asks with the configured delivery broker."""
+    return {**PROBES, **(KAFKA_PROBES if settings.BROKER == "kafka" else {})}
+
 
 # The drivers' own timeouts run this much past the view's wait, so that a service that
 # does not answer is reported as a timeout by the view, never as whichever of the
@@ -117,7 +141,7 @@ def readiness(timeout: float | None = None) -> dict[str, Any]:
     "failed" | "timeout", "seconds": ..., "error": ...}}}``; never raises.
     """
     timeout = float(settings.HEALTH_TIMEOUT if timeout is None else timeout)
-    futures = {name: _start(name, probe, timeout) for name, probe in PROBES.items()}
+    futures = {name: _start(name, probe, timeout) for name, probe in probes().items()}
     deadline = time.monotonic() + timeout
     checks: dict[str, dict[str, Any]] = {}
     for name, future in futures.items():
@@ -149,7 +173,7 @@ def healthz(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_safe
 def readyz(request: HttpRequest) -> JsonResponse:
-    """200 when PostgreSQL, Redis and the broker all answer, 503 otherwise.
+    """200 when PostgreSQL, Redis and the brokers all answer, 503 otherwise.
 
     The body names each check's state and error for callers ``access.allowed`` admits
     (loopback, the ops token, staff); others get the status code and the overall status

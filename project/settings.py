@@ -150,22 +150,24 @@ NOTIFICATIONS_BACKENDS = (
 NOTIFICATIONS_DEFAULT_BACKEND = os.environ.get("NOTIFICATIONS_DEFAULT_BACKEND") or None
 # RabbitMQ's consumer_timeout (server setting, 30 min by default), for the system checks.
 NOTIFICATIONS_CONSUMER_TIMEOUT = env_float("NOTIFICATIONS_CONSUMER_TIMEOUT", 1800.0)
-
-# The delivery broker: rabbitmq (the default) or kafka (README, "Kafka"). Celery's own
-# messages keep CELERY_BROKER_URL (RabbitMQ or Redis) with either.
+# The delivery broker: "rabbitmq" (the default) or "kafka" (README, "Kafka"). With Kafka,
+# Celery's own tasks still go through CELERY_BROKER_URL (RabbitMQ or Redis, never kafka://).
 NOTIFICATIONS_BROKER = os.environ.get("NOTIFICATIONS_BROKER", "rabbitmq").strip().lower()
 NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+# Security settings for the Kafka clients, only those set; the password only from the
+# environment.
 NOTIFICATIONS_KAFKA_CONFIG = {
-    name: os.environ[var]
-    for name, var in (
-        ("security.protocol", "KAFKA_SECURITY_PROTOCOL"),
-        ("sasl.mechanism", "KAFKA_SASL_MECHANISM"),
-        ("sasl.username", "KAFKA_SASL_USERNAME"),
-        ("sasl.password", "KAFKA_SASL_PASSWORD"),
-        ("ssl.ca.location", "KAFKA_SSL_CA_LOCATION"),
+    option: os.environ[name]
+    for name, option in (
+        ("KAFKA_SECURITY_PROTOCOL", "security.protocol"),
+        ("KAFKA_SASL_MECHANISM", "sasl.mechanism"),
+        ("KAFKA_SASL_USERNAME", "sasl.username"),
+        ("KAFKA_SASL_PASSWORD", "sasl.password"),
+        ("KAFKA_SSL_CA_LOCATION", "ssl.ca.location"),
     )
-    if os.environ.get(var)
+    if os.environ.get(name)
 }
+
 for _name in ("TOPIC", "HIGH_TOPIC", "DEAD_TOPIC", "GROUP"):
     if os.environ.get(f"NOTIFICATIONS_KAFKA_{_name}"):
         globals()[f"NOTIFICATIONS_KAFKA_{_name}"] = os.environ[f"NOTIFICATIONS_KAFKA_{_name}"]

@@ -356,3 +356,162 @@ def test_batch_sizes_and_sending_connections_must_be_positive_integers(settings:
     setattr(settings, f"NOTIFICATIONS_{name}", value)
     error = only("E011")
     assert f"NOTIFICATIONS_{name}" in error.msg and repr(value) in error.msg
+
+
+# The delivery broker: NOTIFICATIONS_BROKER and the Kafka settings.
+
+
+def broker_errors() -> list[str]:
+    from notifications.checks import check_broker
+
+    return fired(check_broker())
+
+
+def only_broker(check_id: str) -> Error:
+    from notifications.checks import check_broker
+
+    errors = check_broker()
+    assert fired(errors) == [f"notifications.{check_id}"], [f"{e.id}: {e.msg}" for e in errors]
+    [error] = errors
+    assert error.is_serious()
+    return error
+
+
+@pytest.mark.parametrize("value", ["rabbitmq", "kafka"])
+def test_both_brokers_pass(settings: Any, value: str) -> None:
+    settings.NOTIFICATIONS_BROKER = value
+    assert broker_errors() == []
+
+
+@pytest.mark.parametrize("value", ["Kafka", "amqp", "", None, "redis"])
+def test_broker_must_be_rabbitmq_or_kafka(settings: Any, value: Any) -> None:
+    settings.NOTIFICATIONS_BROKER = value
+    error = only_broker("E022")
+    assert "'rabbitmq'" in error.msg and "'kafka'" in error.msg
+    assert str(error.hint).startswith("Set NOTIFICATIONS_BROKER")
+
+
+def test_kafka_without_confluent_kafka_installed(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # what an interpreter without it imports
+    error = only_broker("E023")
+    assert "confluent-kafka" in str(error.hint)
+    settings.NOTIFICATIONS_BROKER = "rabbitmq"  # not needed for RabbitMQ
+    assert broker_errors() == []
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        "127.0.0.1:9092",
+        "kafka-1:9092, kafka-2:9092,kafka-3.example.com:19092",
+        "[::1]:9092",
+        "SASL_SSL://broker.example.com:9093",
+        "localhost",
+    ],
+)
+def test_bootstrap_servers_that_pass(settings: Any, servers: str) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    settings.NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = servers
+    assert broker_errors() == []
+
+
+@pytest.mark.parametrize(
+    "servers", ["", "  ", None, "kafka:port", "kafka:9092,", "kafka:0", "kafka:70000", "a b:9092", ["kafka:9092"]]
+)
+def test_bootstrap_servers_empty_or_malformed(settings: Any, servers: Any) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    settings.NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = servers
+    error = only_broker("E024")
+    assert "KAFKA_BOOTSTRAP_SERVERS" in str(error.hint)
+    settings.NOTIFICATIONS_BROKER = "rabbitmq"  # unused with RabbitMQ
+    assert broker_errors() == []
+
+
+@pytest.mark.parametrize("name", ["KAFKA_PARTITIONS", "KAFKA_REPLICATION_FACTOR"])
+@pytest.mark.parametrize("value", [0, -1, "12", 2.0, True, None])
+def test_partitions_and_replication_factor_must_be_positive_integers(settings: Any, name: str, value: Any) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    setattr(settings, f"NOTIFICATIONS_{name}", value)
+    error = only_broker("E025")
+    assert f"NOTIFICATIONS_{name}" in error.msg and repr(value) in error.msg
+
+
+def test_kafka_config_must_be_a_dict_and_is_never_printed(settings: Any) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    settings.NOTIFICATIONS_KAFKA_CONFIG = "sasl.password=hunter2"
+    error = only_broker("E027")
+    assert "hunter2" not in error.msg + str(error.hint)
+    settings.NOTIFICATIONS_KAFKA_CONFIG = {"security.protocol": "SASL_SSL", "sasl.password": "hunter2"}
+    assert broker_errors() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("kafka://127.0.0.1:9092", None),
+        ("confluentkafka://kafka-1:9092", None),
+        ("amqp://guest:guest@rabbit-1:5672//;kafka://kafka-1:9092", None),
+        ("KAFKA://kafka-1:9092", None),
+        (None, "confluentkafka"),
+    ],
+    ids=["kafka", "confluentkafka", "in-a-list", "upper-case", "transport"],
+)
+@pytest.mark.parametrize("broker", ["rabbitmq", "kafka"])
+def test_celery_on_kombus_kafka_transport_is_refused(
+    settings: Any,
+    celery_conf: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str | None,
+    transport: str | None,
+    broker: str,
+) -> None:
+    """The issue's bug: ``CELERY_BROKER_URL=kafka://...`` passed the checks and the first relay
+    pass died. kombu's transport acks every partition at once and checks no delivery report."""
+    settings.NOTIFICATIONS_BROKER = broker
+    if url:  # Celery reads the variable before its own setting
+        monkeypatch.setenv("CELERY_BROKER_URL", url)
+    if transport:
+        celery_conf(broker_transport=transport)
+    error = only_broker("E026")
+    assert "every assigned partition at once" in error.msg and "countdown" in error.msg
+    hint = str(error.hint)
+    assert "NOTIFICATIONS_BROKER=kafka" in hint and "KAFKA_BOOTSTRAP_SERVERS" in hint
+    assert "keep CELERY_BROKER_URL on RabbitMQ" in hint and "Redis" in hint
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:guest@127.0.0.1:5672//", "redis://127.0.0.1:6379/0"])
+def test_celery_on_rabbitmq_or_redis_beside_kafka_passes(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    monkeypatch.setenv("CELERY_BROKER_URL", url)
+    assert broker_errors() == []
+
+
+def test_manage_check_refuses_celery_on_kafka() -> None:
+    """As the issue reported it: the project's defaults, with only CELERY_BROKER_URL changed."""
+    result = run(
+        [sys.executable, "manage.py", "check"], project_defaults_env(CELERY_BROKER_URL="kafka://127.0.0.1:9092")
+    )
+    assert result.returncode != 0, result.stdout
+    assert "notifications.E026" in result.stdout and "NOTIFICATIONS_BROKER=kafka" in result.stdout
+
+
+def test_manage_check_passes_the_projects_kafka_environment() -> None:
+    env = project_defaults_env(
+        NOTIFICATIONS_BROKER="kafka", KAFKA_BOOTSTRAP_SERVERS="kafka-1:9092,kafka-2:9092", KAFKA_SASL_PASSWORD="x"
+    )
+    result = run([sys.executable, "manage.py", "check"], env)
+    assert result.returncode == 0, result.stdout
+    result = run([sys.executable, "manage.py", "check"], {**env, "NOTIFICATIONS_BROKER": "kafak"})
+    assert result.returncode != 0 and "notifications.E022" in result.stdout
+
+
+def test_worker_refuses_to_start_on_celerys_kafka_transport() -> None:
+    result = run(
+        [sys.executable, "-m", "celery", "-A", "project", "worker", "-c", "1", "--without-mingle", "--without-gossip"],
+        child_env(CELERY_BROKER_URL="kafka://127.0.0.1:9"),
+    )
+    assert result.returncode != 0, result.stdout[-4000:]
+    assert "refusing to start" in result.stdout and "notifications.E026" in result.stdout

@@ -17,6 +17,8 @@ from django.utils import timezone
 
 from notifications.models import Notification, OutboxMessage, SentEmail, Status
 from tests.test_admin import CHANGELIST, logged_in, make, scheduled, shown, staff, state
+from tests.test_health import kafka_server  # noqa: F401 (a fixture)
+from tests.test_metrics import kafka_topics  # noqa: F401 (a fixture)
 
 DASHBOARD = "admin:notifications_notification_dashboard"
 
@@ -558,3 +560,30 @@ def _captured(run: Any) -> list[str]:
     with CaptureQueriesContext(connection) as queries:
         run()
     return [str(q["sql"]) for q in queries.captured_queries]
+
+
+def test_with_kafka_the_dashboard_lists_the_delivery_topics_lag(
+    admin_client: Client,
+    kafka_topics: tuple[str, str],  # noqa: F811 (the fixture)
+) -> None:
+    from confluent_kafka import Producer
+
+    from notifications import kafka
+    from notifications.conf import settings as conf
+    from tests.conftest import wait_for
+
+    high, normal = kafka_topics
+    producer = Producer({"bootstrap.servers": conf.KAFKA_BOOTSTRAP_SERVERS})
+    for _ in range(3):
+        producer.produce(high, value=b"{}")
+    assert producer.flush(15) == 0
+    wait_for(lambda: kafka.lag_by_topic().get(high) == 2, timeout=20, what=kafka.lag_by_topic)
+
+    html = page(admin_client)
+    row = re.search(
+        r'<tr id="queue-deliver_high"><td>([^<]+)</td>.*?data-ready="(\d+)".*?data-consumers="(\d+)"', html, re.S
+    )
+    assert row and row.groups() == (high, "2", "0")
+    assert re.search(r'<tr id="queue-deliver"><td>' + re.escape(normal) + "</td>", html)
+    assert 'id="queue-relay"' in html and 'id="queue-dead_letter"' not in html
+    assert 'id="kafka-lag"' in html and "consumer group's lag" in html

@@ -15,7 +15,7 @@ from notifications import broker, deadletters, notify
 from notifications.conf import settings as conf
 from notifications.managers import NOTIFICATION_COLUMNS, decode_metadata
 from notifications.models import Notification, SentEmail
-from tests.conftest import notification_kwargs, wait_for
+from tests.conftest import free_port, notification_kwargs, wait_for
 from tests.settings import VHOST
 from tests.smtp import Plan
 from tests.test_crash_points import queue_depth
@@ -195,3 +195,27 @@ def test_a_dead_letter_that_cannot_be_settled_is_parked_and_does_not_block_the_r
     assert Notification.objects.get(pk=n.pk).status == "failed"
     assert queue_depth(conf.DEAD_LETTER_QUEUE) == 0
     assert queue_depth(conf.PARKED_QUEUE) == parked_before + 1
+
+
+def test_with_kafka_the_pass_leaves_the_rabbitmq_dead_letters_alone(settings, monkeypatch):
+    """Kafka has no dead-letter queue for deliveries (the consumer fails a crashing
+    notification itself and copies an undecodable message to the dead topic): the pass
+    settles nothing and connects to no broker, not even Celery's."""
+    deadletters.settle()
+    n = notify(**notification_kwargs())
+    payload = {c: getattr(n, c) for c in NOTIFICATION_COLUMNS}
+    _dead_letter(
+        [[[payload]], {}, {}],
+        broker.DELIVER_MANY_TASK,
+        **{"x-death": [{"reason": "delivery_limit", "count": 3, "queue": conf.DELIVER_QUEUE}]},
+    )
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    assert deadletters.settle() == []
+    assert queue_depth(conf.DEAD_LETTER_QUEUE) == 1  # left where it was
+    assert Notification.objects.get(pk=n.pk).status != "failed"
+    with monkeypatch.context() as patched:
+        # A broker that is away would raise (or retry for ever) if the pass connected.
+        patched.setenv("CELERY_BROKER_URL", f"amqp://guest:guest@127.0.0.1:{free_port()}//")
+        assert deadletters.settle() == []
+    settings.NOTIFICATIONS_BROKER = "rabbitmq"
+    assert deadletters.settle() == [n.key]  # and RabbitMQ's pass still settles it

@@ -234,3 +234,89 @@ def test_readyz_returns_within_its_timeout_when_every_service_hangs(web: Any) ->
     finally:
         for server in hang.values():
             server.close()
+
+
+# With NOTIFICATIONS_BROKER=kafka ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Kafka-protocol broker (noida-db, not Apache Kafka) on a free port with a data
+    dir of its own; its process group is killed at the end."""
+    import os
+    import signal
+
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    port = closed_port()
+    data = tmp_path_factory.mktemp("kafka")
+    log = open(data / "broker.log", "wb")  # noqa: SIM115 (closed with the process)
+    argv = ["start", "--only", "kafka", "--kafka-port", str(port), "--host", "127.0.0.1", "--data-dir", str(data)]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "noida-db"), *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    bootstrap = f"127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, (data / "broker.log").read_text()
+        try:
+            AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=1.0)
+        except KafkaException:
+            return False
+        return True
+
+    try:
+        wait_for(answers, timeout=30, what="the Kafka broker")
+        yield bootstrap
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+
+
+def _settled(name: str) -> bool:
+    """No probe ``name`` still running (a later request would join it)."""
+    from notifications import health
+
+    running = health._running.get(name)
+    return running is None or running.done()
+
+
+@pytest.mark.django_db
+def test_readyz_asks_kafka_beside_celerys_broker(client: Client, kafka_server: str) -> None:
+    with override_settings(NOTIFICATIONS_BROKER="kafka", NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS=kafka_server):
+        status, body = readyz(client)
+
+    assert status == 200, body
+    # Celery's broker is still asked: the relay wake-ups and beat's tasks ride it.
+    assert {name: check["state"] for name, check in body["checks"].items()} == dict.fromkeys(CHECKS | {"kafka"}, "ok")
+
+
+@pytest.mark.django_db
+def test_readyz_names_kafka_when_no_broker_answers(client: Client) -> None:
+    with override_settings(
+        NOTIFICATIONS_BROKER="kafka", NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port()}"
+    ):
+        began = time.monotonic()
+        status, body = readyz(client)
+        took = time.monotonic() - began
+
+    assert status == 503 and body["status"] == "unavailable"
+    checks = body["checks"]
+    # librdkafka retries a refused connection until the deadline: no answer is a timeout.
+    assert checks["kafka"]["state"] in ("failed", "timeout"), checks
+    assert took < float(SHIPPED_TIMEOUT) + 1.5
+    assert {checks[name]["state"] for name in CHECKS} == {"ok"}
+    wait_for(lambda: _settled("kafka"), timeout=10, what="the Kafka probe's end")
+
+
+@pytest.mark.django_db
+def test_readyz_does_not_ask_kafka_with_rabbitmq(client: Client) -> None:
+    with override_settings(NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{closed_port()}"):
+        status, body = readyz(client)
+
+    assert status == 200 and set(body["checks"]) == CHECKS

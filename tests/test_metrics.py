@@ -29,6 +29,7 @@ from notifications.managers import NOTIFICATION_COLUMNS
 from notifications.models import Notification, OutboxMessage, Priority, SentEmail, Status
 from tests.conftest import Workers, notification_kwargs, take_delivery_payloads, wait_for
 from tests.smtp import Plan
+from tests.test_health import kafka_server  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -464,3 +465,97 @@ def test_counts_of_a_pool_process_killed_mid_send_stay_and_agree_with_the_databa
     assert claim.token == 2 and delta(after, before, "notifications_claim_takeovers_total") == 1
     assert delta(after, before, "notifications_delivery_latency_seconds_count") == 11
     assert smtp_server.count(n.key) == 2  # the one window: the first copy had reached the server
+
+
+# With NOTIFICATIONS_BROKER=kafka: the delivery "queues" are topics, their depth the lag.
+
+
+@pytest.fixture
+def kafka_topics(kafka_server: str, settings: Any) -> Iterator[tuple[str, str]]:  # noqa: F811 (the fixture)
+    """BROKER=kafka on the test's broker, with delivery topics (one partition each) and a
+    group of this test's own; the module's cached clients are dropped before and after."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from notifications import kafka
+    from tests.conftest import unique
+
+    high, normal = unique("deliver-high"), unique("deliver")
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    settings.NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = kafka_server
+    settings.NOTIFICATIONS_KAFKA_TOPIC = normal
+    settings.NOTIFICATIONS_KAFKA_HIGH_TOPIC = high
+    settings.NOTIFICATIONS_KAFKA_GROUP = unique("group")
+    kafka._reset()
+    client = AdminClient({"bootstrap.servers": kafka_server})
+    for future in client.create_topics(
+        [NewTopic(t, num_partitions=1, replication_factor=1) for t in (high, normal)]
+    ).values():
+        future.result(timeout=15)
+    yield high, normal
+    kafka._reset()
+
+
+def test_with_kafka_the_delivery_gauges_are_the_topics_lag_and_assigned_consumers(client, kafka_topics):
+    from confluent_kafka import Consumer, Producer
+
+    from notifications import kafka
+
+    high, normal = kafka_topics
+    producer = Producer({"bootstrap.servers": conf.KAFKA_BOOTSTRAP_SERVERS, "enable.idempotence": True})
+    for topic, count in ((normal, 4), (high, 2)):
+        for i in range(count):
+            producer.produce(topic, key=f"user-{i}".encode(), value=b"{}")
+    assert producer.flush(15) == 0
+
+    # Four messages in the normal topic's one partition, none committed: three wait behind
+    # the first (which a consumer would be working on).
+    wait_for(lambda: kafka.lag_by_topic() == {high: 1, normal: 3}, timeout=20, what=kafka.lag_by_topic)
+    found = web(client)
+    assert value(found, "notifications_broker_up") == 1
+    assert value(found, "notifications_queue_messages", queue=normal, role="deliver") == 3
+    assert value(found, "notifications_queue_messages", queue=high, role="deliver_high") == 1
+    assert value(found, "notifications_queue_consumers", queue=normal, role="deliver") == 0
+    # Celery's broker still carries the relay queue; deliveries have no dead letters there.
+    assert {dict(labels).get("role") for name, labels in found if name == "notifications_queue_messages"} == {
+        "deliver",
+        "deliver_high",
+        "relay",
+    }
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": conf.KAFKA_BOOTSTRAP_SERVERS,
+            "group.id": conf.KAFKA_GROUP,
+            "session.timeout.ms": 6000,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        consumer.subscribe([normal])
+        message = wait_for(lambda: consumer.poll(0.2), timeout=30, what="a message of the normal topic")
+        consumer.commit(message=message, asynchronous=False)  # the first is done: two wait behind the second
+        wait_for(lambda: kafka.lag_by_topic()[normal] == 2, timeout=20, what=kafka.lag_by_topic)
+        found = web(client)
+        assert value(found, "notifications_queue_messages", queue=normal, role="deliver") == 2
+        assert value(found, "notifications_queue_consumers", queue=normal, role="deliver") == 1
+        assert value(found, "notifications_queue_consumers", queue=high, role="deliver_high") == 0
+    finally:
+        consumer.close()
+
+
+def test_with_kafka_a_broker_that_is_away_costs_the_scrape_at_most_its_timeout(settings):
+    from notifications import kafka
+
+    settings.NOTIFICATIONS_BROKER = "kafka"
+    settings.NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS = f"127.0.0.1:{free_port()}"
+    kafka._reset()
+    try:
+        began = time.monotonic()
+        found = parse_collected(exposition.PipelineCollector(timeout=1.0))
+        assert time.monotonic() - began < 3.0
+        assert value(found, "notifications_broker_up") == 0
+        assert value(found, "notifications_database_up") == 1
+        assert not any(name == "notifications_queue_messages" for name, _ in found)
+    finally:
+        kafka._reset()
