@@ -114,6 +114,14 @@ def _reset() -> None:
         _producer = None
         _admin = None
         _partitions.clear()
+        _topics_ready.clear()
+
+
+def _forget_topics() -> None:
+    """After a failed publish: read the topics anew next time (a broker that lost its log
+    lost them too, and they are created again)."""
+    _partitions.clear()
+    _topics_ready.clear()
 
 
 def ensure_topics() -> None:
@@ -148,7 +156,12 @@ def partition_count(topic: str) -> int:
     known = _partitions.get(topic)
     if known and time.monotonic() - known[1] < METADATA_TTL:
         return known[0]
-    meta = producer().list_topics(topic, timeout=5)
+    from confluent_kafka import KafkaException
+
+    try:
+        meta = producer().list_topics(topic, timeout=5)
+    except KafkaException as exc:
+        raise PublishError(f"no metadata for Kafka topic {topic!r}: {exc}") from exc
     entry = meta.topics.get(topic)
     if entry is None or entry.error is not None or not entry.partitions:
         raise PublishError(f"Kafka topic {topic!r} has no partitions ({entry.error if entry else 'missing'})")
@@ -268,12 +281,14 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
         # What is still queued locally goes no further: the next pass publishes it again.
         prod.purge(in_queue=True, in_flight=False)
         prod.poll(0)
+        _forget_topics()
         raise PublishError(f"{produced - len(reports)} Kafka message(s) unconfirmed after {timeout:.0f}s")
     failed = [(index, err) for index, err in reports if err is not None]
     for index, err in failed:
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             too_large_batches.append(messages[index][2])
         else:
+            _forget_topics()
             raise PublishError(f"Kafka did not take {len(failed)} message(s): {err}")
     for batch in too_large_batches:
         if len(batch) == 1:

@@ -278,11 +278,18 @@ class DeliveryConsumer(threading.Thread):
             f"dead-lettered: delivery crashed its worker {starts - 1} times "
             f"(NOTIFICATIONS_DELIVERY_LIMIT={settings.DELIVERY_LIMIT})"
         )
+        from .models import FINISHED_STATUSES, Notification
+
         try:
             for payload in payloads:
                 deadletters.fail(payload, why, crashed=True, category="crashed_worker")
+            keys = [p["key"] for p in payloads]
+            held = Notification.objects.filter(key__in=keys).exclude(status__in=FINISHED_STATUSES).exists()
         except Exception as exc:
             raise Retry(_backoff(self.failures + 1), f"its failure not recorded ({exc!r})") from exc
+        if held:
+            # A claim of the worker that died is live until its lease ends: fail it then.
+            raise Retry(float(settings.CLAIM_LEASE) / 2, "a dead worker's claim is still live")
         self._dead(msg, why)
 
     def _dead(self, msg: Any, reason: str) -> None:

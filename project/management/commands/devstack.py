@@ -327,7 +327,7 @@ class Command(BaseCommand):
         if kafkabroker.stop_pid_file(data_dir / kafkabroker.PID_FILE):
             self.say("Stopped the Kafka broker an earlier run left running")
         try:
-            self.kafka = kafkabroker.start(KAFKA_PORT, data_dir)
+            self.kafka = kafkabroker.start(KAFKA_PORT, data_dir, engine="noida")  # its data kept in .devstack
         except kafkabroker.BrokerError as exc:
             raise CommandError(f"{exc}\n  or point KAFKA_BOOTSTRAP_SERVERS at a running Kafka.") from exc
         self.say(f"Started a Kafka broker (noida-db) on {self.kafka.bootstrap}, data in {data_dir}")
