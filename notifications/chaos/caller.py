@@ -357,6 +357,9 @@ def _publish_undecodable(n: Any) -> None:
     from notifications.conf import settings
     from notifications.managers import NOTIFICATION_COLUMNS
 
+    if settings.BROKER == "kafka":
+        _publish_undecodable_to_kafka(n)
+        return
     payload = {c: getattr(n, c) for c in NOTIFICATION_COLUMNS}
     payload["created_at"] = n.created_at.isoformat()
     for c in ("send_at", "expires_at"):
@@ -369,6 +372,38 @@ def _publish_undecodable(n: Any) -> None:
             return
         except Exception:  # the broker is restarting: the notification must still get its message
             time.sleep(min(0.1 * 2**attempt, 2.0))
+    raise SystemExit(f"could not publish the undecodable message of {n.key}")
+
+
+def _publish_undecodable_to_kafka(n: Any) -> None:
+    """On Kafka: a message in the delivery topic (the notification's partition) that is
+    no JSON a worker can read; it goes to the dead-letter topic, and the notification,
+    published and never claimed, is published again by the recovery."""
+    from confluent_kafka import KafkaException, Producer
+
+    from notifications import kafka
+    from notifications.conf import settings
+
+    producer = Producer({**kafka.client_config(), "enable.idempotence": True, "acks": "all"})
+    value = b"\xff undecodable: " + n.key.encode()
+    reports: list[Any] = []
+    for attempt in range(50):
+        reports.clear()
+        try:
+            kafka.ensure_topics()
+            producer.produce(
+                str(settings.KAFKA_TOPIC),
+                value=value,
+                key=str(n.user_id).encode(),
+                on_delivery=lambda err, msg: reports.append(err),
+            )
+            producer.flush(10)
+            if reports and reports[0] is None:
+                return
+        except (KafkaException, BufferError):
+            pass
+        kafka._reset()  # a broker that lost its log lost the topics too: create them again
+        time.sleep(min(0.1 * 2**attempt, 2.0))  # the broker is restarting: the notification must still get it
     raise SystemExit(f"could not publish the undecodable message of {n.key}")
 
 

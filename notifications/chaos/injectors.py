@@ -212,6 +212,53 @@ def rabbit_restart(run: ChaosRun, rng: random.Random) -> str:
     return f"RabbitMQ app stopped for {down:.1f}s and started again"
 
 
+def kafka_restart(run: ChaosRun, rng: random.Random) -> str:
+    """Restart the run's Kafka broker (Tansu: its log is in memory, so topics, messages and
+    the group's committed offsets are lost): what was published and not yet claimed must
+    be published again by the recovery."""
+    if run.kafka is None:
+        return "skipped: the Kafka broker is not the run's own (--kafka-bootstrap), it cannot be restarted"
+    with run.lock:
+        if "kafka" in run.busy:
+            return "skipped: Kafka busy"
+        run.busy.add("kafka")
+    try:
+        down = rng.uniform(1.0, 4.0)
+        run.kafka_line.drop()
+        run.kafka.restart(down)
+    finally:
+        _release(run, "kafka")
+    return f"Kafka broker stopped for {down:.1f}s and started again with an empty log (topics, messages, offsets lost)"
+
+
+def kafka_cut(run: ChaosRun, rng: random.Random) -> str:
+    """Cut every client's line to Kafka (packets taken, never answered) for up to twice
+    the consumers' session timeout, then restore it: heartbeats stop, so the group may end
+    its members and rebalance when they come back."""
+    if run.kafka_line is None:
+        return "skipped: the Kafka broker is not the run's own (--kafka-bootstrap), its line cannot be cut"
+    with run.lock:
+        if "kafka" in run.busy:
+            return "skipped: Kafka busy"
+        run.busy.add("kafka")
+    seconds = rng.uniform(2.0, 12.0)
+    try:
+        run.kafka_line.cut()
+        time.sleep(seconds)
+        run.kafka_line.restore()
+    finally:
+        _release(run, "kafka")
+    return f"every Kafka connection (producer, consumers, admin) cut off for {seconds:.1f}s"
+
+
+def kafka_close(run: ChaosRun, rng: random.Random) -> str:
+    if run.kafka_line is None:
+        return "skipped: the Kafka broker is not the run's own (--kafka-bootstrap), its connections cannot be closed"
+    # While the line is cut or the broker restarting too: the clients see a reset on top.
+    closed = run.kafka_line.drop()
+    return f"closed all {closed} Kafka connection(s) (producer, consumers, admin)"
+
+
 def redis_flush(run: ChaosRun, rng: random.Random) -> str:
     sh("redis-cli", "-n", str(run.redis_db), "flushdb")
     return f"FLUSHDB on Redis db {run.redis_db}"
@@ -324,6 +371,9 @@ INJECTORS: dict[str, Injector] = {
         Injector("dual_relay", False, dual_relay),
         Injector("rabbit_close", False, rabbit_close),
         Injector("rabbit_restart", True, rabbit_restart),
+        Injector("kafka_restart", False, kafka_restart),
+        Injector("kafka_cut", False, kafka_cut),
+        Injector("kafka_close", False, kafka_close),
         Injector("redis_flush", False, redis_flush),
         Injector("redis_restart", True, redis_restart),
         Injector("pg_terminate", False, pg_terminate),
@@ -338,6 +388,8 @@ INJECTORS: dict[str, Injector] = {
 # Not scheduled: always present in the caller's traffic when selected.
 TRAFFIC_FAULTS = ("smtp_5xx", "poison", "undecodable", "oversized")
 ALL_FAULTS = (*INJECTORS, *TRAFFIC_FAULTS)
+# Faults of the Kafka delivery path: selected by "all" only with --broker kafka.
+KAFKA_FAULTS = ("kafka_restart", "kafka_cut", "kafka_close")
 
 
 def run_in_background(run: ChaosRun, injector: Injector, rng: random.Random) -> threading.Thread:

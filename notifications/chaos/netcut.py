@@ -13,7 +13,12 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
+
+# Kafka request types the line counts when told to (``kafka=True``): a consumer group's
+# rebalance shows as every member joining and syncing again.
+KAFKA_GROUP_REQUESTS = {11: "JoinGroup", 13: "LeaveGroup", 14: "SyncGroup"}
 
 
 @dataclass
@@ -21,6 +26,27 @@ class _Pair:
     client: socket.socket
     server: socket.socket
     pending: dict[socket.socket, bytes] = field(default_factory=dict)
+    head: bytearray = field(default_factory=bytearray)  # Kafka: the request header read so far
+    skip: int = 0  # Kafka: bytes of the current request still to pass
+
+    def requests(self, data: bytes) -> list[int]:
+        """The api keys of the Kafka requests that begin in ``data`` (client to broker:
+        each a 4-byte size, then a 2-byte api key)."""
+        keys, i = [], 0
+        while i < len(data):
+            if self.skip:
+                n = min(self.skip, len(data) - i)
+                self.skip -= n
+                i += n
+                continue
+            take = data[i : i + 6 - len(self.head)]
+            self.head += take
+            i += len(take)
+            if len(self.head) == 6:
+                keys.append(int.from_bytes(self.head[4:6], "big"))
+                self.skip = max(0, int.from_bytes(self.head[:4], "big", signed=True) - 2)
+                self.head = bytearray()
+        return keys
 
     def other(self, sock: socket.socket) -> socket.socket:
         return self.server if sock is self.client else self.client
@@ -28,10 +54,13 @@ class _Pair:
 
 class LineCut:
     """``LineCut(port=5432).start()`` listens on 127.0.0.1:``self.port`` and forwards to
-    the target; ``cut()`` and ``restore()`` switch the line; ``stop()`` closes it all."""
+    the target (PostgreSQL, or the chaos run's Kafka broker); ``cut()`` and ``restore()``
+    switch the line; ``drop()`` closes its connections; ``stop()`` closes it all."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5432) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 5432, kafka: bool = False) -> None:
         self.target = (host, port)
+        self.kafka = kafka
+        self.group_requests: list[tuple[float, str]] = []  # Kafka: (wall time, request type)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.setblocking(False)
         self.port = int(self.listener.getsockname()[1])
@@ -58,6 +87,15 @@ class LineCut:
 
     def restore(self) -> None:
         self._cut.clear()
+
+    def drop(self) -> int:
+        """Close every connection through the line at once (both ends see it closed, as
+        after a broker or network reset); new ones are taken as before. Returns how many."""
+        with self._forwarding:
+            pairs = {id(p): p for p in self.pairs.values()}
+            for pair in pairs.values():
+                self._close(pair)
+        return len(pairs)
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,6 +148,10 @@ class LineCut:
         if not data:
             self._close(pair)
             return
+        if self.kafka and sock is pair.client:
+            now = time.time()
+            kinds = [KAFKA_GROUP_REQUESTS[k] for k in pair.requests(data) if k in KAFKA_GROUP_REQUESTS]
+            self.group_requests += [(now, kind) for kind in kinds]
         try:
             pair.other(sock).sendall(data)
         except BlockingIOError:  # the peer's buffer is full: finish in blocking mode

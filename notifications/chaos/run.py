@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import psycopg
 
 from . import mailserver, report
-from .injectors import INJECTORS, TRAFFIC_FAULTS, add_vhost, run_in_background, sh, wait
+from .injectors import INJECTORS, KAFKA_FAULTS, TRAFFIC_FAULTS, add_vhost, run_in_background, sh, wait
 from .processes import Fleet, migrate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -60,6 +61,12 @@ class Options:
     bulk_share: float = 0.5
     bulk_rate: float = 40.0
     burst: int | None = None
+    # The delivery path: "rabbitmq" (the quorum queues) or "kafka" (Celery's own messages
+    # stay on RabbitMQ either way). On Kafka the run starts a Tansu broker of its own behind
+    # a line it can cut, unless kafka_bootstrap names one (which it can neither restart
+    # nor cut off).
+    broker: str = "rabbitmq"
+    kafka_bootstrap: str | None = None
 
 
 # What the report quotes of the settings the pipeline ran with.
@@ -77,6 +84,18 @@ REPORTED_SETTINGS = (
     "CELERY_TASK_SOFT_TIME_LIMIT",
     "CELERY_TASK_TIME_LIMIT",
     "NOTIFICATIONS_BACKENDS",
+    "NOTIFICATIONS_BROKER",
+    "NOTIFICATIONS_RECOVER_UNCLAIMED_AFTER",
+)
+# Quoted too when the delivery path is on Kafka.
+REPORTED_KAFKA_SETTINGS = (
+    "NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS",
+    "NOTIFICATIONS_KAFKA_TOPIC",
+    "NOTIFICATIONS_KAFKA_HIGH_TOPIC",
+    "NOTIFICATIONS_KAFKA_DEAD_TOPIC",
+    "NOTIFICATIONS_KAFKA_GROUP",
+    "NOTIFICATIONS_KAFKA_PARTITIONS",
+    "NOTIFICATIONS_KAFKA_SESSION_TIMEOUT",
 )
 
 # The named backends the traffic goes through, each to a listener of the run's mail
@@ -110,6 +129,16 @@ class ChaosRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
         self._consumer_timeout_before: str | None = None
+        self.on_kafka = options.broker == "kafka"
+        self.kafka: Any = None  # the run's own Tansu broker (tansu.Tansu)
+        self.kafka_line: Any = None  # the line every Kafka client reaches it through
+        self.kafka_bootstrap = options.kafka_bootstrap or ""
+        self.topics = {
+            "NOTIFICATIONS_KAFKA_TOPIC": f"chaos.{self.id}.deliver",
+            "NOTIFICATIONS_KAFKA_HIGH_TOPIC": f"chaos.{self.id}.deliver.high",
+            "NOTIFICATIONS_KAFKA_DEAD_TOPIC": f"chaos.{self.id}.dead",
+            "NOTIFICATIONS_KAFKA_GROUP": f"chaos-{self.id}",
+        }
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -134,6 +163,8 @@ class ChaosRun:
 
             sh(*REDIS_START)
             wait(lambda: sh("redis-cli", "ping").stdout.strip() == "PONG", 30, 0.2)
+        if self.kafka is not None and not self.kafka.running():
+            self.kafka.start()
         if self.cluster is not None:
             self.cluster.ensure_running()
             return
@@ -153,7 +184,7 @@ class ChaosRun:
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE", "DJANGO_", "REDIS_"))
+            if not k.startswith(("NOTIFICATIONS_", "CELERY_", "EMAIL_", "DATABASE", "DJANGO_", "REDIS_", "KAFKA_"))
         }
         env.update(
             # project/settings.py, plus only the named backends and the template directory
@@ -172,6 +203,8 @@ class ChaosRun:
             # Logging only: the pipeline's warnings, not every delivery.
             NOTIFICATIONS_LOG_LEVEL="WARNING",
         )
+        if self.on_kafka:
+            env.update(NOTIFICATIONS_BROKER="kafka", KAFKA_BOOTSTRAP_SERVERS=self.kafka_bootstrap, **self.topics)
         if self.o.consumer_timeout is not None:
             env["NOTIFICATIONS_CONSUMER_TIMEOUT"] = str(self.o.consumer_timeout)
         if "poison" in self.o.faults:
@@ -203,7 +236,7 @@ class ChaosRun:
             "import json, django; django.setup()\n"
             "from django.conf import settings\n"
             "from notifications.conf import settings as conf\n"
-            f"names = {list(REPORTED_SETTINGS)!r}\n"
+            f"names = {list(self.reported_settings())!r}\n"
             "out = {}\n"
             "for name in names:\n"
             "    short = name.removeprefix('NOTIFICATIONS_')\n"
@@ -218,9 +251,33 @@ class ChaosRun:
         values: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return values
 
+    def reported_settings(self) -> tuple[str, ...]:
+        return (*REPORTED_SETTINGS, *REPORTED_KAFKA_SETTINGS) if self.on_kafka else REPORTED_SETTINGS
+
+    def start_kafka(self) -> None:
+        """The run's own Tansu broker, advertising a line the run can cut (unless
+        ``--kafka-bootstrap`` named a broker)."""
+        if self.o.kafka_bootstrap:
+            from .tansu import answers
+
+            if not answers(self.o.kafka_bootstrap, timeout=5.0):
+                raise RuntimeError(f"no Kafka broker answers on {self.o.kafka_bootstrap}")
+            self.say(f"Kafka: the broker at {self.kafka_bootstrap} (not restarted, not cut off)")
+            return
+        from .netcut import LineCut
+        from .tansu import Tansu
+
+        port = free_port()
+        self.kafka_line = LineCut(port=port, kafka=True).start()
+        self.kafka = Tansu(port, self.kafka_line.port, self.workdir / "kafka.log").start()
+        self.kafka_bootstrap = self.kafka.advertised
+        self.say(f"Kafka: Tansu on :{port}, every client through a line on {self.kafka_bootstrap}")
+
     def setup(self) -> None:
         self.say(f"chaos run {self.id}: database {self.database}, vhost {self.vhost}, redis db {self.redis_db}")
         self.ensure_services()
+        if self.on_kafka:
+            self.start_kafka()
         self.mail = mailserver.start(
             free_port(), seed=self.o.seed, listeners={TRANSACTIONAL: free_port(), BULK: free_port()}
         )
@@ -271,6 +328,10 @@ class ChaosRun:
             self.fleet.stop_all()
         if self.line is not None:
             self.line.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+        if self.kafka_line is not None:
+            self.kafka_line.stop()
         if self.cluster is not None:
             self.cluster.teardown()
         else:
@@ -345,12 +406,16 @@ class ChaosRun:
     def injectors(self) -> dict[str, Any]:
         """The faults of this run: with a cluster of its own, the leader faults replace
         the machine node's restart, and closing connections closes the cluster's."""
-        if self.cluster is None and not self.o.cluster:
+        if self.on_kafka:
+            # RabbitMQ's faults stay: it still carries Celery's messages (relay wake-ups,
+            # recover, purge, dead-letter passes).
             return dict(INJECTORS)
+        if self.cluster is None and not self.o.cluster:
+            return {k: v for k, v in INJECTORS.items() if k not in KAFKA_FAULTS}
         from .cluster import rabbit_leader_kill, rabbit_leader_stop
         from .injectors import Injector
 
-        out = {k: v for k, v in INJECTORS.items() if k not in ("rabbit_restart", "rabbit_close")}
+        out = {k: v for k, v in INJECTORS.items() if k not in ("rabbit_restart", "rabbit_close", *KAFKA_FAULTS)}
         out["rabbit_close"] = Injector("rabbit_close", False, _cluster_close)
         out["rabbit_leader_stop"] = Injector("rabbit_leader_stop", False, rabbit_leader_stop)
         out["rabbit_leader_kill"] = Injector("rabbit_leader_kill", False, rabbit_leader_kill)
@@ -421,13 +486,31 @@ class ChaosRun:
             },
             "rabbitmq_consumer_timeout": self.o.consumer_timeout or "the broker's own",
             "faults_selected": self.o.faults,
+            "broker": self.o.broker,
         }
+        if self.on_kafka:
+            verdict.report["kafka"] = self.kafka_summary()
         if drained is None:
             verdict.failures.append(f"not drained within {self.o.drain_timeout:.0f}s after the faults stopped")
         verdict.failures += self.probe_failures
         if self.cluster is not None:
             verdict.report["cluster"] = self.cluster.summary()
         return verdict
+
+    def kafka_summary(self) -> dict[str, Any]:
+        own = self.kafka is not None
+        out: dict[str, Any] = {
+            "bootstrap": self.kafka_bootstrap,
+            "broker": "the run's own Tansu (log in memory: a restart loses it), every client through a line "
+            "the run can cut"
+            if own
+            else "given by --kafka-bootstrap: kafka_restart, kafka_cut and kafka_close skipped",
+            "broker_restarts": self.kafka.restarts if own else 0,
+            "topics": {k.removeprefix("NOTIFICATIONS_KAFKA_").lower(): v for k, v in self.topics.items()},
+        }
+        if self.kafka_line is not None:
+            out["group"] = group_requests(self.kafka_line.group_requests, self.started_wall)
+        return out
 
     def gaps_after_faults(self, window: float = 30.0) -> dict[str, float]:
         """Per fault kind, the longest time no email reached the mail server within
@@ -543,3 +626,23 @@ def _count(items: Any) -> dict[str, int]:
     for item in items:
         out[item] = out.get(item, 0) + 1
     return out
+
+
+def group_requests(requests: list[tuple[float, str]], started: float) -> dict[str, Any]:
+    """What the Kafka line saw of the consumer groups: JoinGroup, SyncGroup and LeaveGroup
+    requests by kind, and the SyncGroup requests by second of the run (each member syncs
+    once per generation: a burst of them is a rebalance; the run's consumers are its only
+    group members, so every one is theirs)."""
+    by_kind = _count(kind for _, kind in requests)
+    syncs = Counter(int(at - started) for at, kind in requests if kind == "SyncGroup")
+    # A rebalance: syncs within two seconds of each other count as one.
+    rebalances, last = 0, None
+    for second in sorted(syncs):
+        if last is None or second - last > 2:
+            rebalances += 1
+        last = second
+    return {
+        "requests": dict(sorted(by_kind.items())),
+        "rebalances": rebalances,
+        "syncs_by_second": {str(k): v for k, v in sorted(syncs.items())},
+    }

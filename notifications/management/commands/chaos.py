@@ -66,6 +66,20 @@ class Command(BaseCommand):
         parser.add_argument("--report", default="chaos-report.json", help="where to write the JSON report")
         parser.add_argument("--keep", action="store_true", help="keep the run's database and vhost")
         parser.add_argument(
+            "--broker",
+            choices=["rabbitmq", "kafka"],
+            default="rabbitmq",
+            help="the delivery path under test (NOTIFICATIONS_BROKER; Celery's own messages stay on RabbitMQ); "
+            "kafka adds the faults kafka_restart, kafka_cut and kafka_close",
+        )
+        parser.add_argument(
+            "--kafka-bootstrap",
+            default=None,
+            metavar="HOST:PORT",
+            help="with --broker kafka: use this Kafka broker (which the run cannot restart or cut off: its faults "
+            "are skipped) instead of starting a Tansu broker of the run's own",
+        )
+        parser.add_argument(
             "--cluster",
             action="store_true",
             help="run against a three-node RabbitMQ cluster of the run's own on loopback (adds the faults "
@@ -75,7 +89,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **o: Any) -> None:
         try:
             from notifications.chaos.caller import parse_mix
-            from notifications.chaos.injectors import ALL_FAULTS
+            from notifications.chaos.injectors import ALL_FAULTS, KAFKA_FAULTS
             from notifications.chaos.report import render
             from notifications.chaos.run import ChaosRun, Options
         except ImportError as exc:  # aiosmtpd comes with the dev extra
@@ -84,10 +98,16 @@ class Command(BaseCommand):
             parse_mix(o["mix"])
         except ValueError as exc:
             raise CommandError(f"--mix: {exc}") from None
+        on_kafka = o["broker"] == "kafka"
+        if on_kafka and o["cluster"]:
+            raise CommandError("--cluster is a RabbitMQ delivery path's: not with --broker kafka")
+        if o["kafka_bootstrap"] and not on_kafka:
+            raise CommandError("--kafka-bootstrap needs --broker kafka")
         cluster_faults = ["rabbit_leader_stop", "rabbit_leader_kill"]
         known = [*ALL_FAULTS, *cluster_faults]
         if o["faults"] == "all":
             faults = [f for f in ALL_FAULTS if not (o["cluster"] and f == "rabbit_restart")]
+            faults = [f for f in faults if on_kafka or f not in KAFKA_FAULTS]
             faults += cluster_faults if o["cluster"] else []
         elif o["faults"] == "none":
             faults = []
@@ -98,6 +118,8 @@ class Command(BaseCommand):
                 raise CommandError(f"--faults: unknown kind(s) {unknown}; known: {', '.join(known)}")
             if not o["cluster"] and set(faults) & set(cluster_faults):
                 raise CommandError("--faults: rabbit_leader_stop and rabbit_leader_kill need --cluster")
+            if not on_kafka and set(faults) & set(KAFKA_FAULTS):
+                raise CommandError(f"--faults: {', '.join(KAFKA_FAULTS)} need --broker kafka")
         changes = {}
         for item in o["set"]:
             name, sep, value = item.partition("=")
@@ -125,6 +147,8 @@ class Command(BaseCommand):
             bulk_share=o["bulk_share"],
             bulk_rate=o["bulk_rate"],
             burst=o["burst"],
+            broker=o["broker"],
+            kafka_bootstrap=o["kafka_bootstrap"],
         )
         verdict = ChaosRun(options, log=lambda line: self.stdout.write(line)).run()
         Path(o["report"]).write_text(json.dumps({**verdict.report, "failures": verdict.failures}, indent=2))
