@@ -26,13 +26,18 @@ test: $(STAMP)
 chaos: $(STAMP)
 	$(PYTHON) manage.py chaos --n 5000 --faults all --mode resend --report chaos-resend.json $(CHAOS_ARGS)
 	$(PYTHON) manage.py chaos --n 5000 --faults all --mode hold --report chaos-hold.json $(CHAOS_ARGS)
+	$(PYTHON) manage.py chaos --broker kafka --n 5000 --faults all --mode resend --report chaos-kafka-resend.json \
+		$(CHAOS_ARGS)
 
-# The short run CI does on every push: a few hundred notifications, every fault kind, both modes.
+# The short run CI does on every push: a few hundred notifications, every fault kind, both modes;
+# then the delivery path on Kafka (a Tansu broker the run starts, restarts and stops itself).
 chaos-short: $(STAMP)
 	$(PYTHON) manage.py chaos --n 300 --duration 25 --fault-every 2 --faults all --mode resend \
 		--report chaos-short-resend.json $(CHAOS_ARGS)
 	$(PYTHON) manage.py chaos --n 300 --duration 25 --fault-every 2 --faults all --mode hold \
 		--report chaos-short-hold.json $(CHAOS_ARGS)
+	$(PYTHON) manage.py chaos --broker kafka --n 300 --duration 25 --fault-every 2 --faults all --mode resend \
+		--report chaos-short-kafka-resend.json $(CHAOS_ARGS)
 
 # The benchmark the README quotes: our pipeline beside a plain Celery task per email and
 # django-post-office, same N, workers and concurrency, against the local services.

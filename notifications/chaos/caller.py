@@ -84,6 +84,9 @@ def main() -> None:
     from django.utils import timezone
 
     import project.celery  # noqa: F401  (the app the undecodable messages go out with)
+    from notifications.conf import settings as conf
+
+    on_kafka = conf.BROKER == "kafka"
     from notifications import InvalidNotification, cancel, notify, notify_many
     from notifications.backends import default_name
 
@@ -233,6 +236,8 @@ def main() -> None:
                             raise Rollback
                         if kind == "undecodable":
                             n.outbox_messages.all().delete()  # its only message is the one below
+                            if on_kafka:  # as the relay leaves it: published, never claimed
+                                type(n).objects.filter(pk=n.pk).update(status="published", published_at=timezone.now())
                     if kind == "undecodable":
                         _publish_undecodable(n)
                     break
@@ -376,9 +381,10 @@ def _publish_undecodable(n: Any) -> None:
 
 
 def _publish_undecodable_to_kafka(n: Any) -> None:
-    """On Kafka: a message in the delivery topic (the notification's partition) that is
-    no JSON a worker can read; it goes to the dead-letter topic, and the notification,
-    published and never claimed, is published again by the recovery."""
+    """On Kafka: a message in the delivery topic that is no JSON a worker can read (a
+    message corrupted on its way): the consumer copies it to the dead-letter topic, and
+    the notification, published and never claimed, must be published again by the
+    recovery (``NOTIFICATIONS_RECOVER_UNCLAIMED_AFTER``)."""
     from confluent_kafka import KafkaException, Producer
 
     from notifications import kafka
