@@ -181,12 +181,15 @@ class DeliveryConsumer(threading.Thread):
     def _resume(self, tp: Any, offset: int) -> None:
         from confluent_kafka import TopicPartition
 
+        # Resume first: librdkafka keeps a partition paused across a rebalance, and the
+        # seek fails (_STATE) while another member holds it; a partition that came back
+        # to this consumer still paused would never be read again.
         try:
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
             self.consumer.resume([tp])
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         except Exception as exc:
             # Revoked meanwhile: its new owner starts from the committed offset.
-            logger.debug("Kafka partition %s[%d] not resumed: %r", tp.topic, tp.partition, exc)
+            logger.debug("Kafka partition %s[%d] not resumed at its offset: %r", tp.topic, tp.partition, exc)
 
     def _commit(self, msg: Any) -> None:
         from confluent_kafka import TopicPartition
