@@ -74,6 +74,19 @@ def _on_error(err: Any) -> None:
         logger.debug("Kafka client error: %s", err)
 
 
+def _reset_if_fatal(exc: Exception) -> None:
+    """A produce() refused because the producer is in a fatal state (an idempotent one
+    whose sequence the broker lost, as after a broker lost its log) raises before any
+    poll serves the error callback: drop the producer here, so the next publish makes a
+    new one instead of failing for good."""
+    from confluent_kafka import KafkaError
+
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL):
+        logger.error("Kafka producer in a fatal state (%s): a new one is made", err)
+        _reset()
+
+
 def producer() -> Any:
     """This process's producer (librdkafka's is thread-safe; one per process)."""
     global _producer
@@ -274,6 +287,7 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
                 if exc.args and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     too_large_batches.append(batch)
                     break
+                _reset_if_fatal(exc)
                 raise
     timeout = _confirm_timeout([(None, batch) for _, _, batch in messages])  # type: ignore[misc]
     left = prod.flush(timeout)
@@ -305,9 +319,16 @@ def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
     ensure_topics()
     errors: list[Any] = []
     prod = producer()
-    prod.produce(
-        str(settings.KAFKA_DEAD_TOPIC), value=value, headers=headers, on_delivery=lambda err, msg: errors.append(err)
-    )
+    try:
+        prod.produce(
+            str(settings.KAFKA_DEAD_TOPIC),
+            value=value,
+            headers=headers,
+            on_delivery=lambda err, msg: errors.append(err),
+        )
+    except Exception as exc:
+        _reset_if_fatal(exc)
+        raise
     if prod.flush(CONFIRM_TIMEOUT) or not errors or errors[0] is not None:
         raise PublishError(f"the dead-letter copy was not confirmed ({errors[0] if errors else 'timeout'})")
 
