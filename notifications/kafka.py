@@ -137,7 +137,9 @@ def ensure_topics() -> None:
     from confluent_kafka.admin import NewTopic
 
     new = [
-        NewTopic(n, num_partitions=int(settings.KAFKA_PARTITIONS), replication_factor=int(settings.KAFKA_REPLICATION_FACTOR))
+        NewTopic(
+            n, num_partitions=int(settings.KAFKA_PARTITIONS), replication_factor=int(settings.KAFKA_REPLICATION_FACTOR)
+        )
         for n in todo
     ]
     for name, future in admin().create_topics(new, operation_timeout=10, request_timeout=15).items():
@@ -299,14 +301,18 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
     return refused
 
 
-def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]], key: bytes | None = None) -> None:
     """Copy a message the workers cannot deliver to ``NOTIFICATIONS_KAFKA_DEAD_TOPIC``
     (Kafka has no dead-letter queue of its own), confirmed; raises if not written."""
     ensure_topics()
     errors: list[Any] = []
     prod = producer()
     prod.produce(
-        str(settings.KAFKA_DEAD_TOPIC), value=value, headers=headers, on_delivery=lambda err, msg: errors.append(err)
+        str(settings.KAFKA_DEAD_TOPIC),
+        value=value,
+        key=key,
+        headers=headers,
+        on_delivery=lambda err, msg: errors.append(err),
     )
     if prod.flush(CONFIRM_TIMEOUT) or not errors or errors[0] is not None:
         raise PublishError(f"the dead-letter copy was not confirmed ({errors[0] if errors else 'timeout'})")
