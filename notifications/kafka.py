@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -115,6 +116,20 @@ def _reset() -> None:
         _admin = None
         _partitions.clear()
         _topics_ready.clear()
+
+
+def _after_fork() -> None:
+    # librdkafka's clients do not survive a fork (their threads stay in the parent): a
+    # forked process (a prefork pool process) makes its own.
+    global _producer, _admin, _lock
+    _lock = threading.Lock()
+    _producer = None
+    _admin = None
+    _partitions.clear()
+    _topics_ready.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _forget_topics() -> None:
