@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -130,6 +131,20 @@ def _reset() -> None:
         _topics_ready.clear()
 
 
+def _after_fork() -> None:
+    # librdkafka's clients do not survive a fork (their threads stay in the parent): a
+    # forked process (a prefork pool process) makes its own.
+    global _producer, _admin, _lock
+    _lock = threading.Lock()
+    _producer = None
+    _admin = None
+    _partitions.clear()
+    _topics_ready.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _forget_topics() -> None:
     """After a failed publish: read the topics anew next time (a broker that lost its log
     lost them too, and they are created again)."""
@@ -150,7 +165,9 @@ def ensure_topics() -> None:
     from confluent_kafka.admin import NewTopic
 
     new = [
-        NewTopic(n, num_partitions=int(settings.KAFKA_PARTITIONS), replication_factor=int(settings.KAFKA_REPLICATION_FACTOR))
+        NewTopic(
+            n, num_partitions=int(settings.KAFKA_PARTITIONS), replication_factor=int(settings.KAFKA_REPLICATION_FACTOR)
+        )
         for n in todo
     ]
     for name, future in admin().create_topics(new, operation_timeout=10, request_timeout=15).items():
@@ -313,7 +330,7 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
     return refused
 
 
-def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]], key: bytes | None = None) -> None:
     """Copy a message the workers cannot deliver to ``NOTIFICATIONS_KAFKA_DEAD_TOPIC``
     (Kafka has no dead-letter queue of its own), confirmed; raises if not written."""
     ensure_topics()
@@ -323,6 +340,7 @@ def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         prod.produce(
             str(settings.KAFKA_DEAD_TOPIC),
             value=value,
+            key=key,
             headers=headers,
             on_delivery=lambda err, msg: errors.append(err),
         )

@@ -70,7 +70,7 @@ def began(topic: str, partition: int, offset: int) -> int:
     table = connections[settings.DATABASE].ops.quote_name(StreamDelivery._meta.db_table)
     with connections[settings.DATABASE].cursor() as cursor:
         cursor.execute(
-            f"WITH done AS (DELETE FROM {table} WHERE topic = %s AND partition = %s AND \"offset\" < %s) "
+            f'WITH done AS (DELETE FROM {table} WHERE topic = %s AND partition = %s AND "offset" < %s) '
             f'INSERT INTO {table} (topic, partition, "offset", attempts) VALUES (%s, %s, %s, 1) '
             f'ON CONFLICT (topic, partition, "offset") DO UPDATE SET attempts = {table}.attempts + 1, '
             "started_at = now() RETURNING attempts",
@@ -171,7 +171,14 @@ class DeliveryConsumer(threading.Thread):
                 from confluent_kafka import TopicPartition
 
                 tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
-                logger.warning("Kafka message %s[%d]@%d: %s; again in %.1fs", msg.topic(), msg.partition(), msg.offset(), again, again.delay)
+                logger.warning(
+                    "Kafka message %s[%d]@%d: %s; again in %.1fs",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    again,
+                    again.delay,
+                )
                 self.consumer.pause([tp])
                 paused[tp] = (time.monotonic() + again.delay, msg.offset())
                 self._again.add((msg.partition(), msg.offset()))
@@ -211,7 +218,13 @@ class DeliveryConsumer(threading.Thread):
         try:
             payloads = decode(msg.value())
         except ValueError as exc:
-            logger.error("undecodable Kafka message %s[%d]@%d (%s): copied to the dead-letter topic", msg.topic(), msg.partition(), msg.offset(), exc)
+            logger.error(
+                "undecodable Kafka message %s[%d]@%d (%s): copied to the dead-letter topic",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                exc,
+            )
             self._dead(msg, f"undecodable: {exc}")
             metrics.UNDECODABLE.inc()
             return
@@ -240,7 +253,9 @@ class DeliveryConsumer(threading.Thread):
             metrics.batch_retries[_cause(exc)].inc()
             self.failures += 1
             delay = _backoff(self.failures)
-            logger.warning("%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0]["key"], exc, delay)
+            logger.warning(
+                "%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0]["key"], exc, delay
+            )
             self._requeue(payloads, delay)
             return
         again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
@@ -301,7 +316,8 @@ class DeliveryConsumer(threading.Thread):
             ("reason", reason.encode()[:1000]),
         ]
         try:
-            kafka.publish_dead(msg.value(), headers)
+            # Keyed by its source partition: the copies of one partition stay in order.
+            kafka.publish_dead(msg.value(), headers, key=f"{msg.topic()}[{msg.partition()}]".encode())
         except Exception as exc:
             raise Retry(_backoff(self.failures + 1), f"not copied to the dead-letter topic ({exc!r})") from exc
 

@@ -310,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"Kafka broker ({broker.engine}) on {broker.bootstrap}, pid {broker.pid}, data in {broker.data_dir}", flush=True)
+    print(
+        f"Kafka broker ({broker.engine}) on {broker.bootstrap}, pid {broker.pid}, data in {broker.data_dir}", flush=True
+    )
     if args.daemon:
         return 0
     stopping = False

@@ -83,8 +83,9 @@ def test_migrations_apply_and_reverse_on_an_empty_database(empty_database: str) 
         "notifications_sentemail",
         "notifications_emailtemplate",
         "notifications_ratebucket",
+        "notifications_streamdelivery",
     }
     manage("migrate", "notifications", "zero", "--no-input")
     assert tables() == set()
     manage("migrate", "notifications", "--no-input")
-    assert len(tables()) == 5
+    assert len(tables()) == 6
