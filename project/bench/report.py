@@ -63,8 +63,11 @@ def setup(bench: BenchRun) -> dict[str, Any]:
         versions["librdkafka"] = confluent_kafka.libversion()[0]
     return {
         "code": _revision(),
+        "database": bench.database,
+        "vhost": bench.vhost,
         "brokers": list(bench.o.brokers),
         "kafka_partitions": bench.kafka_partitions() if bench.kafka is not None else None,
+        "kafka_bootstrap": bench.kafka.bootstrap if bench.kafka is not None else None,
         "n": bench.o.n,
         "workers": bench.o.workers,
         "concurrency": bench.o.concurrency,
