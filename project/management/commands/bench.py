@@ -30,9 +30,9 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--brokers",
-            default="rabbitmq,kafka",
-            help="our pipeline's delivery brokers, each measured in the same run (default rabbitmq,kafka; "
-            "kafka starts a local Tansu broker)",
+            default="rabbitmq",
+            help="our pipeline's delivery brokers, each measured in the same run: rabbitmq (default), kafka "
+            "(a local Tansu broker), or rabbitmq,kafka",
         )
         parser.add_argument("--batch", type=int, default=500, help="items per notify_many() / send_many() call")
         parser.add_argument(
