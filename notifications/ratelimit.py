@@ -29,6 +29,12 @@ from .models import RateBucket
 # high rate a queue of waiting senders holds at most this much of the future.
 HORIZON = 1.0
 
+# Slots are spaced for this share of the limit. A slot is when a send may start; the
+# provider counts arrivals, and arrivals jitter with each SMTP transaction's length and
+# the sending process's scheduling, so a few late sends land beside punctual ones. Five
+# per cent of headroom keeps a busy host's bunching inside the limit (slower, never faster).
+HEADROOM = 0.95
+
 # The shortest wait a refusal asks for, so that a sender that lost a race does not spin.
 MIN_WAIT = 0.005
 
@@ -69,7 +75,11 @@ def acquire(name: str, rate: float, within: float, using: str) -> Grant:
     ``using``. The bucket's row is created on first use. Raises ``DatabaseError``: then
     nothing was taken, and nothing may be sent (which the lost database would stop
     anyway)."""
-    params: dict[str, str | float] = {"name": name, "interval": 1.0 / rate, "within": max(0.0, min(within, HORIZON))}
+    params: dict[str, str | float] = {
+        "name": name,
+        "interval": 1.0 / (rate * HEADROOM),
+        "within": max(0.0, min(within, HORIZON)),
+    }
     with connections[using].cursor() as cursor:
         for _ in range(2):
             cursor.execute(_TAKE, params)
