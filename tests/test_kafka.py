@@ -15,34 +15,18 @@ from django.test import override_settings
 
 from notifications import kafka, notify, relay, streams
 from notifications.models import Notification, OutboxMessage, StreamDelivery
-from tests.conftest import notification_kwargs, wait_for
+from tests.conftest import kafka_env, kafka_settings, notification_kwargs, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def kafka_names() -> dict[str, str]:
-    tag = uuid.uuid4().hex[:8]
-    return {
-        "KAFKA_TOPIC": f"t-{tag}.deliver",
-        "KAFKA_HIGH_TOPIC": f"t-{tag}.deliver.high",
-        "KAFKA_DEAD_TOPIC": f"t-{tag}.dead",
-        "KAFKA_GROUP": f"g-{tag}",
-    }
-
-
-@pytest.fixture
-def on_kafka(kafka_bootstrap: str, kafka_names: dict[str, str]) -> Iterator[dict[str, str]]:
-    """This test's process relays to Kafka, with topics and a group of its own."""
-    names = {f"NOTIFICATIONS_{k}": v for k, v in kafka_names.items()}
-    with override_settings(
-        NOTIFICATIONS_BROKER="kafka",
-        NOTIFICATIONS_KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap,
-        NOTIFICATIONS_KAFKA_PARTITIONS=4,
-        **names,
-    ):
+def on_kafka(kafka_bootstrap: str, kafka_topics: dict[str, str]) -> Iterator[dict[str, str]]:
+    """This test's process relays to Kafka, with topics and a group of its own (four
+    partitions); yields the environment for the worker processes it starts."""
+    with override_settings(**kafka_settings(kafka_bootstrap, kafka_topics), NOTIFICATIONS_KAFKA_PARTITIONS=4):
         kafka._reset()
-        yield {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "NOTIFICATIONS_BROKER": "kafka", **names}
+        yield {**kafka_env(kafka_bootstrap, kafka_topics), "NOTIFICATIONS_KAFKA_PARTITIONS": "4"}
     kafka._reset()
 
 
@@ -157,7 +141,7 @@ def test_publish_to_an_unreachable_broker_leaves_the_rows_for_the_next_pass(
 def test_workers_deliver_from_kafka_and_commit_what_they_recorded(
     on_kafka: dict[str, str], workers: Any, smtp_server: Any
 ) -> None:
-    env = dict(on_kafka, NOTIFICATIONS_KAFKA_PARTITIONS="4")
+    env = on_kafka
     workers.start(concurrency=2, **env)
     made = [notify(**notification_kwargs(user_id=f"user-{i % 5}")) for i in range(20)]
     relay.drain()
