@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .run import ChaosRun
@@ -231,23 +231,33 @@ def kafka_restart(run: ChaosRun, rng: random.Random) -> str:
     return f"Kafka broker stopped for {down:.1f}s and started again with an empty log (topics, messages, offsets lost)"
 
 
+def _cut_for(run: ChaosRun, line: Any, busy: str, seconds: float, before: Callable[[], object] | None = None) -> bool:
+    """Cut ``line`` for ``seconds`` and restore it, holding ``busy`` meanwhile so that no
+    other fault takes the same service; False (nothing done) if another holds it."""
+    with run.lock:
+        if busy in run.busy:
+            return False
+        run.busy.add(busy)
+    try:
+        if before is not None:
+            before()
+        line.cut()
+        time.sleep(seconds)
+        line.restore()
+    finally:
+        _release(run, busy)
+    return True
+
+
 def kafka_cut(run: ChaosRun, rng: random.Random) -> str:
     """Cut every client's line to Kafka (packets taken, never answered) for up to twice
     the consumers' session timeout, then restore it: heartbeats stop, so the group may end
     its members and rebalance when they come back."""
     if run.kafka_line is None:
         return "skipped: the Kafka broker is not the run's own (--kafka-bootstrap), its line cannot be cut"
-    with run.lock:
-        if "kafka" in run.busy:
-            return "skipped: Kafka busy"
-        run.busy.add("kafka")
     seconds = rng.uniform(2.0, 12.0)
-    try:
-        run.kafka_line.cut()
-        time.sleep(seconds)
-        run.kafka_line.restore()
-    finally:
-        _release(run, "kafka")
+    if not _cut_for(run, run.kafka_line, "kafka", seconds):
+        return "skipped: Kafka busy"
     return f"every Kafka connection (producer, consumers, admin) cut off for {seconds:.1f}s"
 
 
@@ -302,18 +312,10 @@ def pg_cut(run: ChaosRun, rng: random.Random) -> str:
     and its late writes meet the fencing token."""
     if run.line is None:
         return "skipped: no worker behind a line that can be cut"
-    with run.lock:
-        if "worker0" in run.busy:
-            return "skipped: worker0 busy"
-        run.busy.add("worker0")
     seconds = run.lease * rng.uniform(2.0, 3.0)
-    try:
-        run.note_victims(run.fleet.procs["worker0"].children(), "pg_cut")
-        run.line.cut()
-        time.sleep(seconds)
-        run.line.restore()
-    finally:
-        _release(run, "worker0")
+    victims = lambda: run.note_victims(run.fleet.procs["worker0"].children(), "pg_cut")  # noqa: E731
+    if not _cut_for(run, run.line, "worker0", seconds, before=victims):
+        return "skipped: worker0 busy"
     return f"worker0 cut off from PostgreSQL for {seconds:.1f}s"
 
 
