@@ -351,14 +351,12 @@ def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]], key: byt
         raise PublishError(f"the dead-letter copy was not confirmed ({errors[0] if errors else 'timeout'})")
 
 
-def lag_by_topic() -> dict[str, int]:
-    """Per delivery topic, messages waiting behind the one a consumer works on: for each
-    partition, published and not committed by the group, less the one in progress."""
+def _positions() -> dict[tuple[str, int], tuple[int, int]]:
+    """Per delivery topic partition: (its end offset, the group's committed offset, -1 if none)."""
     from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
     from confluent_kafka.admin import OffsetSpec
 
     client = admin()
-    out: dict[str, int] = {}
     partitions = [TopicPartition(t, p) for t in delivery_topics() for p in range(partition_count(t))]
     latest = client.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=5)
     ends = {(tp.topic, tp.partition): future.result().offset for tp, future in latest.items()}
@@ -367,11 +365,36 @@ def lag_by_topic() -> dict[str, int]:
     for future in client.list_consumer_group_offsets(request, request_timeout=5).values():
         for tp in future.result().topic_partitions:
             committed[(tp.topic, tp.partition)] = tp.offset
-    for (topic, partition), end in ends.items():
-        done = committed.get((topic, partition), -1)
+    return {where: (end, committed.get(where, -1)) for where, end in ends.items()}
+
+
+def lag_by_topic() -> dict[str, int]:
+    """Per delivery topic, messages waiting behind the one a consumer works on: for each
+    partition, published and not committed by the group, less the one in progress."""
+    out: dict[str, int] = {}
+    for (topic, _), (end, done) in _positions().items():
         waiting = end - max(done, 0) if done >= 0 else end
         out[topic] = out.get(topic, 0) + max(0, waiting - 1)
     return out
+
+
+def settled_partitions() -> set[tuple[str, int]] | None:
+    """The delivery partitions the group has read to their end (every message in them
+    committed), or whose log ends before the group's offset (a broker that lost it):
+    a notification published to one of these and never claimed had its message lost.
+    None when Kafka cannot be asked."""
+    try:
+        positions = _positions()
+    except Exception as exc:
+        logger.debug("Kafka offsets not read: %r", exc)
+        return None
+    return {where for where, (end, done) in positions.items() if end == 0 or done >= end}
+
+
+def partition_of(user_id: str, priority: str) -> tuple[str, int]:
+    """The topic and partition the relay publishes a notification of ``user_id`` to."""
+    topic = str(settings.KAFKA_HIGH_TOPIC if priority == "high" else settings.KAFKA_TOPIC)
+    return topic, partition_for(user_id, partition_count(topic))
 
 
 def deliveries_waiting() -> int:

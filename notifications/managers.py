@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -404,8 +404,10 @@ class OutboxMessageManager(models.Manager[Any]):
         return max(0.0, float(row[0])) if row and row[0] is not None else None
 
     def mark_published(self, outbox_ids: Sequence[int], using: str) -> None:
-        """Mark rows published and their notifications ``published`` (unless a worker
-        already moved them further), in the relay's transaction."""
+        """Mark rows published and their notifications ``published`` (created or
+        scheduled ones: a worker may already have moved them further), in the relay's
+        transaction. A scheduled one whose message is out is no longer waiting for its
+        time, and the recovery of lost messages looks at it as at any published one."""
         from .models import Notification
 
         outbox = _q(self.model._meta.db_table)
@@ -414,7 +416,7 @@ class OutboxMessageManager(models.Manager[Any]):
             f'WITH pub AS (UPDATE {outbox} SET "published_at" = now() '
             f'WHERE "id" = ANY(%s) RETURNING "notification_id") '
             f'UPDATE {notif} n SET "published_at" = COALESCE(n."published_at", now()), '
-            f'"status" = CASE WHEN n."status" = \'created\' THEN \'published\' ELSE n."status" END, '
+            f"\"status\" = CASE WHEN n.\"status\" IN ('created', 'scheduled') THEN 'published' ELSE n.\"status\" END, "
             f'"updated_at" = now() '
             f'FROM pub WHERE n."id" = pub."notification_id"'
         )
@@ -833,18 +835,30 @@ class SentEmailManager(models.Manager[Any]):
             cursor.execute(sql, [expired_for, quiet_for, released_for])
             return [row[0] for row in cursor.fetchall()]
 
-    def requeue_unclaimed(self, older_than: float, using: str, at_most: int = 3) -> list[str]:
-        """Give a new outbox row to notifications published ``older_than`` seconds ago
-        that no worker ever claimed; return their keys.
+    def requeue_unclaimed(
+        self,
+        older_than: float,
+        using: str,
+        at_most: int = 3,
+        keep: Callable[[str, str], bool] | None = None,
+    ) -> list[str]:
+        """Give a new outbox row to notifications whose last message, published
+        ``older_than`` seconds ago, no worker took: never claimed, or still released
+        for the retry that message carried. Return their keys.
 
         Their message was lost before any worker recorded it: dropped by a broker or a
-        person (a purged queue), or held by a worker cut off from its database. Only
-        rows published from this database are seen, so run it where the notifications
-        are relayed and delivered (in this project, one database). A notification gets
-        at most ``at_most`` such messages, and none once it is older than half the
-        sent-email retention: run by mistake in a calling service's database (where no
-        claim is ever recorded), it costs a few messages whose claims are settled, and
-        never a second email after the service has purged its records.
+        person (a purged queue, a Kafka broker that lost its log), or held by a worker
+        cut off from its database. Scheduled and retrying notifications count as much
+        as first sends: the due time only decides when their message is published.
+        With ``keep``, only notifications for which ``keep(user_id, priority)`` is true
+        are looked at (on Kafka: those whose partition the group has read to its end).
+
+        Only rows published from this database are seen, so run it where the
+        notifications are relayed and delivered (in this project, one database). A
+        notification gets at most ``at_most`` such messages, and none once it is older
+        than half the sent-email retention: run by mistake in a calling service's
+        database (where no claim is ever recorded), it costs a few messages whose claims
+        are settled, and never a second email after the service has purged its records.
         Touches ``updated_at`` (the relay does again when it publishes), so a key is
         requeued at most once per ``older_than``.
         """
@@ -853,20 +867,33 @@ class SentEmailManager(models.Manager[Any]):
         t = self._table()
         notification = _q(Notification._meta.db_table)
         outbox = _q(OutboxMessage._meta.db_table)
-        keep = int(settings.SENT_RETENTION_DAYS) * 86400 / 2
-        sql = (
-            f'WITH lost AS (UPDATE {notification} SET "updated_at" = now(), "recoveries" = "recoveries" + 1 '
-            f'WHERE "id" IN (SELECT n."id" FROM {notification} n WHERE n."status" = \'published\' '
-            f'AND n."published_at" < now() - make_interval(secs => %s) '
+        retention = int(settings.SENT_RETENTION_DAYS) * 86400 / 2
+        last = f'(SELECT max(o."published_at") FROM {outbox} o WHERE o."notification_id" = n."id")'
+        lost = (
+            f'SELECT n."id", n."user_id", n."priority" FROM {notification} n LEFT JOIN {t} s ON s."key" = n."key" '
+            f"WHERE n.\"status\" IN ('published', 'scheduled', 'retrying') "
             f'AND n."published_at" > now() - make_interval(secs => %s) '
             f'AND n."updated_at" < now() - make_interval(secs => %s) AND n."recoveries" < %s '
-            f'AND NOT EXISTS (SELECT 1 FROM {t} s WHERE s."key" = n."key") '
+            f"AND {last} < now() - make_interval(secs => %s) "
+            f'AND (s."id" IS NULL OR (s."state" = \'released\' AND s."updated_at" < {last})) '
             f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
             f'AND o."published_at" IS NULL) '
-            f'ORDER BY n."id" LIMIT 1000 FOR UPDATE SKIP LOCKED) RETURNING "id", "key"), '
-            f'queued AS (INSERT INTO {outbox} ("notification_id") SELECT "id" FROM lost) '
-            f'SELECT "key" FROM lost'
         )
+        params: list[Any] = [retention, older_than, at_most, older_than]
         with connections[using].cursor() as cursor:
-            cursor.execute(sql, [older_than, keep, older_than, at_most])
+            if keep is not None:
+                cursor.execute(lost + 'ORDER BY n."id" LIMIT 5000', params)
+                ids = [pk for pk, user, priority in cursor.fetchall() if keep(str(user), str(priority))]
+                if not ids:
+                    return []
+                lost += 'AND n."id" = ANY(%s) '
+                params.append(ids)
+            cursor.execute(
+                f'WITH lost AS (UPDATE {notification} SET "updated_at" = now(), "recoveries" = "recoveries" + 1 '
+                f'WHERE "id" IN (SELECT "id" FROM ({lost} ORDER BY n."id" LIMIT 1000 FOR UPDATE OF n SKIP LOCKED) c) '
+                f'RETURNING "id", "key", "priority"), '
+                f'queued AS (INSERT INTO {outbox} ("notification_id", "priority") SELECT "id", "priority" FROM lost) '
+                f'SELECT "key" FROM lost',
+                params,
+            )
             return [row[0] for row in cursor.fetchall()]

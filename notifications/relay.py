@@ -339,11 +339,12 @@ def recover_stalled(using: str | None = None) -> list[str]:
     """Give a new message to keys whose delivery stalled (see
     ``SentEmailManager.requeue_stalled`` and ``requeue_unclaimed``): claims whose holder
     stopped renewing them, retries whose message was lost, and notifications whose
-    message was lost before any worker claimed them. The last are looked for only while
-    no delivery message waits in the queue, so that a backlog is not mistaken for loss."""
+    message was lost before any worker took them. The last are looked for only while no
+    delivery message waits in the queue (on Kafka: in their partition), so that a
+    backlog is not mistaken for loss."""
     from celery import current_app
 
-    from . import broker
+    from . import broker, kafka
     from .models import SentEmail
 
     db = using or settings.DATABASE
@@ -351,8 +352,21 @@ def recover_stalled(using: str | None = None) -> list[str]:
     grace = float(settings.RECOVER_GRACE)
     released_for = float(settings.RETRY_BACKOFF_MAX) + 2 * lease + 60.0
     keys = SentEmail.objects.requeue_stalled(grace, lease + grace, released_for, db)
-    if broker.deliveries_waiting(current_app) == 0:
-        keys += SentEmail.objects.requeue_unclaimed(float(settings.RECOVER_UNCLAIMED_AFTER), db)
+    unclaimed_after = float(settings.RECOVER_UNCLAIMED_AFTER)
+    if kafka.enabled():
+        # Per partition: one stalled partition says nothing of the others.
+        settled = kafka.settled_partitions()
+        if settled is not None:
+
+            def in_settled(user: str, priority: str) -> bool:
+                try:
+                    return kafka.partition_of(user, priority) in settled
+                except Exception:  # no metadata now: the next pass looks again
+                    return False
+
+            keys += SentEmail.objects.requeue_unclaimed(unclaimed_after, db, keep=in_settled)
+    elif broker.deliveries_waiting(current_app) == 0:
+        keys += SentEmail.objects.requeue_unclaimed(unclaimed_after, db)
     if keys:
         logger.warning("requeued %d stalled notification(s), e.g. %s", len(keys), keys[0])
         events.recovered(keys)
