@@ -88,6 +88,16 @@ def _reset_if_fatal(exc: Exception) -> None:
         _reset()
 
 
+def _reset_after_report(err: Any) -> None:
+    """A delivery report failed: make a new producer for the next publish. A broker that
+    lost its log (or its producer state) answers an idempotent producer's every later
+    message with PRODUCER_FENCED or UNKNOWN_PRODUCER_ID, which librdkafka does not treat
+    as fatal; keeping the producer would fail every publish after it, the relay's and the
+    dead-letter copies alike. A new one costs a connection and a producer id, once."""
+    logger.warning("Kafka delivery report failed (%s): a new producer is made", err)
+    _reset()
+
+
 def producer() -> Any:
     """This process's producer (librdkafka's is thread-safe; one per process)."""
     global _producer
@@ -307,7 +317,11 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
                 _reset_if_fatal(exc)
                 raise
     timeout = _confirm_timeout([(None, batch) for _, _, batch in messages])  # type: ignore[misc]
-    left = prod.flush(timeout)
+    try:
+        left = prod.flush(timeout)
+    except Exception as exc:  # a fatal error raised from the callbacks flush() serves
+        _reset_after_report(exc)
+        raise PublishError(f"Kafka publish failed: {exc!r}") from exc
     if left or len(reports) < produced:
         # What is still queued locally goes no further: the next pass publishes it again.
         prod.purge(in_queue=True, in_flight=False)
@@ -319,7 +333,7 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
             too_large_batches.append(messages[index][2])
         else:
-            _forget_topics()
+            _reset_after_report(err)
             raise PublishError(f"Kafka did not take {len(failed)} message(s): {err}")
     for batch in too_large_batches:
         if len(batch) == 1:
@@ -347,7 +361,14 @@ def publish_dead(value: bytes | None, headers: list[tuple[str, bytes]], key: byt
     except Exception as exc:
         _reset_if_fatal(exc)
         raise
-    if prod.flush(CONFIRM_TIMEOUT) or not errors or errors[0] is not None:
+    try:
+        left = prod.flush(CONFIRM_TIMEOUT)
+    except Exception as exc:
+        _reset_after_report(exc)
+        raise PublishError(f"the dead-letter copy was not confirmed ({exc!r})") from exc
+    if left or not errors or errors[0] is not None:
+        if errors and errors[0] is not None:
+            _reset_after_report(errors[0])
         raise PublishError(f"the dead-letter copy was not confirmed ({errors[0] if errors else 'timeout'})")
 
 
