@@ -62,6 +62,19 @@ def decode(value: bytes | None) -> list[dict[str, Any]]:
     return payloads
 
 
+def poll_bound() -> float:
+    """Seconds a consumer may spend in one message before it gives up its partitions.
+
+    A message's sends stop after ``KAFKA_BUDGET`` (the rest goes back through the outbox);
+    a send started just before that has a claim lease's worth more to finish and be
+    recorded. A consumer still in the message after both is stuck (a database that does
+    not answer, typically): its claims' leases ran out, recovery publishes their
+    notifications again, to the same partition, and they must not wait behind it. A
+    healthy consumer that overruns it only costs a rebalance: the message is replayed,
+    and its claims make that harmless."""
+    return float(settings.KAFKA_BUDGET) + float(settings.CLAIM_LEASE)
+
+
 def began(topic: str, partition: int, offset: int) -> int:
     """Count a start of the message at ``offset`` and return its starts so far; rows of
     the partition's earlier offsets, done with, go in the same statement."""
@@ -112,8 +125,9 @@ class DeliveryConsumer(threading.Thread):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": session,
             "heartbeat.interval.ms": max(500, session // 4),
-            # A message is worked on for at most the batch budget (60 s), then handed on.
-            "max.poll.interval.ms": 300_000,
+            # A consumer still in one message after poll_bound() leaves the group, and its
+            # partitions move on (on Apache Kafka also the longest a rebalance waits for it).
+            "max.poll.interval.ms": max(session, int(poll_bound() * 1000)),
             # One message at a time is all a consumer takes; fetching far ahead only
             # holds messages another consumer could take after a rebalance.
             "queued.max.messages.kbytes": 8192,
@@ -248,7 +262,7 @@ class DeliveryConsumer(threading.Thread):
         from .tasks import INFRASTRUCTURE_ERRORS, _cause
 
         try:
-            outcomes = delivery.deliver_many(payloads, budget=60.0)
+            outcomes = delivery.deliver_many(payloads, budget=float(settings.KAFKA_BUDGET))
         except INFRASTRUCTURE_ERRORS as exc:
             metrics.batch_retries[_cause(exc)].inc()
             self.failures += 1

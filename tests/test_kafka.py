@@ -248,3 +248,63 @@ def test_a_replayed_batch_is_split_into_single_messages(on_kafka: dict[str, str]
     singles = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], topic, expect=3)
     assert sorted(p["key"] for m in singles for p in streams.decode(m.value())) == sorted(n.key for n in made)
     assert all(len(streams.decode(m.value())) == 1 for m in singles)
+
+
+def test_a_consumer_stuck_in_a_message_gives_its_partitions_up_after_the_poll_bound(on_kafka: dict[str, str]) -> None:
+    """A consumer stuck in one message (a database call that never returns) leaves the
+    group once ``poll_bound()`` has passed, so another member takes the partition and
+    delivers the message, instead of it waiting behind a heartbeating consumer."""
+    import threading
+    import time
+
+    from django.core import mail
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Recording(streams.DeliveryConsumer):
+        held: set[int] = set()
+
+        def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+            self.held = {tp.partition for tp in partitions}
+            super()._assigned(consumer, partitions)
+
+    class Stuck(Recording):
+        def handle(self, msg: Any) -> None:
+            entered.set()
+            release.wait(120)
+
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    with override_settings(NOTIFICATIONS_KAFKA_BUDGET=2.0, NOTIFICATIONS_CLAIM_LEASE=6.0):
+        bound = streams.poll_bound()
+        assert bound == 8.0
+        kafka.ensure_topics()
+        stuck, other = Stuck(topic), Recording(topic)
+        stuck.start()
+        other.start()
+        try:
+            # Both in the group, each with its share of the partitions.
+            wait_for(
+                lambda: stuck.held and other.held and stuck.held | other.held == {0, 1, 2, 3},
+                timeout=30,
+                what=lambda: (stuck.held, other.held),
+            )
+            user = next(u for u in (f"user-{i}" for i in range(100)) if kafka.partition_for(u, 4) in stuck.held)
+            n = notify(**notification_kwargs(user_id=user))
+            assert relay.drain() == 1
+            wait_for(entered.is_set, timeout=30, what="the stuck consumer took the message")
+            since = time.monotonic()
+            wait_for(
+                lambda: Notification.objects.filter(pk=n.pk, status="sent").exists(),
+                timeout=bound + 20,
+                what=lambda: list(Notification.objects.filter(pk=n.pk).values("status", "last_error")),
+            )
+            took = time.monotonic() - since
+        finally:
+            release.set()
+            for consumer in (stuck, other):
+                consumer.stopping.set()
+            for consumer in (stuck, other):
+                consumer.join(15)
+    assert [m.extra_headers["X-Notification-Key"] for m in mail.outbox] == [n.key]
+    assert took >= bound - 1, took  # not before the bound: a busy consumer keeps its partitions until then
+    print(f"taken over {took:.1f}s after the stuck consumer took the message (bound {bound:.0f}s)")
