@@ -75,6 +75,18 @@ def poll_bound() -> float:
     return float(settings.KAFKA_BUDGET) + float(settings.CLAIM_LEASE)
 
 
+def crashes_before(msg: Any) -> int:
+    """The crashed starts a message inherits from the replayed message it was split from
+    (its ``crashes`` header; 0 for any other message)."""
+    for name, value in msg.headers() or ():
+        if name == kafka.CRASHES_HEADER:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
+
+
 def began(topic: str, partition: int, offset: int) -> int:
     """Count a start of the message at ``offset`` and return its starts so far; rows of
     the partition's earlier offsets, done with, go in the same statement."""
@@ -248,11 +260,14 @@ class DeliveryConsumer(threading.Thread):
         except Exception as exc:
             self.failures += 1
             raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
+        # A single split from a replayed batch goes on counting where the batch stopped,
+        # so a poison notification is failed after DELIVERY_LIMIT crashes, not one more.
+        starts += crashes_before(msg)
         if starts > int(settings.DELIVERY_LIMIT):
             self._crashed(msg, payloads, starts)
             return
         if starts > 1 and len(payloads) > 1:
-            self._split(payloads)
+            self._split(payloads, crashes=starts - 1)
             return
         self._deliver(payloads)
         self.failures = 0
@@ -286,13 +301,13 @@ class DeliveryConsumer(threading.Thread):
         except Exception as exc:
             raise Retry(delay, f"its retry not queued in the outbox ({exc!r})") from exc
 
-    def _split(self, payloads: list[dict[str, Any]]) -> None:
+    def _split(self, payloads: list[dict[str, Any]], crashes: int) -> None:
         """A replayed batch: one message per notification, so that only a poison one
-        reaches the delivery limit."""
+        reaches the delivery limit; each carries the batch's ``crashes`` on."""
         from . import deadletters
 
         try:
-            refused = kafka.publish_deliveries(payloads, per_message=1)
+            refused = kafka.publish_deliveries(payloads, per_message=1, crashes=crashes)
         except Exception as exc:
             logger.warning("replayed batch of %d not split (%r): through the outbox", len(payloads), exc)
             self._requeue(payloads, 0.0)

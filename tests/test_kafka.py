@@ -243,11 +243,48 @@ def test_a_replayed_batch_is_split_into_single_messages(on_kafka: dict[str, str]
         def value(self) -> bytes:
             return kafka.encode(payloads)
 
+        def headers(self) -> None:
+            return None
+
     streams.DeliveryConsumer(topic).handle(Message())
     assert StreamDelivery.objects.get(topic=topic, partition=0, offset=0).attempts == 2
     singles = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], topic, expect=3)
     assert sorted(p["key"] for m in singles for p in streams.decode(m.value())) == sorted(n.key for n in made)
     assert all(len(streams.decode(m.value())) == 1 for m in singles)
+    # The batch's first start crashed: each single goes on counting from there.
+    assert all(dict(m.headers())["crashes"] == b"1" for m in singles)
+
+
+def test_a_single_split_from_a_replayed_batch_goes_on_counting_its_crashes(on_kafka: dict[str, str]) -> None:
+    """A poison notification's crashes before its batch was split count toward the
+    delivery limit: a single whose batch crashed DELIVERY_LIMIT times fails at its own
+    first start instead of crashing its worker again."""
+    n = notify(**notification_kwargs(user_id="one"))
+    [payload] = [m.payload for m in OutboxMessage.objects.claim_pending(10, "default")]
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+
+    class Message:
+        def topic(self) -> str:
+            return topic
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return 5
+
+        def value(self) -> bytes:
+            return kafka.encode([payload])
+
+        def headers(self) -> list[tuple[str, bytes]]:
+            return [("content-type", b"application/json"), ("crashes", b"10")]
+
+    streams.DeliveryConsumer(topic).handle(Message())
+    failed = Notification.objects.get(pk=n.pk)
+    assert failed.status == "failed"
+    assert "crashed its worker 10 times" in failed.last_error
+    [dead] = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_DEAD_TOPIC"], expect=1)
+    assert [p["key"] for p in streams.decode(dead.value())] == [n.key]
 
 
 def test_a_consumer_stuck_in_a_message_gives_its_partitions_up_after_the_poll_bound(on_kafka: dict[str, str]) -> None:
