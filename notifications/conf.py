@@ -140,6 +140,11 @@ DEFAULTS: dict[str, Any] = {
     "KAFKA_REPLICATION_FACTOR": 1,
     # Seconds without a heartbeat before the group gives a consumer's partitions to others.
     "KAFKA_SESSION_TIMEOUT": 6.0,
+    # Seconds a consumer sends the emails of one message for; what is left then goes back
+    # through the outbox. A consumer busy in one message for longer than this plus
+    # CLAIM_LEASE (cut off from PostgreSQL, say) leaves the group (max.poll.interval.ms),
+    # so its partitions move on to the others instead of waiting behind it.
+    "KAFKA_BUDGET": 5.0,
     # Server-side prepared statements for the statements run per email and per notify():
     # off behind a pooler that does not keep sessions (PgBouncer in transaction mode).
     "PREPARED_STATEMENTS": True,

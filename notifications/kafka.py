@@ -262,10 +262,18 @@ def _groups(payloads: Sequence[dict[str, Any]]) -> list[tuple[str, int, list[dic
     return out
 
 
-def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | None = None) -> list[Refused]:
+# The header of a message split from a replayed one: how many of that message's starts
+# crashed their worker, so that its notifications' count toward the delivery limit goes on.
+CRASHES_HEADER = "crashes"
+
+
+def publish_deliveries(
+    payloads: Sequence[dict[str, Any]], per_message: int | None = None, crashes: int = 0
+) -> list[Refused]:
     """Publish ``payloads`` as delivery messages (``per_message`` each, at most the
     batch sizes of ``broker.publish_deliveries``) and wait for every delivery report;
     return the notifications Kafka cannot carry (too large), which the caller ends failed.
+    ``crashes``: the crashed starts of the message they come from (a header), if any.
     Raises ``PublishError`` if any other message was not confirmed."""
     from confluent_kafka import KafkaError, KafkaException
 
@@ -289,6 +297,9 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
     prod = producer()
     too_large_batches: list[list[dict[str, Any]]] = []
     produced = 0
+    headers = [("content-type", b"application/json"), ("notifications-format", FORMAT)]
+    if crashes > 0:
+        headers.append((CRASHES_HEADER, str(crashes).encode()))
     for index, (topic, partition, batch) in enumerate(messages):
         users = {str(p.get("user_id", "")) for p in batch}
         key = next(iter(users)).encode() if len(users) == 1 else None
@@ -303,7 +314,7 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
                     value=encode(batch),
                     key=key,
                     partition=partition,
-                    headers=[("content-type", b"application/json"), ("notifications-format", FORMAT)],
+                    headers=headers,
                     on_delivery=report,
                 )
                 produced += 1
@@ -339,7 +350,7 @@ def publish_deliveries(payloads: Sequence[dict[str, Any]], per_message: int | No
         if len(batch) == 1:
             refused.append(Refused(str(batch[0]["key"]), "the Kafka broker refused the message as too large"))
         else:
-            refused += publish_deliveries(batch, per_message=1)
+            refused += publish_deliveries(batch, per_message=1, crashes=crashes)
     metrics.MESSAGES_PUBLISHED.inc(produced - len(too_large_batches))
     return refused
 

@@ -62,6 +62,31 @@ def decode(value: bytes | None) -> list[dict[str, Any]]:
     return payloads
 
 
+def poll_bound() -> float:
+    """Seconds a consumer may spend in one message before it gives up its partitions.
+
+    A message's sends stop after ``KAFKA_BUDGET`` (the rest goes back through the outbox);
+    a send started just before that has a claim lease's worth more to finish and be
+    recorded. A consumer still in the message after both is stuck (a database that does
+    not answer, typically): its claims' leases ran out, recovery publishes their
+    notifications again, to the same partition, and they must not wait behind it. A
+    healthy consumer that overruns it only costs a rebalance: the message is replayed,
+    and its claims make that harmless."""
+    return float(settings.KAFKA_BUDGET) + float(settings.CLAIM_LEASE)
+
+
+def crashes_before(msg: Any) -> int:
+    """The crashed starts a message inherits from the replayed message it was split from
+    (its ``crashes`` header; 0 for any other message)."""
+    for name, value in msg.headers() or ():
+        if name == kafka.CRASHES_HEADER:
+            try:
+                return max(0, int(value))
+            except (TypeError, ValueError):
+                return 0
+    return 0
+
+
 def began(topic: str, partition: int, offset: int) -> int:
     """Count a start of the message at ``offset`` and return its starts so far; rows of
     the partition's earlier offsets, done with, go in the same statement."""
@@ -112,8 +137,9 @@ class DeliveryConsumer(threading.Thread):
             "auto.offset.reset": "earliest",
             "session.timeout.ms": session,
             "heartbeat.interval.ms": max(500, session // 4),
-            # A message is worked on for at most the batch budget (60 s), then handed on.
-            "max.poll.interval.ms": 300_000,
+            # A consumer still in one message after poll_bound() leaves the group, and its
+            # partitions move on (on Apache Kafka also the longest a rebalance waits for it).
+            "max.poll.interval.ms": max(session, int(poll_bound() * 1000)),
             # One message at a time is all a consumer takes; fetching far ahead only
             # holds messages another consumer could take after a rebalance.
             "queued.max.messages.kbytes": 8192,
@@ -234,11 +260,14 @@ class DeliveryConsumer(threading.Thread):
         except Exception as exc:
             self.failures += 1
             raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
+        # A single split from a replayed batch goes on counting where the batch stopped,
+        # so a poison notification is failed after DELIVERY_LIMIT crashes, not one more.
+        starts += crashes_before(msg)
         if starts > int(settings.DELIVERY_LIMIT):
             self._crashed(msg, payloads, starts)
             return
         if starts > 1 and len(payloads) > 1:
-            self._split(payloads)
+            self._split(payloads, crashes=starts - 1)
             return
         self._deliver(payloads)
         self.failures = 0
@@ -248,7 +277,7 @@ class DeliveryConsumer(threading.Thread):
         from .tasks import INFRASTRUCTURE_ERRORS, _cause
 
         try:
-            outcomes = delivery.deliver_many(payloads, budget=60.0)
+            outcomes = delivery.deliver_many(payloads, budget=float(settings.KAFKA_BUDGET))
         except INFRASTRUCTURE_ERRORS as exc:
             metrics.batch_retries[_cause(exc)].inc()
             self.failures += 1
@@ -272,13 +301,13 @@ class DeliveryConsumer(threading.Thread):
         except Exception as exc:
             raise Retry(delay, f"its retry not queued in the outbox ({exc!r})") from exc
 
-    def _split(self, payloads: list[dict[str, Any]]) -> None:
+    def _split(self, payloads: list[dict[str, Any]], crashes: int) -> None:
         """A replayed batch: one message per notification, so that only a poison one
-        reaches the delivery limit."""
+        reaches the delivery limit; each carries the batch's ``crashes`` on."""
         from . import deadletters
 
         try:
-            refused = kafka.publish_deliveries(payloads, per_message=1)
+            refused = kafka.publish_deliveries(payloads, per_message=1, crashes=crashes)
         except Exception as exc:
             logger.warning("replayed batch of %d not split (%r): through the outbox", len(payloads), exc)
             self._requeue(payloads, 0.0)

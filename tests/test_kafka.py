@@ -243,8 +243,105 @@ def test_a_replayed_batch_is_split_into_single_messages(on_kafka: dict[str, str]
         def value(self) -> bytes:
             return kafka.encode(payloads)
 
+        def headers(self) -> None:
+            return None
+
     streams.DeliveryConsumer(topic).handle(Message())
     assert StreamDelivery.objects.get(topic=topic, partition=0, offset=0).attempts == 2
     singles = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], topic, expect=3)
     assert sorted(p["key"] for m in singles for p in streams.decode(m.value())) == sorted(n.key for n in made)
     assert all(len(streams.decode(m.value())) == 1 for m in singles)
+    # The batch's first start crashed: each single goes on counting from there.
+    assert all(dict(m.headers())["crashes"] == b"1" for m in singles)
+
+
+def test_a_single_split_from_a_replayed_batch_goes_on_counting_its_crashes(on_kafka: dict[str, str]) -> None:
+    """A poison notification's crashes before its batch was split count toward the
+    delivery limit: a single whose batch crashed DELIVERY_LIMIT times fails at its own
+    first start instead of crashing its worker again."""
+    n = notify(**notification_kwargs(user_id="one"))
+    [payload] = [m.payload for m in OutboxMessage.objects.claim_pending(10, "default")]
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+
+    class Message:
+        def topic(self) -> str:
+            return topic
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return 5
+
+        def value(self) -> bytes:
+            return kafka.encode([payload])
+
+        def headers(self) -> list[tuple[str, bytes]]:
+            return [("content-type", b"application/json"), ("crashes", b"10")]
+
+    streams.DeliveryConsumer(topic).handle(Message())
+    failed = Notification.objects.get(pk=n.pk)
+    assert failed.status == "failed"
+    assert "crashed its worker 10 times" in failed.last_error
+    [dead] = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_DEAD_TOPIC"], expect=1)
+    assert [p["key"] for p in streams.decode(dead.value())] == [n.key]
+
+
+def test_a_consumer_stuck_in_a_message_gives_its_partitions_up_after_the_poll_bound(on_kafka: dict[str, str]) -> None:
+    """A consumer stuck in one message (a database call that never returns) leaves the
+    group once ``poll_bound()`` has passed, so another member takes the partition and
+    delivers the message, instead of it waiting behind a heartbeating consumer."""
+    import threading
+    import time
+
+    from django.core import mail
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Recording(streams.DeliveryConsumer):
+        held: set[int] = set()
+
+        def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+            self.held = {tp.partition for tp in partitions}
+            super()._assigned(consumer, partitions)
+
+    class Stuck(Recording):
+        def handle(self, msg: Any) -> None:
+            entered.set()
+            release.wait(120)
+
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    with override_settings(NOTIFICATIONS_KAFKA_BUDGET=2.0, NOTIFICATIONS_CLAIM_LEASE=6.0):
+        bound = streams.poll_bound()
+        assert bound == 8.0
+        kafka.ensure_topics()
+        stuck, other = Stuck(topic), Recording(topic)
+        stuck.start()
+        other.start()
+        try:
+            # Both in the group, each with its share of the partitions.
+            wait_for(
+                lambda: stuck.held and other.held and stuck.held | other.held == {0, 1, 2, 3},
+                timeout=30,
+                what=lambda: (stuck.held, other.held),
+            )
+            user = next(u for u in (f"user-{i}" for i in range(100)) if kafka.partition_for(u, 4) in stuck.held)
+            n = notify(**notification_kwargs(user_id=user))
+            assert relay.drain() == 1
+            wait_for(entered.is_set, timeout=30, what="the stuck consumer took the message")
+            since = time.monotonic()
+            wait_for(
+                lambda: Notification.objects.filter(pk=n.pk, status="sent").exists(),
+                timeout=bound + 20,
+                what=lambda: list(Notification.objects.filter(pk=n.pk).values("status", "last_error")),
+            )
+            took = time.monotonic() - since
+        finally:
+            release.set()
+            for consumer in (stuck, other):
+                consumer.stopping.set()
+            for consumer in (stuck, other):
+                consumer.join(15)
+    assert [m.extra_headers["X-Notification-Key"] for m in mail.outbox] == [n.key]
+    assert took >= bound - 1, took  # not before the bound: a busy consumer keeps its partitions until then
+    print(f"taken over {took:.1f}s after the stuck consumer took the message (bound {bound:.0f}s)")
