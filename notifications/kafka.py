@@ -187,7 +187,7 @@ def ensure_topics() -> None:
         except Exception as exc:
             error = exc.args[0] if exc.args else None
             if getattr(error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+                raise PublishError(f"Kafka topic {name!r} neither found nor created: {exc}") from exc
         _topics_ready.add((where, name))
 
 

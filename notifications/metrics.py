@@ -138,6 +138,10 @@ BATCH_RETRIES = Counter(
 BATCHES_SPLIT = Counter(
     "notifications_batches_split_total", "Redelivered batch messages split into one message per notification."
 )
+SANDBOX_CRASHES = Counter(
+    "notifications_sandbox_crashes_total",
+    "Replayed Kafka messages whose delivery process died (a crash the consumer survived and counted).",
+)
 UNDECODABLE = Counter(
     "notifications_undecodable_messages_total", "Messages a worker could not decode, rejected to the dead letters."
 )

@@ -124,7 +124,9 @@ class DeliveryConsumer(threading.Thread):
         self.failures = 0
         self.ready = threading.Event()  # set once the group gave this consumer partitions (or none)
         self.consumer: Any = None
-        self._again: set[tuple[int, int]] = set()  # (partition, offset) this consumer itself goes back to
+        # (partition, offset) this consumer itself goes back to -> the starts it counted
+        self._again: dict[tuple[int, int], int] = {}
+        self._starts = 1  # of the message in hand
 
     def _config(self) -> dict[str, Any]:
         session = int(float(settings.KAFKA_SESSION_TIMEOUT) * 1000)
@@ -207,7 +209,7 @@ class DeliveryConsumer(threading.Thread):
                 )
                 self.consumer.pause([tp])
                 paused[tp] = (time.monotonic() + again.delay, msg.offset())
-                self._again.add((msg.partition(), msg.offset()))
+                self._again[(msg.partition(), msg.offset())] = self._starts
                 continue
             self._commit(msg)
 
@@ -227,7 +229,7 @@ class DeliveryConsumer(threading.Thread):
     def _commit(self, msg: Any) -> None:
         from confluent_kafka import TopicPartition
 
-        self._again.discard((msg.partition(), msg.offset()))
+        self._again.pop((msg.partition(), msg.offset()), None)
         try:
             self.consumer.commit(
                 offsets=[TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)], asynchronous=False
@@ -254,23 +256,67 @@ class DeliveryConsumer(threading.Thread):
             self._dead(msg, f"undecodable: {exc}")
             metrics.UNDECODABLE.inc()
             return
-        ours = (msg.partition(), msg.offset()) in self._again
-        try:
-            starts = 1 if ours else began(msg.topic(), msg.partition(), msg.offset())
-        except Exception as exc:
-            self.failures += 1
-            raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
-        # A single split from a replayed batch goes on counting where the batch stopped,
-        # so a poison notification is failed after DELIVERY_LIMIT crashes, not one more.
-        starts += crashes_before(msg)
+        self._starts = 1
+        ours = self._again.get((msg.partition(), msg.offset()))
+        starts = ours if ours is not None else self._count_start(msg)
+        self._starts = starts
         if starts > int(settings.DELIVERY_LIMIT):
             self._crashed(msg, payloads, starts)
             return
         if starts > 1 and len(payloads) > 1:
             self._split(payloads, crashes=starts - 1)
             return
-        self._deliver(payloads)
+        if starts > 1:
+            self._deliver_in_sandbox(msg, payloads)
+        else:
+            self._deliver(payloads)
         self.failures = 0
+
+    def _count_start(self, msg: Any) -> int:
+        try:
+            starts = began(msg.topic(), msg.partition(), msg.offset())
+        except Exception as exc:
+            self.failures += 1
+            raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
+        # A single split from a replayed batch goes on counting where the batch stopped,
+        # so a poison notification is failed after DELIVERY_LIMIT crashes, not one more.
+        return starts + crashes_before(msg)
+
+    def _deliver_in_sandbox(self, msg: Any, payloads: list[dict[str, Any]]) -> None:
+        """A replayed single message, in a process of its own (``sandbox``): when it
+        crashes again, this consumer counts the crash and goes on, with no rebalance.
+        Tries until the delivery limit, or hands the partition back to polling (the
+        message read again, its count kept) after half the poll bound."""
+        from . import sandbox
+
+        deadline = time.monotonic() + poll_bound() / 2
+        while True:
+            try:
+                outcomes = sandbox.deliver(payloads, budget=float(settings.KAFKA_BUDGET))
+            except sandbox.Failed as exc:
+                self.failures += 1
+                self._requeue(payloads, _backoff(self.failures), why=str(exc))
+                return
+            except sandbox.Crashed as exc:
+                metrics.SANDBOX_CRASHES.inc()
+                self._starts = self._count_start(msg)
+                logger.warning(
+                    "Kafka message %s[%d]@%d: %s (start %d of at most %d)",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    exc,
+                    self._starts,
+                    int(settings.DELIVERY_LIMIT),
+                )
+                if self._starts > int(settings.DELIVERY_LIMIT):
+                    self._crashed(msg, payloads, self._starts)
+                    return
+                if time.monotonic() > deadline:
+                    raise Retry(0.0, "its delivery keeps crashing") from exc
+                continue
+            self._retry_later(payloads, outcomes)
+            return
 
     def _deliver(self, payloads: list[dict[str, Any]]) -> None:
         from . import delivery
@@ -281,20 +327,24 @@ class DeliveryConsumer(threading.Thread):
         except INFRASTRUCTURE_ERRORS as exc:
             metrics.batch_retries[_cause(exc)].inc()
             self.failures += 1
-            delay = _backoff(self.failures)
-            logger.warning(
-                "%d notification(s), e.g. %s: %r, retrying in %.1fs", len(payloads), payloads[0]["key"], exc, delay
-            )
-            self._requeue(payloads, delay)
+            self._requeue(payloads, _backoff(self.failures), why=repr(exc))
             return
+        self._retry_later(payloads, outcomes)
+
+    def _retry_later(self, payloads: list[dict[str, Any]], outcomes: list[Any]) -> None:
         again = [(p, o) for p, o in zip(payloads, outcomes, strict=True) if o.status == "retry"]
         if again:
             self._requeue([p for p, _ in again], max(o.retry_in for _, o in again) + random.uniform(0, 0.5))
 
-    def _requeue(self, payloads: list[dict[str, Any]], delay: float) -> None:
+    def _requeue(self, payloads: list[dict[str, Any]], delay: float, why: str = "") -> None:
         """Their retry as due outbox rows; if the database will not take them either, the
         message itself is tried again after ``delay`` (uncommitted)."""
         from . import delivery
+
+        if why:
+            logger.warning(
+                "%d notification(s), e.g. %s: %s, retrying in %.1fs", len(payloads), payloads[0]["key"], why, delay
+            )
 
         try:
             delivery.requeue_through_outbox(payloads, due_in=delay)

@@ -1,0 +1,93 @@
+"""Delivery in a process of its own, for a Kafka message that crashed its worker before.
+
+On RabbitMQ a worker that dies mid-message costs little: the broker hands the message
+to the next consumer at once, and the delivery limit ends a poison one within seconds.
+On Kafka the consumer dies with the worker process, and its partitions wait for its
+session to time out and the group to rebalance (about 10 s each time, and every member
+of the group stops for the rebalance), so ten crashes of one poison message stall the
+whole group for minutes.
+
+So a message that was started before (a replay after a crash) is delivered here, in a
+short-lived child process: if it crashes again, only the child dies, the consumer
+counts the crash and tries again at once, and no rebalance happens. The child is a
+plain delivery (``delivery.deliver_many``): it records, claims and sends exactly as the
+worker would, with the same claims and fencing, so what it leaves behind when it dies is
+what a dead worker leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from .conf import settings
+
+STARTUP_SECONDS = 30.0  # Python and Django starting in the child, on a busy host
+
+
+class Crashed(Exception):
+    """The child died without reporting outcomes (killed by a signal, or exited)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"the delivery process ended with {code} before reporting")
+        self.code = code
+
+
+class Failed(Exception):
+    """The child could not deliver (its database or Redis away): nothing was sent by it
+    that its records do not show; the caller retries the message."""
+
+
+def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
+    """``delivery.deliver_many(payloads, budget)`` in a child process; its outcomes.
+
+    Raises ``Crashed`` if the child died, ``Failed`` if it reported an error."""
+    from .delivery import Outcome
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.setdefault("DJANGO_SETTINGS_MODULE", os.environ.get("DJANGO_SETTINGS_MODULE", "project.settings"))
+    timeout = STARTUP_SECONDS + budget + 2 * float(settings.CLAIM_LEASE)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "notifications.sandbox"],
+            input=json.dumps({"payloads": payloads, "budget": budget}).encode(),
+            stdout=subprocess.PIPE,  # the report; the child's logs go to the worker's stderr
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:  # killed by run(): its claims lapse as a dead worker's do
+        raise Crashed(-9) from exc
+    if done.returncode != 0:
+        raise Crashed(done.returncode)
+    try:
+        report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise Crashed(done.returncode) from exc
+    if "error" in report:
+        raise Failed(report["error"])
+    return [Outcome(**o) for o in report["outcomes"]]
+
+
+def main() -> None:
+    import django
+
+    django.setup()
+    from .delivery import deliver_many
+    from .tasks import INFRASTRUCTURE_ERRORS
+
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        outcomes = deliver_many(request["payloads"], budget=float(request["budget"]))
+    except INFRASTRUCTURE_ERRORS as exc:
+        print(json.dumps({"error": repr(exc)}), flush=True)
+        return
+    print(json.dumps({"outcomes": [asdict(o) for o in outcomes]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
