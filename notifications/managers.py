@@ -868,7 +868,12 @@ class SentEmailManager(models.Manager[Any]):
         notification = _q(Notification._meta.db_table)
         outbox = _q(OutboxMessage._meta.db_table)
         retention = int(settings.SENT_RETENTION_DAYS) * 86400 / 2
-        last = f'(SELECT max(o."published_at") FROM {outbox} o WHERE o."notification_id" = n."id")'
+        # Its last message went out at its last outbox row's publish (the notification's
+        # own first publish if the rows are gone: pruned, or never kept).
+        last = (
+            f'COALESCE((SELECT max(o."published_at") FROM {outbox} o WHERE o."notification_id" = n."id"), '
+            f'n."published_at")'
+        )
         lost = (
             f'SELECT n."id", n."user_id", n."priority" FROM {notification} n LEFT JOIN {t} s ON s."key" = n."key" '
             f"WHERE n.\"status\" IN ('published', 'scheduled', 'retrying') "

@@ -163,3 +163,13 @@ def test_on_kafka_a_lost_message_is_recovered_while_another_partition_has_a_back
     OutboxMessage.objects.filter(notification__in=backlog).update(published_at=an_hour_ago)
     assert recover_stalled() == []  # their messages still wait in their partition: not lost
     assert not any(Notification.objects.get(pk=n.pk).recoveries for n in backlog)
+
+
+def test_a_lost_message_is_recovered_when_its_outbox_rows_are_gone(quiet):
+    """Kafka fault run: the recovery dated a message by its outbox rows only, so a
+    published notification whose rows were gone (pruned by retention) was never found."""
+    n = notify(**notification_kwargs())
+    assert relay_batch() == 1 and take_deliveries() == [[n.key]]
+    OutboxMessage.objects.filter(notification=n).delete()
+    wait_for(lambda: recover_stalled() == [n.key], timeout=10, what="the lost message found")
+    assert OutboxMessage.objects.filter(notification=n, published_at__isnull=True).count() == 1

@@ -96,6 +96,7 @@ REPORTED_KAFKA_SETTINGS = (
     "NOTIFICATIONS_KAFKA_GROUP",
     "NOTIFICATIONS_KAFKA_PARTITIONS",
     "NOTIFICATIONS_KAFKA_SESSION_TIMEOUT",
+    "NOTIFICATIONS_KAFKA_BUDGET",
 )
 
 # The named backends the traffic goes through, each to a listener of the run's mail
