@@ -21,7 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from .conf import settings
@@ -49,25 +51,26 @@ def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
     from .delivery import Outcome
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.setdefault("DJANGO_SETTINGS_MODULE", os.environ.get("DJANGO_SETTINGS_MODULE", "project.settings"))
+    env.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     timeout = STARTUP_SECONDS + budget + 2 * float(settings.CLAIM_LEASE)
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "notifications.sandbox"],
-            input=json.dumps({"payloads": payloads, "budget": budget}).encode(),
-            stdout=subprocess.PIPE,  # the report; the child's logs go to the worker's stderr
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:  # killed by run(): its claims lapse as a dead worker's do
-        raise Crashed(-9) from exc
-    if done.returncode != 0:
-        raise Crashed(done.returncode)
-    try:
-        report = json.loads(done.stdout.decode().strip().splitlines()[-1])
-    except (ValueError, IndexError) as exc:
-        raise Crashed(done.returncode) from exc
+    # The report goes through a file of its own: the child's output is its logs.
+    with tempfile.NamedTemporaryFile(prefix="notifications-sandbox-", suffix=".json") as report_file:
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "notifications.sandbox", report_file.name],
+                input=json.dumps({"payloads": payloads, "budget": budget}).encode(),
+                env=env,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:  # killed by run(): its claims lapse as a dead worker's do
+            raise Crashed(-9) from exc
+        if done.returncode != 0:
+            raise Crashed(done.returncode)
+        try:
+            report = json.loads(Path(report_file.name).read_bytes())
+        except ValueError as exc:
+            raise Crashed(done.returncode) from exc
     if "error" in report:
         raise Failed(report["error"])
     return [Outcome(**o) for o in report["outcomes"]]
@@ -83,10 +86,10 @@ def main() -> None:
     request = json.loads(sys.stdin.buffer.read())
     try:
         outcomes = deliver_many(request["payloads"], budget=float(request["budget"]))
+        report: dict[str, Any] = {"outcomes": [asdict(o) for o in outcomes]}
     except INFRASTRUCTURE_ERRORS as exc:
-        print(json.dumps({"error": repr(exc)}), flush=True)
-        return
-    print(json.dumps({"outcomes": [asdict(o) for o in outcomes]}), flush=True)
+        report = {"error": repr(exc)}
+    Path(sys.argv[1]).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
