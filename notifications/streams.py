@@ -145,6 +145,10 @@ class DeliveryConsumer(threading.Thread):
             # One message at a time is all a consumer takes; fetching far ahead only
             # holds messages another consumer could take after a rebalance.
             "queued.max.messages.kbytes": 8192,
+            # How long a fetch waits for data. Apache Kafka answers a waiting fetch as soon as
+            # data arrives; some Kafka-protocol brokers (Tansu) answer only when it times out,
+            # which then is the latency of every message at light load (librdkafka's 500 ms).
+            "fetch.wait.max.ms": 100,
             "error_cb": lambda err: logger.debug("Kafka consumer error: %s", err),
         }
 
