@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -80,6 +81,33 @@ def ends(bootstrap: str, topic: str) -> dict[int, int]:
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(4)}
     finally:
         consumer.close()
+
+
+@dataclass
+class Read:
+    """A message as the consumer reads it, for handing to ``DeliveryConsumer.handle``
+    directly (confluent-kafka's Message cannot be made by hand)."""
+
+    _topic: str
+    _partition: int
+    _offset: int
+    _value: bytes
+    _headers: list[tuple[str, bytes]] | None = None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
 
 
 def test_murmur2_places_keys_as_the_java_client_does() -> None:
@@ -236,23 +264,7 @@ def test_a_replayed_batch_is_split_into_single_messages(on_kafka: dict[str, str]
     topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
     StreamDelivery.objects.create(topic=topic, partition=0, offset=0, attempts=1)  # started once, never finished
 
-    class Message:
-        def topic(self) -> str:
-            return topic
-
-        def partition(self) -> int:
-            return 0
-
-        def offset(self) -> int:
-            return 0
-
-        def value(self) -> bytes:
-            return kafka.encode(payloads)
-
-        def headers(self) -> None:
-            return None
-
-    streams.DeliveryConsumer(topic).handle(Message())
+    streams.DeliveryConsumer(topic).handle(Read(topic, 0, 0, kafka.encode(payloads)))
     assert StreamDelivery.objects.get(topic=topic, partition=0, offset=0).attempts == 2
     singles = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], topic, expect=3)
     assert sorted(p["key"] for m in singles for p in streams.decode(m.value())) == sorted(n.key for n in made)
@@ -269,23 +281,8 @@ def test_a_single_split_from_a_replayed_batch_goes_on_counting_its_crashes(on_ka
     [payload] = [m.payload for m in OutboxMessage.objects.claim_pending(10, "default")]
     topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
 
-    class Message:
-        def topic(self) -> str:
-            return topic
-
-        def partition(self) -> int:
-            return 0
-
-        def offset(self) -> int:
-            return 5
-
-        def value(self) -> bytes:
-            return kafka.encode([payload])
-
-        def headers(self) -> list[tuple[str, bytes]]:
-            return [("content-type", b"application/json"), ("crashes", b"10")]
-
-    streams.DeliveryConsumer(topic).handle(Message())
+    crashed = [("content-type", b"application/json"), ("crashes", b"10")]
+    streams.DeliveryConsumer(topic).handle(Read(topic, 0, 5, kafka.encode([payload]), crashed))
     failed = Notification.objects.get(pk=n.pk)
     assert failed.status == "failed"
     assert "crashed its worker 10 times" in failed.last_error
