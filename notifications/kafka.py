@@ -423,10 +423,13 @@ def settled_partitions() -> set[tuple[str, int]] | None:
     return {where for where, (end, done) in positions.items() if end == 0 or done >= end}
 
 
-def partition_of(user_id: str, priority: str) -> tuple[str, int]:
-    """The topic and partition the relay publishes a notification of ``user_id`` to."""
-    topic = str(settings.KAFKA_HIGH_TOPIC if priority == "high" else settings.KAFKA_TOPIC)
-    return topic, partition_for(user_id, partition_count(topic))
+def partition_counts() -> dict[str, int] | None:
+    """The delivery topics' partition counts, or None when Kafka cannot say now."""
+    try:
+        return {topic: partition_count(topic) for topic in delivery_topics()}
+    except Exception as exc:
+        logger.debug("Kafka partition counts not read: %r", exc)
+        return None
 
 
 def deliveries_waiting() -> int:

@@ -19,6 +19,10 @@ from django.utils import timezone
 
 from .conf import settings
 
+# requeue_unclaimed(keep=...): candidates read per page, and pages per pass at most.
+KEEP_PAGE = 5000
+KEEP_PAGES = 20
+
 if TYPE_CHECKING:
     from .models import Notification
 
@@ -887,10 +891,20 @@ class SentEmailManager(models.Manager[Any]):
         params: list[Any] = [retention, older_than, at_most, older_than]
         with connections[using].cursor() as cursor:
             if keep is not None:
-                cursor.execute(lost + 'ORDER BY n."id" LIMIT 5000', params)
-                ids = [pk for pk, user, priority in cursor.fetchall() if keep(str(user), str(priority))]
+                # Page on: a stalled partition's thousands of waiting rows must not hide
+                # the lost ones of other partitions behind them.
+                ids: list[int] = []
+                after = 0
+                for _ in range(KEEP_PAGES):
+                    cursor.execute(lost + 'AND n."id" > %s ORDER BY n."id" LIMIT %s', [*params, after, KEEP_PAGE])
+                    rows = cursor.fetchall()
+                    ids += [pk for pk, user, priority in rows if keep(str(user), str(priority))]
+                    if len(rows) < KEEP_PAGE or len(ids) >= 1000:
+                        break
+                    after = rows[-1][0]
                 if not ids:
                     return []
+                ids = ids[:1000]
                 lost += 'AND n."id" = ANY(%s) '
                 params.append(ids)
             cursor.execute(

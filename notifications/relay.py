@@ -356,13 +356,13 @@ def recover_stalled(using: str | None = None) -> list[str]:
     if kafka.enabled():
         # Per partition: one stalled partition says nothing of the others.
         settled = kafka.settled_partitions()
-        if settled is not None:
+        counts = kafka.partition_counts() if settled is not None else None
+        if settled is not None and counts is not None:
+            high, normal = str(settings.KAFKA_HIGH_TOPIC), str(settings.KAFKA_TOPIC)
 
             def in_settled(user: str, priority: str) -> bool:
-                try:
-                    return kafka.partition_of(user, priority) in settled
-                except Exception:  # no metadata now: the next pass looks again
-                    return False
+                topic = high if priority == "high" else normal
+                return (topic, kafka.partition_for(user, counts[topic])) in settled
 
             keys += SentEmail.objects.requeue_unclaimed(unclaimed_after, db, keep=in_settled)
     elif broker.deliveries_waiting(current_app) == 0:

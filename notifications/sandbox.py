@@ -32,16 +32,20 @@ STARTUP_SECONDS = 30.0  # Python and Django starting in the child, on a busy hos
 
 
 class Crashed(Exception):
-    """The child died without reporting outcomes (killed by a signal, or exited)."""
+    """The child was killed by a signal before reporting (what a poison message does to
+    a worker: a segfault, an abort, the kernel's OOM killer)."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__(f"the delivery process ended with {code} before reporting")
-        self.code = code
+    def __init__(self, signal: int) -> None:
+        super().__init__(f"the delivery process was killed by signal {signal} before reporting")
+        self.signal = signal
 
 
 class Failed(Exception):
-    """The child could not deliver (its database or Redis away): nothing was sent by it
-    that its records do not show; the caller retries the message."""
+    """The child could not deliver, or could not be run: its database or Redis away, an
+    exit without a report (it could not start: an import error, no memory to fork), or
+    no answer in time. Not counted as a crash, so that something wrong with every child
+    never ends good notifications failed at the delivery limit; whatever it claimed
+    lapses as a dead worker's claims do, and the caller retries the message later."""
 
 
 def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
@@ -54,8 +58,8 @@ def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
     env.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     timeout = STARTUP_SECONDS + budget + 2 * float(settings.CLAIM_LEASE)
     # The report goes through a file of its own: the child's output is its logs.
-    with tempfile.NamedTemporaryFile(prefix="notifications-sandbox-", suffix=".json") as report_file:
-        try:
+    try:
+        with tempfile.NamedTemporaryFile(prefix="notifications-sandbox-", suffix=".json") as report_file:
             done = subprocess.run(
                 [sys.executable, "-m", "notifications.sandbox", report_file.name],
                 input=json.dumps({"payloads": payloads, "budget": budget}).encode(),
@@ -63,14 +67,15 @@ def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
                 timeout=timeout,
                 check=False,
             )
-        except subprocess.TimeoutExpired as exc:  # killed by run(): its claims lapse as a dead worker's do
-            raise Crashed(-9) from exc
-        if done.returncode != 0:
-            raise Crashed(done.returncode)
-        try:
+            if done.returncode < 0:
+                raise Crashed(-done.returncode)
+            if done.returncode > 0:
+                raise Failed(f"the delivery process exited with {done.returncode} without a report")
             report = json.loads(Path(report_file.name).read_bytes())
-        except ValueError as exc:
-            raise Crashed(done.returncode) from exc
+    except subprocess.TimeoutExpired as exc:  # killed by run()
+        raise Failed(f"the delivery process gave no answer within {timeout:.0f}s") from exc
+    except (OSError, ValueError) as exc:
+        raise Failed(f"the delivery process could not be run or read: {exc!r}") from exc
     if "error" in report:
         raise Failed(report["error"])
     return [Outcome(**o) for o in report["outcomes"]]

@@ -159,7 +159,7 @@ class DeliveryConsumer(threading.Thread):
             try:
                 kafka.ensure_topics()
                 self.consumer = Consumer(self._config())
-                self.consumer.subscribe([self.topic], on_assign=self._assigned)
+                self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked)
                 self._loop()
             except Exception:
                 logger.exception("Kafka consumer of %s stopped; starting again", self.topic)
@@ -170,6 +170,11 @@ class DeliveryConsumer(threading.Thread):
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
         self.ready.set()
+
+    def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+        # Their next owner counts their starts; if they come back here, so does this one.
+        gone = {tp.partition for tp in partitions}
+        self._again = {where: starts for where, starts in self._again.items() if where[0] not in gone}
 
     def _close(self) -> None:
         if self.consumer is not None:
@@ -316,9 +321,8 @@ class DeliveryConsumer(threading.Thread):
                 if self._starts > int(settings.DELIVERY_LIMIT):
                     self._crashed(msg, payloads, self._starts)
                     return
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.stopping.wait(0.2):
                     raise Retry(0.0, "its delivery keeps crashing") from exc
-                continue
             self._retry_later(payloads, outcomes)
             return
 

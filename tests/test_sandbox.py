@@ -45,6 +45,19 @@ def test_a_child_that_dies_is_reported_as_a_crash_and_sends_nothing(
     monkeypatch.setenv("NOTIFICATIONS_CRASH_POINTS", "before_claim=sandboxpoison:")
     with pytest.raises(sandbox.Crashed) as crashed:
         sandbox.deliver([payload], budget=5.0)
-    assert crashed.value.code == -9  # SIGKILL, as the crash point dies
+    assert crashed.value.signal == 9  # SIGKILL, as the crash point dies
     assert smtp_server.count(payload["key"]) == 0
     assert not SentEmail.objects.filter(key=payload["key"]).exists()
+
+
+def test_a_child_that_cannot_start_is_a_failure_not_a_crash(
+    as_a_worker: None, smtp_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: every non-zero exit counted as a crash, so a child that could not even
+    start (settings it cannot import, say) used up the delivery limit of good
+    notifications in seconds and ended them failed."""
+    payload = _payload()
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "no.such.settings")
+    with pytest.raises(sandbox.Failed, match="exited with 1"):
+        sandbox.deliver([payload], budget=5.0)
+    assert smtp_server.count(payload["key"]) == 0
