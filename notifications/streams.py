@@ -323,6 +323,7 @@ class DeliveryConsumer(threading.Thread):
                     return
                 if time.monotonic() > deadline or self.stopping.wait(0.2):
                     raise Retry(0.0, "its delivery keeps crashing") from exc
+                continue
             self._retry_later(payloads, outcomes)
             return
 

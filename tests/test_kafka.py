@@ -218,6 +218,8 @@ def test_a_poison_notification_fails_at_the_delivery_limit_and_the_rest_of_its_b
     assert [p["key"] for p in streams.decode(dead.value())] == [poison.key]
     assert b"crashed its worker" in dict(dead.headers())["reason"]
     assert worker.output().count("exited with 'signal 9 (SIGKILL)'") == 1  # the pool lost one process
+    assert "killed by signal 9 before reporting" in worker.output()  # the replays' crashes, in the sandbox
+    assert "Kafka consumer of" not in worker.output()  # and no consumer left its group for one
 
 
 def test_an_undecodable_message_goes_to_the_dead_topic_and_the_next_one_is_delivered(on_kafka: dict[str, str]) -> None:
