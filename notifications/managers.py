@@ -872,21 +872,19 @@ class SentEmailManager(models.Manager[Any]):
         notification = _q(Notification._meta.db_table)
         outbox = _q(OutboxMessage._meta.db_table)
         retention = int(settings.SENT_RETENTION_DAYS) * 86400 / 2
-        # Its last message went out at its last outbox row's publish (the notification's
-        # own first publish if the rows are gone: pruned, or never kept).
-        last = (
-            f'COALESCE((SELECT max(o."published_at") FROM {outbox} o WHERE o."notification_id" = n."id"), '
-            f'n."published_at")'
-        )
+        # One look at its outbox rows: when its last message went out (the notification's
+        # own first publish if the rows are gone: pruned, or never kept), and whether a
+        # row still waits to be published.
         lost = (
             f'SELECT n."id", n."user_id", n."priority" FROM {notification} n LEFT JOIN {t} s ON s."key" = n."key" '
+            f'CROSS JOIN LATERAL (SELECT COALESCE(max(o."published_at"), n."published_at") AS "at", '
+            f'COALESCE(bool_or(o."published_at" IS NULL), false) AS "waiting" '
+            f'FROM {outbox} o WHERE o."notification_id" = n."id") m '
             f"WHERE n.\"status\" IN ('published', 'scheduled', 'retrying') "
             f'AND n."published_at" > now() - make_interval(secs => %s) '
             f'AND n."updated_at" < now() - make_interval(secs => %s) AND n."recoveries" < %s '
-            f"AND {last} < now() - make_interval(secs => %s) "
-            f'AND (s."id" IS NULL OR (s."state" = \'released\' AND s."updated_at" < {last})) '
-            f'AND NOT EXISTS (SELECT 1 FROM {outbox} o WHERE o."notification_id" = n."id" '
-            f'AND o."published_at" IS NULL) '
+            f'AND m."at" < now() - make_interval(secs => %s) AND NOT m."waiting" '
+            f'AND (s."id" IS NULL OR (s."state" = \'released\' AND s."updated_at" < m."at")) '
         )
         params: list[Any] = [retention, older_than, at_most, older_than]
         with connections[using].cursor() as cursor:
