@@ -51,7 +51,8 @@ class Failed(Exception):
 def deliver(payloads: list[dict[str, Any]], budget: float) -> list[Any]:
     """``delivery.deliver_many(payloads, budget)`` in a child process; its outcomes.
 
-    Raises ``Crashed`` if the child died, ``Failed`` if it reported an error."""
+    Raises ``Crashed`` if a signal killed the child, ``Failed`` if it reported an
+    error, exited without a report, could not be run or did not answer in time."""
     from .delivery import Outcome
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

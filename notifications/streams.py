@@ -323,9 +323,9 @@ class DeliveryConsumer(threading.Thread):
                     return
                 if time.monotonic() > deadline or self.stopping.wait(0.2):
                     raise Retry(0.0, "its delivery keeps crashing") from exc
-                continue
-            self._retry_later(payloads, outcomes)
-            return
+            else:
+                self._retry_later(payloads, outcomes)
+                return
 
     def _deliver(self, payloads: list[dict[str, Any]]) -> None:
         from . import delivery
