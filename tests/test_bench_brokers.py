@@ -49,12 +49,23 @@ def test_bench_measures_our_pipeline_on_both_brokers(tmp_path: Path) -> None:
             assert got["delivered"] == got["n"] == (N if phase != "half_rate" else got["n"]), (leg["broker"], phase)
             assert got["missing"] == 0 and got["duplicates"] == 0, (leg["broker"], phase)
             assert got["delivered_per_second"] > 0 and got["latency_ms"]["p99"] is not None
+            # CPU per delivered email, per component, over the phase's end-to-end window.
+            cpu = got["cpu_ms_per_email"]
+            assert all(v >= 0 for v in cpu.values()), (leg["broker"], phase, cpu)
+            assert cpu["worker"] > 0 and cpu["caller"] > 0 and cpu["postgresql"] > 0 and cpu["sink"] > 0, cpu
+            assert {"beat", "rabbitmq", "redis", "postgresql_other_databases"} <= set(cpu), cpu
+            assert ("kafka" in cpu) == (leg["broker"] == "kafka"), cpu
+            assert cpu["machine"] > cpu["worker"], cpu
+            assert cpu["components"] <= 1.2 * cpu["machine"] + 0.5, cpu  # nothing counted twice
+            assert 0 < got["cores_busy"] <= got["cores"] + 0.1  # /proc/stat counts in ticks
         # Beat's relay published every row of the phase, in passes it counted.
         relay = leg["e2e_single"]["relay"]
         assert relay["rows"] == N and relay["passes"] >= 1 and relay["ms_per_pass"] > 0, relay
         assert leg["worker_peak_rss_mib"] > 0
 
     assert "Kafka (Tansu)" in done.stdout and "ours, by delivery broker" in done.stdout
+    assert "CPU per delivered email (ms)" in done.stdout and "Kafka broker (Tansu)" in done.stdout
+    assert f"cores busy, of {rabbit['e2e_single']['cores']}" in done.stdout
     assert not kafkabroker.answers(setup["kafka_bootstrap"], timeout=1.0)
     with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres") as conn:
         assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [setup["database"]]).fetchone() is None

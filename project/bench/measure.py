@@ -1,5 +1,5 @@
-"""What the benchmark reads while a phase runs: the sink's progress, a process tree's
-resident memory and CPU time from /proc, and the numbers made of them afterwards."""
+"""What the benchmark reads while a phase runs: the sink's progress and a process tree's
+resident memory from /proc (its CPU time: ``cpu``), and the numbers made of them afterwards."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cpu import CpuSampler
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:
@@ -53,32 +55,6 @@ def pss_bytes(pids: Iterable[int]) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
-
-
-def cpu_seconds(pids: Iterable[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / TICKS
-
-
-class CpuProbe:
-    """CPU used by one process tree since the probe was made, as a share of one core."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.started = time.monotonic()
-        self.cpu = cpu_seconds(descendants(pid))
-
-    def percent(self) -> float:
-        wall = time.monotonic() - self.started
-        used = cpu_seconds(descendants(self.pid)) - self.cpu
-        return round(100.0 * used / wall, 1) if wall > 0 else 0.0
 
 
 class RssSampler:
@@ -160,10 +136,12 @@ def wait_for_sink(
 
 
 def delivery(
-    calls: dict[str, Any], arrivals: Sequence[tuple[str, float]], sink_cpu: float | None = None
+    calls: dict[str, Any], arrivals: Sequence[tuple[str, float]], cpu: CpuSampler | None = None
 ) -> dict[str, Any]:
     """End-to-end numbers of one phase: ``calls`` is the caller's record (its start time,
-    and each key with the moment its commit or publish returned), ``arrivals`` the sink's."""
+    and each key with the moment its commit or publish returned), ``arrivals`` the sink's;
+    with ``cpu``, sampled through the phase, the CPU per delivered email over the same
+    window as the rate."""
     committed = dict(zip(calls["keys"], calls["committed"], strict=True))
     first: dict[str, float] = {}
     copies = 0
@@ -174,6 +152,8 @@ def delivery(
     last = max(first.values()) if first else calls["start"]
     seconds = last - calls["start"]
     latency = [first[k] - committed[k] for k in committed if k in first]
+    usage = cpu.usage(calls["start"], last, len(first)) if cpu is not None else {}
+    sink = usage.get("cpu_seconds", {}).get("sink")
     return {
         "n": len(committed),
         "delivered": len(first),
@@ -184,7 +164,8 @@ def delivery(
         "caller_seconds": round(calls["end"] - calls["start"], 3),
         "caller_per_second": _rate(calls),
         "latency_ms": percentiles_ms(latency),
-        "sink_cpu_percent": sink_cpu,
+        "sink_cpu_percent": round(100 * sink / seconds, 1) if sink is not None and seconds > 0 else None,
+        **usage,
     }
 
 

@@ -125,15 +125,17 @@ def run_ours(bench: BenchRun, run: int, broker: str = "rabbitmq") -> dict[str, A
         )
         schedule = str(bench.workdir / f"{tag}-beat-schedule")
         beat = ["-m", "celery", "-A", "project", "beat", "-l", "warning", "-s", schedule]
-        fleet.add(f"{tag}-beat", beat, NOTIFICATIONS_METRICS_PORT=str(port))
+        relay = fleet.add(f"{tag}-beat", beat, NOTIFICATIONS_METRICS_PORT=str(port))
+        roles = {"worker": [p.pid for p in procs], "beat": [relay.pid]}
         if kafka:
+            roles["kafka"] = [bench.kafka.pid]
             bench.wait_kafka_consumers(env, procs)
         else:
             bench.wait_consumers("notifications.deliver", procs)
 
         def phase(key: str, mode: str, count: int, suffix: str, rate: float = 0.0) -> None:
             before = relay_counters(port)
-            out[key] = bench.end_to_end("ours", mode, count, f"{tag}-{suffix}", env, fleet, rate)
+            out[key] = bench.end_to_end("ours", mode, count, f"{tag}-{suffix}", env, fleet, lambda: roles, rate)
             out[key]["relay"] = relay_passes(before, relay_counters(port))
             if out[key]["relay"]:
                 bench.say(f"  relay: {report.relay_line(out[key]['relay'])}")

@@ -74,6 +74,7 @@ def setup(bench: BenchRun) -> dict[str, Any]:
         "runs": bench.o.runs,
         "batch": bench.o.batch,
         "paced_seconds": bench.o.paced_seconds,
+        "settings": dict(bench.o.settings),  # what --setting changed from project/settings.py
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "versions": versions,
@@ -93,12 +94,14 @@ def setup(bench: BenchRun) -> dict[str, Any]:
 
 
 def one_line(result: dict[str, Any]) -> str:
-    lat = result["latency_ms"]
+    lat, cpu = result["latency_ms"], result.get("cpu_ms_per_email") or {}
     return (
         f"{result['delivered']}/{result['n']} delivered in {result['seconds']:.1f}s = "
         f"{_num(result['delivered_per_second'])}/s; caller {_num(result['caller_per_second'])}/s; "
         f"latency p50 {_num(lat['p50'])} p95 {_num(lat['p95'])} p99 {_num(lat['p99'])} ms; "
-        f"duplicates {result['duplicates']}, missing {result['missing']}, sink CPU {result['sink_cpu_percent']}%"
+        f"duplicates {result['duplicates']}, missing {result['missing']}, sink CPU {result['sink_cpu_percent']}%; "
+        f"CPU per email {_num(cpu.get('machine'), 2)} ms (worker {_num(cpu.get('worker'), 2)}), "
+        f"{_num(result.get('cores_busy'), 2)} cores busy"
     )
 
 
@@ -159,6 +162,35 @@ def _relay(result: Any) -> str:
     return f"{_num(relay['ms_per_pass'], 1)} ms x {relay['passes']} ({_num(relay['rows_per_pass'])} rows)"
 
 
+# The CPU rows of a table: a key of a phase's ``cpu_ms_per_email`` and its label.
+CPU_ROWS = (
+    ("worker", "delivery worker, main + pool (**)"),
+    ("beat", "beat (ours: its relay loop)"),
+    ("caller", "the caller"),
+    ("postgresql", "PostgreSQL, every process of the server"),
+    ("postgresql_other_databases", "  of which backends of other databases (***)"),
+    ("rabbitmq", "RabbitMQ, beam.smp and its children"),
+    ("redis", "Redis"),
+    ("sink", "SMTP sink"),
+    ("kafka", "Kafka broker (Tansu)"),
+    ("components", "the rows above together"),
+    ("machine", "whole machine, /proc/stat (not idle or iowait)"),
+)
+
+
+def cpu_rows(results: list[Any]) -> list[tuple[str, ...]]:
+    """Rows of CPU per delivered email (ms) for phase results side by side, and the cores
+    busy; the Kafka row only if a phase used Kafka."""
+    cpus = [_get(r, "cpu_ms_per_email") or {} for r in results]
+    cores = next((r["cores"] for r in results if _get(r, "cores")), None)
+    rows: list[tuple[str, ...]] = [("CPU per delivered email (ms), over the end-to-end seconds", *[""] * len(results))]
+    for key, label in CPU_ROWS:
+        if key != "kafka" or any(key in c for c in cpus):
+            rows.append((f"  {label}", *(_num(c.get(key), 2) for c in cpus)))
+    rows.append((f"cores busy, of {cores or '-'}", *(_num(_get(r, "cores_busy"), 2) for r in results)))
+    return rows
+
+
 def brokers_table(rabbit: dict[str, Any], kafka: dict[str, Any]) -> list[str]:
     """Our pipeline on each delivery broker, side by side (same N, workers, concurrency, sink)."""
     rows: list[tuple[str, ...]] = [("ours, by delivery broker", "RabbitMQ", "Kafka (Tansu)", "Kafka / RabbitMQ")]
@@ -182,6 +214,12 @@ def brokers_table(rabbit: dict[str, Any], kafka: dict[str, Any]) -> list[str]:
         ),
         ("peak memory of a worker, RSS (PSS) (MiB)", _mem(rabbit, "worker"), _mem(kafka, "worker"), ""),
     ]
+    for phase, name in (("e2e_single", "notify()"), ("e2e_many", "notify_many()")):
+        results = [rabbit.get(phase), kafka.get(phase)]
+        rows += [
+            (f"{name}: {label.strip()}" if i == 0 else label, *cells, "")
+            for i, (label, *cells) in enumerate(cpu_rows(results))
+        ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     return [
         "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
@@ -219,11 +257,17 @@ def render(result: dict[str, Any]) -> str:
         ),
         ("delivered / missing / duplicates at the sink", *(_counts(r) for r in (o1, o2, p1, p2))),
         ("SMTP sink CPU during the run (% of a core)", *(_pct(_get(r, "sink_cpu_percent")) for r in (o1, o2, p1, p2))),
+        *cpu_rows([o1, o2, p1, p2]),
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     lines = [
         f"N = {setup['n']:,}, {setup['workers']} worker process(es) x concurrency {setup['concurrency']}, "
         f"median of {setup['runs']} run(s), {setup['cpus']} CPUs, code {setup.get('code') or 'unknown'}"
+        + (
+            "; settings changed: " + ", ".join(f"{k}={v}" for k, v in setup["settings"].items())
+            if setup.get("settings")
+            else ""
+        )
     ]
     for row in rows:
         lines.append(
@@ -259,5 +303,8 @@ def render(result: dict[str, Any]) -> str:
         f"RabbitMQ {v['rabbitmq']}, Redis {v['redis_server']}",
         "(*) ours and post_office with nothing consuming; plain Celery while its workers run.",
         "(**) post_office: the dispatcher (send_queued_mail and its pool).",
+        "(***) at least: backends whose title names a database not the run's (another user of the server). "
+        "The PostgreSQL, RabbitMQ and Redis rows count all their server did, for any user; the whole machine "
+        "counts every process, the benchmark's own and other users' too.",
     ]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from notifications.chaos.injectors import add_vhost, sh, wait
 from notifications.chaos.processes import Fleet, Proc, migrate
 from notifications.chaos.run import free_port
 
-from . import measure, ours, peers, report
+from . import cpu, measure, ours, peers, report
 from .sink import Sink, ceiling
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -59,6 +59,7 @@ class Options:
     redis_db: int | None = None
     keep: bool = False
     brokers: tuple[str, ...] = ("rabbitmq",)
+    settings: dict[str, str] = field(default_factory=dict)  # environment for our processes (--setting)
 
 
 class BenchRun:
@@ -73,6 +74,7 @@ class BenchRun:
         self.started = time.monotonic()
         self.created: list[str] = []
         self.kafka: Any = None  # project.kafkabroker.Broker, when a run measures Kafka
+        self.services: dict[str, list[int]] = {}
 
     def say(self, line: str) -> None:
         self._log(f"[{time.monotonic() - self.started:6.1f}s] {line}")
@@ -115,6 +117,7 @@ class BenchRun:
             "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{self.database}",
             "REDIS_URL": f"redis://127.0.0.1:6379/{self.redis_db}",
             "NOTIFICATIONS_LOG_LEVEL": "WARNING",
+            **self.o.settings,
         }
         if broker == "kafka":
             env.update(self.kafka_env(run))
@@ -176,6 +179,30 @@ class BenchRun:
             self._admin_sql(f'CREATE DATABASE "{self.po_database}"')
             self.created.append(self.po_database)
             migrate(ROOT, self.env_peer())
+        self.services = self.find_services()
+
+    def find_services(self) -> dict[str, list[int]]:
+        """The root process of each service every phase uses: PostgreSQL's server (the parent
+        of a backend of ours), the RabbitMQ node (its ``beam.smp``, not a CLI's), Redis (as it
+        reports itself) and the sink. A service not found is left out."""
+        [(backend,)] = self.sql("postgres", "SELECT pg_backend_pid()")
+        postmaster = cpu.parent(backend)
+        found = {
+            "postgresql": [postmaster] if postmaster else [],
+            "rabbitmq": cpu.processes_named("beam.smp", "rabbit boot")[:1],
+            "redis": [int(redis.Redis(host="127.0.0.1", port=6379).info("server")["process_id"])],
+            "sink": [self.sink.pid],
+        }
+        return {name: pids for name, pids in found.items() if pids}
+
+    def cpu_sampler(self, processes: Callable[[], dict[str, list[int]]]) -> cpu.CpuSampler:
+        """A sampler of the services' CPU and of ``processes()``'s (the phase's own), with the
+        share of PostgreSQL's spent on databases other than the run's (other users' noise)."""
+        ours = (None, self.database, self.po_database)
+        return cpu.CpuSampler(
+            lambda: {**processes(), **self.services},
+            shares={"postgresql_other_databases": ("postgresql", lambda pid: cpu.pg_database(pid) not in ours)},
+        )
 
     def teardown(self) -> None:
         if hasattr(self, "sink"):
@@ -278,23 +305,34 @@ class BenchRun:
         return measure.caller_only(self.calls(self.caller(system, mode, n, tag, env)))
 
     def end_to_end(
-        self, system: str, mode: str, n: int, tag: str, env: dict[str, str], fleet: Fleet, rate: float = 0.0
+        self,
+        system: str,
+        mode: str,
+        n: int,
+        tag: str,
+        env: dict[str, str],
+        fleet: Fleet,
+        processes: Callable[[], dict[str, list[int]]],
+        rate: float = 0.0,
     ) -> dict[str, Any]:
-        """Start a caller while the workers run; wait until the sink has every email."""
+        """Start a caller while the workers run; wait until the sink has every email.
+        ``processes()`` names the phase's processes whose CPU counts (``worker``, ``beat``);
+        the caller's is added."""
         self.sink.take()
         base = self.sink.count
-        cpu = measure.CpuProbe(self.sink.pid)
-        proc = self.caller(system, mode, n, tag, env, rate)
+        caller: list[int] = []
+        with self.cpu_sampler(lambda: {**processes(), "caller": caller}) as sampler:
+            proc = self.caller(system, mode, n, tag, env, rate)
+            caller.append(proc.pid)
 
-        def broken() -> str | None:
-            if proc.poll() not in (None, 0):
-                return "the caller failed"
-            dead = [p.name for p in fleet.procs.values() if not p.alive()]
-            return f"{', '.join(dead)} exited" if dead else None
+            def broken() -> str | None:
+                if proc.poll() not in (None, 0):
+                    return "the caller failed"
+                dead = [p.name for p in fleet.procs.values() if not p.alive()]
+                return f"{', '.join(dead)} exited" if dead else None
 
-        measure.wait_for_sink(lambda: self.sink.count, base + n, self.o.stall, self.say, tag, broken, base)
-        sink_cpu = cpu.percent()
-        result = measure.delivery(self.calls(proc), self.sink.take(), sink_cpu)
+            measure.wait_for_sink(lambda: self.sink.count, base + n, self.o.stall, self.say, tag, broken, base)
+        result = measure.delivery(self.calls(proc), self.sink.take(), sampler)
         self.say(f"  {tag}: {report.one_line(result)}")
         return result
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .measure import CpuProbe
+from .cpu import CpuProbe
 
 MARKERS = (b"\nx-notification-key:", b"\nsubject:")
 

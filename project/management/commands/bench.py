@@ -42,6 +42,14 @@ class Command(BaseCommand):
         parser.add_argument("--redis-db", type=int, default=None, help="Redis db to use (default: an empty one)")
         parser.add_argument("--report", default="bench-report.json", help="where to write the JSON report")
         parser.add_argument("--keep", action="store_true", help="keep the run's databases and vhost")
+        parser.add_argument(
+            "--setting",
+            action="append",
+            default=[],
+            metavar="NOTIFICATIONS_NAME=VALUE",
+            help="an environment setting for our pipeline's processes (repeatable), e.g. "
+            "NOTIFICATIONS_RELAY_WAKEUP=listen: what the run measures besides project/settings.py as shipped",
+        )
 
     def handle(self, *args: Any, **o: Any) -> None:
         try:
@@ -69,7 +77,14 @@ class Command(BaseCommand):
                 raise CommandError("--only postoffice needs django-post-office (the dev extra)") from exc
         if o["n"] < 1 or o["workers"] < 1 or o["concurrency"] < 1 or o["runs"] < 1:
             raise CommandError("--n, --workers, --concurrency and --runs must be at least 1")
+        extra: dict[str, str] = {}
+        for item in o["setting"]:
+            name, sep, value = item.partition("=")
+            if not sep or not name.startswith("NOTIFICATIONS_"):
+                raise CommandError(f"--setting {item!r}: give NOTIFICATIONS_NAME=VALUE")
+            extra[name] = value
         options = Options(
+            settings=extra,
             n=o["n"],
             workers=o["workers"],
             concurrency=o["concurrency"],
