@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
 .PHONY: run clean-dev test lint chaos chaos-short chaos-kafka-short bench bench-short bench-backlog bench-schedule bench-priority \
-	bench-retention bench-dashboard bench-ratelimit
+	bench-retention bench-dashboard bench-ratelimit bench-mime
 
 # BROKER=kafka: deliveries over Kafka (a local broker, data in .devstack/kafka, unless
 # KAFKA_BOOTSTRAP_SERVERS names one); Celery's own tasks stay on RabbitMQ.
@@ -80,6 +80,11 @@ bench-dashboard: $(STAMP)
 # server, the average rate and the gaps between arrivals (README, "Providers and rate limits").
 bench-ratelimit: $(STAMP)
 	$(PYTHON) -m project.bench.ratelimit $(BENCH_ARGS)
+
+# An email's bytes written directly (notifications.mime) beside Django's email code, per email,
+# for ASCII, HTML and non-ASCII emails; no service needed.
+bench-mime: $(STAMP)
+	$(PYTHON) -m project.bench.mime $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests

@@ -43,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     # Notifications per broker message: a worker claims them in one transaction and sends
     # them over one mail-server connection. A message that crashed its worker is split.
     "DELIVERY_BATCH_SIZE": 50,
+    # Through Django's SMTP backend, write each email's bytes directly (notifications.mime),
+    # byte for byte what Django's email code would send, at a small part of its cost.
+    # False: Django's email code builds every email.
+    "FAST_MIME": True,
     # Mail-server connections a worker process sends a batch over at once (threads).
     "SEND_CONCURRENCY": 4,
     "RELAY_INTERVAL": 1.0,

@@ -10,7 +10,8 @@ no reply, is the one window where the outcome is unknown (ambiguous). A reply co
 definitive wherever it comes: 4xx transient, 5xx permanent, except the replies that are
 about the server or its configuration rather than the email (authentication, closing
 down), which never fail an email for good. Other backends (an HTTP API, the console)
-cannot be watched: any error of theirs counts as ambiguous.
+cannot be watched: any error of theirs counts as ambiguous. Through Django's SMTP
+backend the email goes as the bytes ``mime.py`` writes (the same Django would send).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core.mail import EmailMultiAlternatives, get_connection
 
-from . import backends, metrics
+from . import backends, metrics, mime
 from .exceptions import (
     AmbiguousDeliveryError,
     MailServerUnreachable,
@@ -270,7 +271,7 @@ def send(message: EmailMultiAlternatives, backend_name: str | None = None) -> st
             watch.reset()
         try:
             with _request_header(backend, held, message):
-                sent = opened.send_messages([message])
+                sent = mime.send_messages(opened, message)
         except MailServerUnreachable:
             drop_connection(backend.name)
             raise
