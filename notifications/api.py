@@ -282,7 +282,9 @@ def _write(rows: list[dict[str, Any]], using: str, repeats: int = 0) -> list[Not
         transaction.on_commit(lambda: events.created(notifications, created, repeats), using=using, robust=True)
     else:  # committed already (under manual transaction management: counted now)
         events.created(notifications, created, repeats)
-    if created and settings.RELAY_ON_COMMIT:
+    if created and settings.RELAY_ON_COMMIT and settings.RELAY_WAKEUP == "redis":
+        # ("listen": the insert itself notified the relay, delivered on commit; "poll":
+        # the relay looks on its own.)
         from .relay import wake_relay_soon
 
         if in_block:

@@ -142,6 +142,14 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E009",
             )
         )
+    if settings.RELAY_WAKEUP not in ("listen", "redis", "poll"):
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_RELAY_WAKEUP={settings.RELAY_WAKEUP!r} is not one of 'listen', 'redis', 'poll'.",
+                hint="Set NOTIFICATIONS_RELAY_WAKEUP = 'listen' (PostgreSQL NOTIFY on commit), 'redis' or 'poll'.",
+                id="notifications.E028",
+            )
+        )
     if (conf.worker_prefetch_multiplier or 0) != 1:
         errors.append(
             Error(

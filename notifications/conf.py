@@ -1,12 +1,16 @@
 """Every setting of the app in one place, with its default.
 
 Lookup order: the Django setting ``NOTIFICATIONS_<NAME>``, else the default here.
-Values are read on each access so that tests and ``override_settings`` work.
+A value is looked up once and kept (``notify()`` reads a dozen settings, and a setting
+left at its default costs Django's settings object two failed lookups each time);
+Django's ``setting_changed`` signal, sent by ``override_settings`` and the tests'
+``settings`` fixture, forgets it again.
 """
 
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 DEFAULTS: dict[str, Any] = {
     # Where the Redis fast-path lock lives. Losing it never causes a second email.
@@ -66,8 +70,13 @@ DEFAULTS: dict[str, Any] = {
     "GIVE_UP_AFTER": 86400.0,
     # Wake the relay when a notify() commits, so delivery does not wait for beat.
     "RELAY_ON_COMMIT": True,
-    # Run the relay loop inside beat (woken through Redis on commit).
+    # Run the relay loop inside beat (woken on commit, see RELAY_WAKEUP).
     "RELAY_IN_BEAT": True,
+    # How a commit wakes the relay loop (``notifications.wakeup``): "listen" (the insert
+    # notifies through PostgreSQL, delivered on commit), "redis" (a push from a thread of
+    # the caller after the commit) or "poll" (the loop looks every RELAY_POLL seconds).
+    "RELAY_WAKEUP": "redis",
+    "RELAY_POLL": 0.05,
     # Seconds the relay loop waits after a wake-up, so a burst of commits goes out in
     # fuller broker messages (a little latency for much less work per email).
     "RELAY_LINGER": 0.02,
@@ -180,11 +189,26 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+_known: dict[str, Any] = {}
+PREFIX = "NOTIFICATIONS_"
+
+
 class Settings:
     def __getattr__(self, name: str) -> Any:
+        try:
+            return _known[name]
+        except KeyError:
+            pass
         if name not in DEFAULTS:
             raise AttributeError(f"unknown notifications setting {name!r}")
-        return getattr(django_settings, f"NOTIFICATIONS_{name}", DEFAULTS[name])
+        value = _known[name] = getattr(django_settings, PREFIX + name, DEFAULTS[name])
+        return value
 
 
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    if setting.startswith(PREFIX):
+        _known.pop(setting[len(PREFIX) :], None)
+
+
+setting_changed.connect(_forget)
 settings = Settings()

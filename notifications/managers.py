@@ -166,9 +166,16 @@ def _q(name: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _insert_sql(
-    model: type[models.Model], rows: int, with_outbox: bool, columns: tuple[str, ...], returning: str
+    model: type[models.Model],
+    rows: int,
+    with_outbox: bool,
+    columns: tuple[str, ...],
+    returning: str,
+    wake: str | None = None,
 ) -> str:
-    """The insert of ``NotificationManager``: the same text for the same shape, built once."""
+    """The insert of ``NotificationManager``: the same text for the same shape, built once.
+    ``wake``: the relay's ``LISTEN`` channel, notified by the statement itself when it
+    created a row (``wakeup``), so the commit that makes the rows visible wakes the relay."""
     from .models import OutboxMessage
 
     table = _q(model._meta.db_table)
@@ -187,7 +194,15 @@ def _insert_sql(
         f"WITH ins AS ({insert}), "
         f'outbox AS (INSERT INTO {outbox} ("notification_id", "due_at", "priority") '
         f'SELECT "id", COALESCE("send_at", now()), "priority" FROM ins ORDER BY "id") '
-        f"SELECT * FROM ins"
+        + (
+            # A CTE with a volatile call is run once, where it is read: here as the
+            # right side of a join on true, so every created row comes back once. The
+            # channel is a hex identifier of our own making (``wakeup.channel``).
+            f", wake AS (SELECT pg_notify('{wake}', '') WHERE EXISTS (SELECT FROM ins)) "
+            f"SELECT ins.* FROM ins LEFT JOIN wake ON true"
+            if wake
+            else "SELECT * FROM ins"
+        )
     )
 
 
@@ -195,7 +210,10 @@ class NotificationManager(models.Manager["Notification"]):
     def _insert_sql(
         self, rows: int, with_outbox: bool, columns: Sequence[str] = NOTIFICATION_COLUMNS, returning: str = '"id"'
     ) -> str:
-        return _insert_sql(self.model, rows, with_outbox, tuple(columns), returning)
+        from . import wakeup
+
+        wake = wakeup.in_insert() if with_outbox else None
+        return _insert_sql(self.model, rows, with_outbox, tuple(columns), returning, wake)
 
     def _params(
         self, rows: Sequence[dict[str, Any]], using: str, columns: Sequence[str] = NOTIFICATION_COLUMNS

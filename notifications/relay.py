@@ -18,7 +18,7 @@ from typing import Any
 
 from django.db import transaction
 
-from . import events
+from . import events, wakeup
 from .conf import settings
 from .faults import crash_point
 
@@ -141,10 +141,28 @@ def wake_relay() -> None:
 
     try:
         newly, loop_alive = locks.raise_flag(key(WAKE_FLAG), ttl=5.0, listener=key(LOOP_ALIVE))
-        if newly and not (loop_alive and locks.push(key(WAKE_LIST))):
+        if newly and not (loop_alive and _reach_loop()):
             broker.wake(current_app)
     except Exception as exc:  # the periodic relay is the guarantee; this is a hint
         logger.warning("could not wake the relay (beat will publish): %s", exc)
+
+
+def _reach_loop() -> bool:
+    """Wake the live relay loop the way it waits (``NOTIFICATIONS_RELAY_WAKEUP``); False
+    if that failed (a worker's relay task is sent instead)."""
+    from . import locks
+
+    how = wakeup.mode()
+    if how == "poll":
+        return True  # it looks within a poll interval anyway
+    if how == "listen":
+        try:
+            wakeup.notify(databases()[0])
+            return True
+        except Exception as exc:
+            logger.warning("could not NOTIFY the relay loop: %r", exc)
+            return False
+    return locks.push(key(WAKE_LIST))
 
 
 def wake_relay_in(seconds: float) -> None:
@@ -243,7 +261,6 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     slot."""
     import django
     from django.apps import apps
-    from django.db import close_old_connections, connections
 
     from . import locks
 
@@ -252,10 +269,36 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
     interval = float(settings.RELAY_INTERVAL)
     linger = float(settings.RELAY_LINGER)
     alive_for = max(5.0, 3 * interval)
+    how = wakeup.mode()
+    listener = wakeup.Listener([using] if using else databases()) if how == "listen" else None
+    if listener is not None:
+        listener.wait(0)  # LISTEN before the first pass: no commit falls between the two
+    try:
+        _loop(stop, using, interval, linger, alive_for, how, listener)
+    finally:
+        if listener is not None:
+            listener.close()
+    locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
+
+
+def _loop(
+    stop: threading.Event,
+    using: str | None,
+    interval: float,
+    linger: float,
+    alive_for: float,
+    how: str,
+    listener: wakeup.Listener | None,
+) -> None:
+    from django.db import close_old_connections, connections
+
+    from . import locks
+
+    published = 0
     while not stop.is_set():
         healthy = False  # this pass published (or found nothing to publish)
         try:
-            drain(using, budget=alive_for / 2)
+            published = drain(using, budget=alive_for / 2)
         except Exception as exc:  # broker or database away: the next round tries again
             # No heartbeat for a failed pass: if this loop cannot publish (its database
             # or broker connection is broken, say) while others could, the workers'
@@ -268,10 +311,18 @@ def relay_forever(stop: threading.Event, using: str | None = None) -> None:
         else:
             healthy = True
             locks.heartbeat(key(LOOP_ALIVE), alive_for)
-        if locks.wait(key(WAKE_LIST), _until_next_due(using, interval) if healthy else interval) and linger > 0:
+        timeout = _until_next_due(using, interval) if healthy else interval
+        if how == "poll":
+            # No wake-ups: the next look in a poll interval; while rows keep coming, the
+            # queue's backlog holds them as it would after a wake-up.
+            stop.wait(min(timeout, float(settings.RELAY_POLL)))
+            if published and linger > 0:
+                _hold_while_behind(stop, linger, alive_for if healthy else 0.0)
+            continue
+        woken = listener.wait(timeout) if listener is not None else locks.wait(key(WAKE_LIST), timeout)
+        if woken and linger > 0:
             stop.wait(linger)
             _hold_while_behind(stop, linger, alive_for if healthy else 0.0)
-    locks.clear(key(LOOP_ALIVE))  # stopped: wake-ups and beat's relay task take over at once
 
 
 def _until_next_due(using: str | None, interval: float) -> float:
