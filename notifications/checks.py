@@ -142,6 +142,16 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E009",
             )
         )
+    group_ms = settings.RECORD_GROUP_MS
+    if isinstance(group_ms, bool) or not isinstance(group_ms, int | float) or not 0 <= group_ms <= 1000:
+        errors.append(
+            Error(
+                f"NOTIFICATIONS_RECORD_GROUP_MS must be a number of milliseconds from 0 to 1000, not {group_ms!r}.",
+                hint="It bounds how long a sending connection keeps outcomes unrecorded (default "
+                f"{DEFAULTS['RECORD_GROUP_MS']}).",
+                id="notifications.E029",
+            )
+        )
     if settings.RELAY_WAKEUP not in ("listen", "redis", "poll"):
         errors.append(
             Error(
@@ -163,6 +173,7 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         "RELAY_BATCH_SIZE",
         "DELIVERY_BATCH_SIZE",
         "SEND_CONCURRENCY",
+        "RECORD_GROUP",
         "MAX_BATCH_ITEMS",
         "RETENTION_DAYS",
         "PURGE_BATCH_SIZE",

@@ -53,6 +53,15 @@ DEFAULTS: dict[str, Any] = {
     "FAST_MIME": True,
     # Mail-server connections a worker process sends a batch over at once (threads).
     "SEND_CONCURRENCY": 4,
+    # A sending connection stamps the start of up to RECORD_GROUP emails in one statement
+    # and records their outcomes in the next, so a group costs one round trip and one
+    # commit instead of one per email. The price is the window of unknown outcome: if the
+    # worker dies, every email of its unrecorded groups counts as ambiguous (resent with
+    # the same Message-ID, or held). Groups are made to be sent in about RECORD_GROUP_MS
+    # milliseconds at the recent pace, and outcomes are recorded once the oldest is that
+    # old, so a slow mail server gets groups of one. RECORD_GROUP = 1: one email at a time.
+    "RECORD_GROUP": 10,
+    "RECORD_GROUP_MS": 20.0,
     "RELAY_INTERVAL": 1.0,
     # How often beat looks for claims whose holder stopped renewing them, and for
     # notifications whose message was lost.

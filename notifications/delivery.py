@@ -135,8 +135,9 @@ def deliver_many(payloads: Sequence[dict[str, Any]], budget: float = 60.0) -> li
     payload, in order.
 
     Per batch: one pipelined Redis round trip each way, and one transaction that
-    records the notifications and claims their keys. Per email: the SMTP transaction
-    and one statement that records its outcome and stamps the next email's start.
+    records the notifications and claims their keys. Per group of emails a sending
+    lane makes (``_send_lane``): one statement that records the last group's outcomes
+    and stamps the next group's starts, then each email's SMTP transaction.
     Outcomes are per item: a bounce or a busy key never holds back the others. An
     item that should be tried again later ends ``retry`` (with ``retry_in``); the task
     puts those into one new message. After ``budget`` seconds, or once the mail server
@@ -385,14 +386,14 @@ class _Lanes:
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
     """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once
     (fewer where the backend's ``CONNECTIONS`` says so, see ``_lane_count``), each lane
-    taking the next item when its last is recorded (as ``_send_lane`` says).
+    taking the next group of items when its last group is sent (as ``_send_lane`` says).
     The round trips to the mail server and the database are waits, so lanes overlap
     them, and a slow email holds up only its own lane.
 
     The lanes are threads, also when there is one, and the task only waits for them: the
     soft time limit (or anything else that interrupts the task) lands in that wait, and
-    then the lanes finish the email each is sending, record it, release the rest untried
-    and stop, so no lane outlives its task.
+    then the lanes finish the email each is sending, record what they sent, release
+    the rest untried (stamped or not) and stop, so no lane outlives its task.
     """
     if not to_send:
         return
@@ -422,74 +423,173 @@ def _next(queue: deque[_Item]) -> _Item | None:
 
 
 def _send_lane(lanes: _Lanes) -> None:
-    """Send items one by one over this thread's connection. Committed before each send:
-    that item's ``send_started_at``, in the same statement that records the previous
-    item's outcome, so a batch costs one database round trip per email and the window
-    of unknown outcome stays one email wide.
+    """Send items over this thread's connection, a group at a time. Committed before a
+    group is sent: the ``send_started_at`` of each of its emails, in the same statement
+    that records the previous group's outcomes, so a group costs one database round
+    trip and the window of unknown outcome is the group: at most
+    ``NOTIFICATIONS_RECORD_GROUP`` emails, and a lane records the outcomes it has once
+    the oldest of them is ``NOTIFICATIONS_RECORD_GROUP_MS`` old (``_group_size`` makes
+    groups that fit that time, so a slow mail server gets groups of one).
 
     Before that statement the lane makes sure its connection to the mail server is open:
     a server that cannot be reached costs no attempt and no ambiguity, and then no lane
-    tries the rest of the batch now. Then it takes the item's slot under its backend's
-    rate limit (``_take_slot``); a token is never taken after the start is stamped. Once
-    the time budget is spent, or the task stops, what is left is released untried."""
+    tries the rest of the batch now. Then it takes each item's slot under its backend's
+    rate limit (``_take_slot``; a rate-limited email is a group of its own); a token is
+    never taken after the start is stamped. Once the time budget is spent, or the task
+    stops, what is left (stamped or not) is released untried."""
     settled: list[Finish] = []
     last: Outcome | None = None
+    stamped: deque[_Item] = deque()  # started (committed), not yet sent
+    oldest = 0.0  # when the oldest outcome in ``settled`` came in
+    limit = float(settings.RECORD_GROUP_MS) / 1000.0
     while True:
         if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
-            settled += _release_rest(lanes, last)
-        item = _next(lanes.queue)
-        if item is not None and settled and not mail.has_connection(_backend_name(item)):
-            # Connecting may take up to EMAIL_TIMEOUT: record the last outcome first, so
-            # that the window in which a crash leaves it unknown stays one email wide.
-            settled = _record(lanes, settled)
-        if item is not None:
-            try:
-                mail.connection(_backend_name(item))
-            except MailServerUnreachable as exc:
-                finish, last = _unreachable(item, exc)
-                lanes.outcomes[item.key] = last
-                settled.append(finish)
+            settled += _release(lanes, list(stamped), last) + _release_rest(lanes, last)
+            stamped.clear()
+        if stamped:
+            item = stamped.popleft()
+            if settled and not mail.has_connection(_backend_name(item)):
+                # The last send dropped the connection, and opening one may take up to
+                # EMAIL_TIMEOUT: what is known is recorded before that wait.
+                settled = _record(lanes, settled)
+            crash_point("before_send", item.key)
+            finish, last, reachable = _attempt(item, lanes.lease)
+            lanes.outcomes[item.key] = last
+            if not settled:
+                oldest = time.monotonic()
+            settled.append(finish)
+            if not reachable:
                 lanes.unreachable.set()
-                continue
-            settled, release = _take_slot(lanes, item, settled)
-            if release is not None:
-                finish, last = release
-                lanes.outcomes[item.key] = last
-                settled.append(finish)
-                # Slots only move forward: none is left within this budget for the rest
-                # either, so the batch's budget is spent (each lane releases what is left).
-                lanes.deadline = min(lanes.deadline, time.monotonic())
-                continue
-        start = item.start(lanes.lease) if item is not None else None
+            elif stamped and time.monotonic() - oldest >= limit:
+                # The group takes longer than planned: what is known is recorded now.
+                settled = _record(lanes, settled)
+            continue
+        group, settled, last = _gather(lanes, settled, last, limit)
         sent_at = time.monotonic()
-        written, started = _settle(settled, start, lanes.db)
+        written, started = _settle(settled, [i.start(lanes.lease) for i in group], lanes.db)
         _check_written(settled, written)
         _report(lanes, settled, written)
         holder.release((f.key, f.token) for f in settled)
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
         settled, last = [], None
-        if item is None:
+        if not group and not lanes.queue:
             return
-        if not started:  # taken over since the claim: not ours to send
-            lanes.outcomes[item.key] = Outcome(item.key, "retry", detail="taken over by another worker", retry_in=1.0)
-            events.delivered("claim_lost", item.key, item.pk, item.attempts, detail="taken over before the send")
-            holder.release([(item.key, item.token)])
-            continue
-        holder.renewed(item.key, item.token, sent_at)
-        # Committed: send_started_at is set. From here to the outcome record is the window.
-        crash_point("before_send", item.key)
-        finish, last, reachable = _attempt(item, lanes.lease)
-        lanes.outcomes[item.key] = last
-        settled = [finish]
-        if not reachable:
+        for item in group:
+            if item.key not in started:  # taken over since the claim: not ours to send
+                lanes.outcomes[item.key] = Outcome(
+                    item.key, "retry", detail="taken over by another worker", retry_in=1.0
+                )
+                events.delivered("claim_lost", item.key, item.pk, item.attempts, detail="taken over before the send")
+                holder.release([(item.key, item.token)])
+                continue
+            holder.renewed(item.key, item.token, sent_at)
+            # Committed: send_started_at is set. From here to the outcome record is the window.
+            stamped.append(item)
+
+
+def _gather(
+    lanes: _Lanes, settled: list[Finish], last: Outcome | None, limit: float
+) -> tuple[list[_Item], list[Finish], Outcome | None]:
+    """The next group: items of one backend taken from the shared queue, as many as
+    that backend sends in ``limit`` seconds lately (``_group_size``), whose mail server
+    is connected and whose rate-limit slot is taken. An item that cannot go
+    (unreachable, no slot within the budget) ends the group with its outcome in
+    ``settled``, and so does a rate-limited backend: its slot is its send time."""
+    group: list[_Item] = []
+    size, backend = 1, ""
+    while len(group) < size:
+        if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
+            break
+        item = _next(lanes.queue)
+        if item is None:
+            break
+        name = _backend_name(item)
+        if not group:
+            backend, size = name or "", _group_size(limit, name)
+        elif (name or "") != backend:
+            lanes.queue.appendleft(item)  # the next group's (another lane may take it first)
+            break
+        if settled and not mail.has_connection(name):
+            # Connecting may take up to EMAIL_TIMEOUT: record the outcomes first, so
+            # that a crash in the wait leaves none of them unknown.
+            settled = _record(lanes, settled)
+        try:
+            mail.connection(name)
+        except MailServerUnreachable as exc:
+            finish, last = _unreachable(item, exc)
+            lanes.outcomes[item.key] = last
+            settled.append(finish)
             lanes.unreachable.set()
+            break
+        settled, release = _take_slot(lanes, item, settled)
+        if release is not None:
+            finish, last = release
+            lanes.outcomes[item.key] = last
+            settled.append(finish)
+            # Slots only move forward: none is left within this budget for the rest
+            # either, so the batch's budget is spent (each lane releases what is left).
+            lanes.deadline = min(lanes.deadline, time.monotonic())
+            break
+        group.append(item)
+    if group and (lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline):
+        # Gathered before the batch stopped (another lane found the server away, the
+        # budget ran out): released untried, never stamped.
+        settled += _release(lanes, group, last)
+        group = []
+    return group, settled, last
+
+
+class _Pace:
+    """How long a backend's SMTP transaction (or API call) takes in this process,
+    lately (a moving average), so that a group is made of what fits in
+    ``NOTIFICATIONS_RECORD_GROUP_MS``. Only real sends count: an email released or
+    expired before its send says nothing about the server."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds = seconds if not self.seconds else 0.8 * self.seconds + 0.2 * seconds
+
+
+_paces: dict[str, _Pace] = {}
+
+
+def _pace(name: str | None) -> _Pace:
+    return _paces.setdefault(name or "", _Pace())
+
+
+def _group_size(limit: float, name: str | None) -> int:
+    """Emails of backend ``name`` in the next group: as many as it sends in ``limit``
+    seconds at its recent pace, at least one and at most ``NOTIFICATIONS_RECORD_GROUP``
+    (one before any send of it was timed, and always one for a rate-limited backend)."""
+    most = max(1, int(settings.RECORD_GROUP))
+    pace = _pace(name).seconds
+    try:
+        limited = bool(backends.get(name).rate)
+    except KeyError:  # not configured here: mail.connection() refuses it next
+        return 1
+    if most == 1 or not pace or limited:
+        return 1
+    return max(1, min(most, int(limit / pace)))
+
+
+def _send(item: _Item) -> str:
+    """``mail.send`` of the item's email, timed for its backend's pace."""
+    name = _backend_name(item)
+    began = time.monotonic()
+    try:
+        return mail.send(mail.build_message(item.payload), name)
+    finally:
+        _pace(name).add(time.monotonic() - began)
 
 
 def _record(lanes: _Lanes, settled: list[Finish]) -> list[Finish]:
     """Record the outcomes in ``settled`` now, with no start: before the lane waits (to
-    connect, or for a rate limit). Returns what is left to record: nothing."""
-    written = _settle(settled, None, lanes.db)[0]
+    connect, or for a rate limit), or when its group runs late. Returns what is left to
+    record: nothing."""
+    written = _settle(settled, [], lanes.db)[0]
     _check_written(settled, written)
     _report(lanes, settled, written)
     holder.release((f.key, f.token) for f in settled)
@@ -508,7 +608,7 @@ def _take_slot(lanes: _Lanes, item: _Item, settled: list[Finish]) -> tuple[list[
     its start is stamped. Waiting is no attempt and loses nothing.
 
     Before any wait the previous outcomes (``settled``) are recorded without a start,
-    so the window of unknown outcome stays one email wide. A slot is taken only if it
+    so no outcome stays unknown through the wait. A slot is taken only if it
     comes before the batch's time budget ends; if none can, or the task stops while the
     lane waits, ``item`` is released untried (no attempt) and goes back through the
     outbox. Returns what is left to record, and the release, if any."""
@@ -553,7 +653,7 @@ def _grant(backend: backends.Backend, within: float, db: str, settled: list[Fini
         except DatabaseError:
             if attempt == RECORD_RETRIES - 1:
                 if settled:
-                    _settle(settled, None, db)
+                    _settle(settled, [], db)
                 raise
             close_old_connections()
             connections[db].close()
@@ -575,6 +675,17 @@ def _rate_limited(item: _Item, lanes: _Lanes, wait: float) -> tuple[Finish, Outc
 
 def _release_rest(lanes: _Lanes, last: Outcome | None) -> list[Finish]:
     """Release the items no lane has taken yet, untried (no attempt, no ambiguity)."""
+    left = []
+    while (item := _next(lanes.queue)) is not None:
+        left.append(item)
+    return _release(lanes, left, last)
+
+
+def _release(lanes: _Lanes, items: Sequence[_Item], last: Outcome | None) -> list[Finish]:
+    """Release ``items``, none of which was tried (stamped or not): no attempt, no
+    ambiguity (recording the release clears a stamped start)."""
+    if not items:
+        return []
     if lanes.unreachable.is_set():
         why = "the mail server is unreachable"
     elif lanes.stop.is_set():
@@ -584,7 +695,7 @@ def _release_rest(lanes: _Lanes, last: Outcome | None) -> list[Finish]:
     reason = f"not attempted: {why}"
     retry_in = last.retry_in if last is not None and lanes.unreachable.is_set() else 0.0
     released = []
-    while (left := _next(lanes.queue)) is not None:
+    for left in items:
         released.append(Finish(left.key, left.token, ClaimState.RELEASED, reason, left.attempts))
         lanes.outcomes[left.key] = Outcome(left.key, "retry", detail=reason, retry_in=retry_in, reason="not_attempted")
     return released
@@ -624,7 +735,7 @@ def _attempt(item: _Item, lease: float) -> tuple[Finish, Outcome, bool]:
         finish = Finish(key, item.token, ClaimState.EXPIRED, reason, item.attempts)
         return finish, Outcome(key, "expired", detail=reason, attempts=item.attempts, reason="expired"), True
     try:
-        response = mail.send(mail.build_message(item.payload), _backend_name(item))
+        response = _send(item)
     except PermanentDeliveryError as exc:
         category = "could_not_build" if isinstance(exc, UnbuildableEmail) else "rejected"
         finish = Finish(key, item.token, ClaimState.FAILED, str(exc), attempts)
@@ -666,8 +777,8 @@ def _check_written(settled: Sequence[Finish], written: set[str]) -> None:
             )
 
 
-def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[set[str], bool]:
-    """``SentEmail.objects.settle`` in autocommit, retried on database errors.
+def _settle(settled: Sequence[Finish], starts: Sequence[Start], db: str) -> tuple[set[str], set[str]]:
+    """``SentEmail.objects.settle_group`` in autocommit, retried on database errors.
 
     After the mail server answered, losing this write would turn a known outcome into
     an ambiguous one, so it is retried (reconnecting) before giving up.
@@ -675,7 +786,7 @@ def _settle(settled: Sequence[Finish], start: Start | None, db: str) -> tuple[se
     holder.settling((f.key, f.token) for f in settled)
     for attempt in range(RECORD_RETRIES):
         try:
-            return SentEmail.objects.settle(settled, start, db)
+            return SentEmail.objects.settle_group(settled, starts, db)
         except DatabaseError:
             if attempt == RECORD_RETRIES - 1:
                 raise

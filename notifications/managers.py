@@ -616,19 +616,28 @@ class SentEmailManager(models.Manager[Any]):
             )
 
     def settle(self, finished: Sequence[Finish], start: Start | None, using: str) -> tuple[set[str], bool]:
-        """Record outcomes and stamp the next send, in one statement (one commit).
+        """``settle_group`` with at most one start: (keys written, whether the start was)."""
+        written, started = self.settle_group(finished, [start] if start is not None else [], using)
+        return written, start is not None and start.key in started
+
+    def settle_group(
+        self, finished: Sequence[Finish], starts: Sequence[Start], using: str
+    ) -> tuple[set[str], set[str]]:
+        """Record outcomes and stamp the next sends, in one statement (one commit).
 
         Each outcome is written under its fencing token, to the claim and to its
-        notification; ``start`` sets ``send_started_at`` on the claim that is about to
-        be sent (renewing its lease). Doing both
-        at once keeps the unknown-outcome window to one email while a batch costs one
-        round trip per email. Returns the keys whose outcome was written and whether
-        the start was (False: the token is stale, another worker took over).
+        notification; each of ``starts`` sets ``send_started_at`` on a claim about to be
+        sent (renewing its lease). A sending lane records a group's outcomes and stamps
+        the next group at once, so a group costs one round trip and one commit, and the
+        window of unknown outcome is the group (``NOTIFICATIONS_RECORD_GROUP``). Returns
+        the keys whose outcome was written and the keys whose start was (a key missing
+        there: its token is stale, another worker took over).
         """
         from .models import Notification
 
-        if not finished and start is None:
-            return set(), False
+        start = starts[0] if len(starts) == 1 else None
+        if not finished and not starts:
+            return set(), set()
         t = self._table()
         n = _q(Notification._meta.db_table)
         parts: list[str] = []
@@ -650,7 +659,10 @@ class SentEmailManager(models.Manager[Any]):
                 f'"lease_expires_at" = NULL, "ambiguous_count" = s."ambiguous_count" + v.amb, "attempts" = v.attempts, '
                 f'"sent_at" = CASE WHEN v.state = \'sent\' THEN now() ELSE s."sent_at" END, '
                 f'"updated_at" = now() FROM v WHERE s."key" = v.k AND s."token" = v.token '
-                f'AND s."state" = \'claimed\' RETURNING s."key", s."notification_id"), '
+                # The keys again as a plain condition: with only the join, the generic
+                # plan of the prepared statement scans every claimed row for a group.
+                + ('AND s."key" = ANY(%s::text[]) ' if len(finished) > 1 else "")
+                + f'AND s."state" = \'claimed\' RETURNING s."key", s."notification_id"), '
                 f"fn AS (UPDATE {n} x SET \"status\" = CASE v.state WHEN 'sent' THEN 'sent' "
                 f"WHEN 'failed' THEN 'failed' WHEN 'held' THEN 'ambiguous' WHEN 'expired' THEN 'expired' "
                 f"ELSE 'retrying' END, "
@@ -661,7 +673,21 @@ class SentEmailManager(models.Manager[Any]):
             )
             each = [(f.key, f.token, f.state, f.response[:2000], 1 if f.ambiguous else 0, f.attempts) for f in finished]
             params += each[0] if len(each) == 1 else [list(column) for column in zip(*each, strict=True)]
+            if len(finished) > 1:
+                params.append([f.key for f in finished])
             selects.append("SELECT 'f', \"key\" FROM f")
+        if len(starts) > 1:
+            parts.append(
+                f'st AS (UPDATE {t} s SET "send_started_at" = now(), "attempts" = s."attempts" + 1, '
+                f'"lease_expires_at" = now() + make_interval(secs => %s), "message_id" = u.mid, "updated_at" = now() '
+                f"FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS u(k, token, mid) "
+                f'WHERE s."key" = u.k AND s."token" = u.token AND s."key" = ANY(%s::text[]) '
+                f'AND s."state" = \'claimed\' RETURNING s."key")'
+            )
+            keys = [st.key for st in starts]
+            lease = max(st.lease for st in starts)
+            params += [lease, keys, [st.token for st in starts], [st.message_id for st in starts], keys]
+            selects.append("SELECT 's', \"key\" FROM st")
         if start is not None:
             parts.append(
                 f'st AS (UPDATE {t} SET "send_started_at" = now(), "attempts" = "attempts" + 1, '
@@ -673,7 +699,7 @@ class SentEmailManager(models.Manager[Any]):
             selects.append("SELECT 's', \"key\" FROM st")
         sql = "WITH " + ", ".join(parts) + " " + " UNION ALL ".join(selects)
         rows = _prepared(using, sql, params)
-        return {key for kind, key in rows if kind == "f"}, any(kind == "s" for kind, _ in rows)
+        return {key for kind, key in rows if kind == "f"}, {key for kind, key in rows if kind == "s"}
 
     def renew(self, held: Sequence[tuple[str, int]], lease: float, using: str) -> tuple[set[str], set[str]]:
         """Extend the leases of ``(key, token)`` claims this worker still holds by ``lease``

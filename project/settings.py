@@ -143,6 +143,8 @@ NOTIFICATIONS_RELAY_HOLD_MAX = env_float("NOTIFICATIONS_RELAY_HOLD_MAX", 1.0)
 NOTIFICATIONS_RELAY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_RELAY_BATCH_SIZE", "200"))
 NOTIFICATIONS_DELIVERY_BATCH_SIZE = int(os.environ.get("NOTIFICATIONS_DELIVERY_BATCH_SIZE", "50"))
 NOTIFICATIONS_SEND_CONCURRENCY = int(os.environ.get("NOTIFICATIONS_SEND_CONCURRENCY", "4"))
+NOTIFICATIONS_RECORD_GROUP = int(os.environ.get("NOTIFICATIONS_RECORD_GROUP", "10"))
+NOTIFICATIONS_RECORD_GROUP_MS = env_float("NOTIFICATIONS_RECORD_GROUP_MS", 20.0)
 # Named email backends, each with its rate and connection limits (README, "Providers and
 # rate limits"), as JSON; unset: one backend from the EMAIL_* settings above. Passwords
 # and API keys belong in the environment, so the whole setting comes from there.
