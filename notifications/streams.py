@@ -48,6 +48,15 @@ def _backoff(failures: int) -> float:
     return min(MAX_BACKOFF, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
 
 
+def consume_error(error: Any) -> None:
+    """A consume error (``KafkaError``) the consumer polled: logged and passed over (the
+    client retries on its own: a broker away, a topic recreated, a partition at its end),
+    or raised when fatal, so the consumer is made anew."""
+    if error.fatal():
+        raise RuntimeError(f"fatal Kafka consumer error: {error}")
+    logger.debug("Kafka consume error: %s", error)
+
+
 def decode(value: bytes | None) -> list[dict[str, Any]]:
     """The notifications of a delivery message; ValueError if it carries none we can read."""
     if value is None:
@@ -198,10 +207,8 @@ class DeliveryConsumer(threading.Thread):
             if any(tp.topic == msg.topic() and tp.partition == msg.partition() for tp in paused):
                 continue  # fetched before the pause: read again from its offset on resume
             if msg.error():
-                if not msg.error().is_fatal():
-                    logger.debug("Kafka consume error: %s", msg.error())
-                    continue
-                raise RuntimeError(f"fatal Kafka consumer error: {msg.error()}")
+                consume_error(msg.error())
+                continue
             try:
                 self.handle(msg)
             except Retry as again:

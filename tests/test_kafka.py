@@ -350,3 +350,33 @@ def test_a_consumer_stuck_in_a_message_gives_its_partitions_up_after_the_poll_bo
     assert [m.extra_headers["X-Notification-Key"] for m in mail.outbox] == [n.key]
     assert took >= bound - 1, took  # not before the bound: a busy consumer keeps its partitions until then
     print(f"taken over {took:.1f}s after the stuck consumer took the message (bound {bound:.0f}s)")
+
+
+def test_a_consume_error_is_passed_over_and_only_a_fatal_one_remakes_the_consumer(kafka_bootstrap: str) -> None:
+    """A consumer subscribed to a topic the broker does not have gets a consume error
+    (UNKNOWN_TOPIC_OR_PART, as after a broker lost its log): passed over, the consumer
+    goes on polling; a fatal error is raised so the consumer is made anew."""
+    from confluent_kafka import Consumer, KafkaError
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"consume-error-{uuid.uuid4().hex[:8]}",
+            "allow.auto.create.topics": False,
+            "topic.metadata.refresh.interval.ms": 500,
+        }
+    )
+    try:
+        consumer.subscribe([f"missing-{uuid.uuid4().hex[:8]}"])
+
+        def error() -> Any:
+            msg = consumer.poll(0.5)
+            return msg.error() if msg is not None and msg.error() else None
+
+        seen = wait_for(error, timeout=20, what="a consume error")
+        assert seen.code() == KafkaError.UNKNOWN_TOPIC_OR_PART and not seen.fatal()
+        streams.consume_error(seen)  # passed over
+    finally:
+        consumer.close()
+    with pytest.raises(RuntimeError, match="fatal Kafka consumer error"):
+        streams.consume_error(KafkaError(KafkaError._FATAL, "fenced", fatal=True))
