@@ -185,8 +185,11 @@ class BenchRun:
         """The root process of each service every phase uses: PostgreSQL's server (the parent
         of a backend of ours), the RabbitMQ node (its ``beam.smp``, not a CLI's), Redis (as it
         reports itself) and the sink. A service not found is left out."""
-        [(backend,)] = self.sql("postgres", "SELECT pg_backend_pid()")
-        postmaster = cpu.parent(backend)
+        # Asked while the connection is open: its backend exits with it, and with it the
+        # /proc entry that names the server.
+        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            postmaster = cpu.parent(int(row[0])) if row else None
         found = {
             "postgresql": [postmaster] if postmaster else [],
             "rabbitmq": cpu.processes_named("beam.smp", "rabbit boot")[:1],
