@@ -382,6 +382,11 @@ class _Lanes:
     stop: threading.Event
     items: dict[str, _Item]
 
+    def over(self) -> bool:
+        """Whether nothing more is sent now: the server is unreachable, the task stops, or
+        the time budget is spent."""
+        return self.unreachable.is_set() or self.stop.is_set() or time.monotonic() > self.deadline
+
 
 def _send_all(to_send: list[_Item], lease: float, db: str, deadline: float, outcomes: dict[str, Outcome]) -> None:
     """Send the claimed items over ``NOTIFICATIONS_SEND_CONCURRENCY`` connections at once
@@ -443,7 +448,7 @@ def _send_lane(lanes: _Lanes) -> None:
     oldest = 0.0  # when the oldest outcome in ``settled`` came in
     limit = float(settings.RECORD_GROUP_MS) / 1000.0
     while True:
-        if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
+        if lanes.over():
             settled += _release(lanes, list(stamped), last) + _release_rest(lanes, last)
             stamped.clear()
         if stamped:
@@ -466,10 +471,7 @@ def _send_lane(lanes: _Lanes) -> None:
             continue
         group, settled, last = _gather(lanes, settled, last, limit)
         sent_at = time.monotonic()
-        written, started = _settle(settled, [i.start(lanes.lease) for i in group], lanes.db)
-        _check_written(settled, written)
-        _report(lanes, settled, written)
-        holder.release((f.key, f.token) for f in settled)
+        started = _write(lanes, settled, [i.start(lanes.lease) for i in group])
         if last is not None and last.status == "sent":
             crash_point("after_record", last.key)
         settled, last = [], None
@@ -499,7 +501,7 @@ def _gather(
     group: list[_Item] = []
     size, backend = 1, ""
     while len(group) < size:
-        if lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline:
+        if lanes.over():
             break
         item = _next(lanes.queue)
         if item is None:
@@ -532,7 +534,7 @@ def _gather(
             lanes.deadline = min(lanes.deadline, time.monotonic())
             break
         group.append(item)
-    if group and (lanes.unreachable.is_set() or lanes.stop.is_set() or time.monotonic() > lanes.deadline):
+    if group and lanes.over():
         # Gathered before the batch stopped (another lane found the server away, the
         # budget ran out): released untried, never stamped.
         settled += _release(lanes, group, last)
@@ -540,24 +542,10 @@ def _gather(
     return group, settled, last
 
 
-class _Pace:
-    """How long a backend's SMTP transaction (or API call) takes in this process,
-    lately (a moving average), so that a group is made of what fits in
-    ``NOTIFICATIONS_RECORD_GROUP_MS``. Only real sends count: an email released or
-    expired before its send says nothing about the server."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.seconds = seconds if not self.seconds else 0.8 * self.seconds + 0.2 * seconds
-
-
-_paces: dict[str, _Pace] = {}
-
-
-def _pace(name: str | None) -> _Pace:
-    return _paces.setdefault(name or "", _Pace())
+# How long each backend's SMTP transaction (or API call) takes in this process, lately
+# (a moving average), so that a group is made of what fits in RECORD_GROUP_MS. Only real
+# sends count: an email released or expired before its send says nothing of the server.
+_pace: dict[str, float] = {}
 
 
 def _group_size(limit: float, name: str | None) -> int:
@@ -565,7 +553,7 @@ def _group_size(limit: float, name: str | None) -> int:
     seconds at its recent pace, at least one and at most ``NOTIFICATIONS_RECORD_GROUP``
     (one before any send of it was timed, and always one for a rate-limited backend)."""
     most = max(1, int(settings.RECORD_GROUP))
-    pace = _pace(name).seconds
+    pace = _pace.get(name or "", 0.0)
     try:
         limited = bool(backends.get(name).rate)
     except KeyError:  # not configured here: mail.connection() refuses it next
@@ -582,17 +570,25 @@ def _send(item: _Item) -> str:
     try:
         return mail.send(mail.build_message(item.payload), name)
     finally:
-        _pace(name).add(time.monotonic() - began)
+        took, before = time.monotonic() - began, _pace.get(name or "")
+        _pace[name or ""] = took if before is None else 0.8 * before + 0.2 * took
+
+
+def _write(lanes: _Lanes, settled: list[Finish], starts: Sequence[Start] = ()) -> set[str]:
+    """Record the outcomes in ``settled`` and stamp ``starts``, in one statement, and
+    report the outcomes; returns the keys whose start was stamped."""
+    written, started = _settle(settled, starts, lanes.db)
+    _check_written(settled, written)
+    _report(lanes, settled, written)
+    holder.release((f.key, f.token) for f in settled)
+    return started
 
 
 def _record(lanes: _Lanes, settled: list[Finish]) -> list[Finish]:
     """Record the outcomes in ``settled`` now, with no start: before the lane waits (to
     connect, or for a rate limit), or when its group runs late. Returns what is left to
     record: nothing."""
-    written = _settle(settled, [], lanes.db)[0]
-    _check_written(settled, written)
-    _report(lanes, settled, written)
-    holder.release((f.key, f.token) for f in settled)
+    _write(lanes, settled)
     return []
 
 
