@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings as django_settings
 from django.core.checks import Error, Tags, register
 
+from . import wakeup
 from .conf import DEFAULTS, settings
 
 TAG = "notifications"
@@ -152,7 +153,7 @@ def check_pipeline(app_configs: Any = None, **kwargs: Any) -> list[Error]:
                 id="notifications.E029",
             )
         )
-    if settings.RELAY_WAKEUP not in ("listen", "redis", "poll"):
+    if settings.RELAY_WAKEUP not in wakeup.MODES:
         errors.append(
             Error(
                 f"NOTIFICATIONS_RELAY_WAKEUP={settings.RELAY_WAKEUP!r} is not one of 'listen', 'redis', 'poll'.",

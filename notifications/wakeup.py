@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import select
+import time
 from typing import Any
 
 from .conf import settings
@@ -96,8 +97,6 @@ class Listener:
     def wait(self, timeout: float) -> bool:
         """Block until a ``NOTIFY`` on any relay database, or ``timeout`` seconds; take every
         notification waiting (they asked for the pass that follows). True if woken."""
-        import time
-
         if self._connect():
             return True
         if not self.conns:
@@ -112,7 +111,9 @@ class Listener:
         for fd in ready:
             alias = by_fd[fd]
             try:
-                woken = any(True for _ in self.conns[alias].notifies(timeout=0)) or woken
+                # Every notification waiting, not only the first: the rest would wake
+                # the loop again for the pass it is about to make.
+                woken = sum(1 for _ in self.conns[alias].notifies(timeout=0)) > 0 or woken
             except Exception as exc:  # server gone: reconnect on the next wait
                 logger.warning("relay loop lost its LISTEN connection to %s: %r", alias, exc)
                 self._drop(alias)
