@@ -6,12 +6,11 @@ of each service."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .measure import descendants
+from .measure import Sampler, descendants
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -117,7 +116,7 @@ def pg_database(pid: int) -> str | None:
     return None
 
 
-class CpuSampler:
+class CpuSampler(Sampler):
     """Samples, every ``interval`` seconds, the CPU time used so far by each named group of
     process trees (``roots()``: a name to its trees' root pids, asked each time, so a
     process started later is seen) and by the whole machine, so that the CPU of any window
@@ -137,8 +136,8 @@ class CpuSampler:
         interval: float = 0.1,
         shares: dict[str, tuple[str, Callable[[int], bool]]] | None = None,
     ) -> None:
+        super().__init__(interval)
         self.roots = roots
-        self.interval = interval
         self.shares = shares or {}
         self.samples: list[tuple[float, dict[str, float]]] = []
         self.cores = machine_ticks()[1]
@@ -146,8 +145,6 @@ class CpuSampler:
             self._born_before = float(f.read().split()[0]) * TICKS  # started earlier: count from here
         self._trees: dict[tuple[str, int], tuple[int, int]] = {}  # (group, root): (first, last) ticks
         self._parts: dict[tuple[str, int], tuple[int, int]] = {}  # (share, pid): (first, last) ticks
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _first(self, start: int, ticks: int) -> int:
         return ticks if start < self._born_before else 0
@@ -181,20 +178,6 @@ class CpuSampler:
             values[share] += max(0, last - first) / TICKS
         values["machine"] = machine_ticks()[0] / TICKS
         self.samples.append((time.time(), values))
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> CpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     def at(self, moment: float) -> dict[str, float]:
         """Every reading at ``moment``, interpolated between the samples around it (the

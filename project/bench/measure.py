@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from .cpu import CpuSampler
@@ -57,33 +57,48 @@ def pss_bytes(pids: Iterable[int]) -> int:
     return total
 
 
-class RssSampler:
-    """Samples, every ``interval`` seconds, the resident memory of each named process tree
-    (``roots()`` is asked each time, so restarted or short-lived processes are seen)."""
+class Sampler:
+    """Calls ``sample()`` every ``interval`` seconds from a thread of its own, while used
+    as a context manager, and once more as it ends."""
 
-    def __init__(self, roots: Callable[[], dict[str, int]], interval: float = 0.25) -> None:
-        self.roots = roots
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.peak: dict[str, int] = {}
-        self.peak_pss: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for name, pid in self.roots().items():
-                tree = descendants(pid)
-                self.peak[name] = max(self.peak.get(name, 0), rss_bytes(tree))
-                self.peak_pss[name] = max(self.peak_pss.get(name, 0), pss_bytes(tree))
+            self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
+
+
+class RssSampler(Sampler):
+    """Samples, every ``interval`` seconds, the resident memory of each named process tree
+    (``roots()`` is asked each time, so restarted or short-lived processes are seen)."""
+
+    def __init__(self, roots: Callable[[], dict[str, int]], interval: float = 0.25) -> None:
+        super().__init__(interval)
+        self.roots = roots
+        self.peak: dict[str, int] = {}
+        self.peak_pss: dict[str, int] = {}
+
+    def sample(self) -> None:
+        for name, pid in self.roots().items():
+            tree = descendants(pid)
+            self.peak[name] = max(self.peak.get(name, 0), rss_bytes(tree))
+            self.peak_pss[name] = max(self.peak_pss.get(name, 0), pss_bytes(tree))
 
     def peak_mib(self) -> float | None:
         """The largest tree's peak RSS (the sum over its processes), in MiB."""
