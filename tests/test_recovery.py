@@ -7,16 +7,15 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from celery import current_app
 from django.utils import timezone
 
-from notifications import broker, notify
+from notifications import notify
 from notifications.models import Notification, OutboxMessage, SentEmail
 from notifications.relay import recover_stalled, relay_batch
 from tests.conftest import notification_kwargs, wait_for
 from tests.smtp import Plan
 from tests.test_kafka import on_kafka  # noqa: F401 (a fixture)
-from tests.test_relay import take_deliveries
+from tests.test_relay import empty_delivery_queues, take_deliveries
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,10 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def quiet(settings):
     settings.NOTIFICATIONS_RELAY_ON_COMMIT = False
     settings.NOTIFICATIONS_RECOVER_UNCLAIMED_AFTER = 0.5
-    with current_app.connection_for_write() as conn:
-        for queue in broker.queues():
-            queue(conn.default_channel).declare()
-    take_deliveries()
+    empty_delivery_queues()
 
 
 def _published_long_enough(n: Notification) -> None:

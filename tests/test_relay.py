@@ -156,16 +156,23 @@ def take_deliveries(wait: float = 0.5, limit: int = 0) -> list[list[str]]:
     return [[payload["key"] for payload in payloads] for payloads in take_delivery_payloads(wait, limit)]
 
 
-@pytest.fixture
-def relay_loop(settings):
-    """Beat's relay loop in this process, woken by commits only (no periodic pass)."""
-    from notifications import broker, locks, relay
+def empty_delivery_queues() -> None:
+    """Declare the delivery queues and take what earlier tests left in them."""
+    from notifications import broker
 
-    settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
     with current_app.connection_for_write() as conn:
         for queue in broker.queues():
             queue(conn.default_channel).declare()
-    take_deliveries()  # what earlier tests left: the queue starts empty
+    take_deliveries()
+
+
+@pytest.fixture
+def relay_loop(settings):
+    """Beat's relay loop in this process, woken by commits only (no periodic pass)."""
+    from notifications import locks, relay
+
+    settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
+    empty_delivery_queues()
     loop = relay.start_loop()
     wait_for(relay.loop_alive, what="the loop's heartbeat")
     yield loop
@@ -262,12 +269,7 @@ def test_beats_relay_task_leaves_its_pass_to_a_live_relay_loop(no_wakeups):
 
 @pytest.fixture
 def empty_queue(no_wakeups):
-    from notifications import broker
-
-    with current_app.connection_for_write() as conn:
-        for queue in broker.queues():
-            queue(conn.default_channel).declare()
-    take_deliveries()
+    empty_delivery_queues()
 
 
 def test_messages_are_split_by_size_as_well_as_count(settings, empty_queue):

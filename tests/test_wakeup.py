@@ -11,14 +11,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from celery import current_app
 from django.db import connection, transaction
 
 from notifications import notify, relay, wakeup
 from notifications.models import Notification, OutboxMessage
 from tests.conftest import notification_kwargs, wait_for
 from tests.conftest import test_database_url as database_url
-from tests.test_relay import take_deliveries
+from tests.test_relay import empty_delivery_queues, take_deliveries
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,17 +30,14 @@ def published(n: Notification) -> bool:
 def loop_in(settings: Any) -> Iterator[Any]:
     """Start beat's relay loop in this process under a given wake-up mode, with no
     periodic pass to speak of (30 s), so only wake-ups explain a prompt publish."""
-    from notifications import broker, locks
+    from notifications import locks
 
     started: list[Any] = []
 
     def start(mode: str) -> Any:
         settings.NOTIFICATIONS_RELAY_WAKEUP = mode
         settings.NOTIFICATIONS_RELAY_INTERVAL = 30.0
-        with current_app.connection_for_write() as conn:
-            for queue in broker.queues():
-                queue(conn.default_channel).declare()
-        take_deliveries()
+        empty_delivery_queues()
         loop = relay.start_loop()
         started.append(loop)
         wait_for(relay.loop_alive, what="the loop's heartbeat")
