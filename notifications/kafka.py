@@ -56,8 +56,18 @@ def enabled() -> bool:
 
 def client_config() -> dict[str, Any]:
     """The settings every Kafka client of the pipeline shares: the brokers, and the
-    security settings (``NOTIFICATIONS_KAFKA_CONFIG``: SASL, TLS) on top."""
-    return {"bootstrap.servers": str(settings.KAFKA_BOOTSTRAP_SERVERS), **dict(settings.KAFKA_CONFIG or {})}
+    security settings (``NOTIFICATIONS_KAFKA_CONFIG``: SASL, TLS) on top.
+
+    No client asks the broker to create a topic it looks up: a broker that creates
+    topics on first use gives them its own partition count (Tansu 4, Kafka's
+    ``num.partitions`` 1), and a delivery topic that came back so after the broker lost
+    its log would carry every user on a few partitions. ``ensure_topics`` creates them
+    with ``NOTIFICATIONS_KAFKA_PARTITIONS`` instead, when a lookup finds one missing."""
+    return {
+        "bootstrap.servers": str(settings.KAFKA_BOOTSTRAP_SERVERS),
+        "allow.auto.create.topics": False,
+        **dict(settings.KAFKA_CONFIG or {}),
+    }
 
 
 def delivery_topics() -> list[str]:
@@ -162,10 +172,13 @@ def _forget_topics() -> None:
     _topics_ready.clear()
 
 
-def ensure_topics() -> None:
+def ensure_topics(again: bool = False) -> None:
     """Create the delivery and dead-letter topics when they do not exist
     (``NOTIFICATIONS_KAFKA_PARTITIONS``, ``NOTIFICATIONS_KAFKA_REPLICATION_FACTOR``); once
-    per process and set of names. Topics that exist are left as they are."""
+    per process and set of names, unless ``again`` (one was found missing: a broker
+    that lost its log). Topics that exist are left as they are."""
+    if again:
+        _topics_ready.clear()
     names = [*delivery_topics(), str(settings.KAFKA_DEAD_TOPIC)]
     where = str(settings.KAFKA_BOOTSTRAP_SERVERS)
     todo = [n for n in names if (where, n) not in _topics_ready]
@@ -196,14 +209,22 @@ def partition_count(topic: str) -> int:
     known = _partitions.get(topic)
     if known and time.monotonic() - known[1] < METADATA_TTL:
         return known[0]
-    from confluent_kafka import KafkaException
+    from confluent_kafka import KafkaError, KafkaException
 
-    try:
-        meta = producer().list_topics(topic, timeout=5)
-    except KafkaException as exc:
-        raise PublishError(f"no metadata for Kafka topic {topic!r}: {exc}") from exc
-    entry = meta.topics.get(topic)
-    if entry is None or entry.error is not None or not entry.partitions:
+    for attempt in range(2):
+        try:
+            meta = producer().list_topics(topic, timeout=5)
+        except KafkaException as exc:
+            raise PublishError(f"no metadata for Kafka topic {topic!r}: {exc}") from exc
+        entry = meta.topics.get(topic)
+        if entry is not None and entry.error is None and entry.partitions:
+            break
+        missing = entry is None or entry.error is None or entry.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+        if attempt == 0 and missing:
+            # Gone (a broker that lost its log): made again, with our partition count.
+            logger.warning("Kafka topic %s not found: creating the delivery topics again", topic)
+            ensure_topics(again=True)
+            continue
         raise PublishError(f"Kafka topic {topic!r} has no partitions ({entry.error if entry else 'missing'})")
     count = len(entry.partitions)
     _partitions[topic] = (count, time.monotonic())

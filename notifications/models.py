@@ -280,6 +280,9 @@ class StreamDelivery(models.Model):
     topic = models.CharField(max_length=249)
     partition = models.IntegerField()
     offset = models.BigIntegerField()
+    # The message's Kafka timestamp (ms): after a broker lost its log, another message
+    # comes at the same offset, and its starts are its own.
+    message_timestamp = models.BigIntegerField(null=True, blank=True)
     attempts = models.IntegerField(default=1)
     started_at = models.DateTimeField(db_default=Now())
 

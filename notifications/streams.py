@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 MAX_BACKOFF = 30.0
+END_CHECK_SECONDS = 5.0  # how often an idle consumer looks for a group offset past its log's end
 
 _consumers: list[DeliveryConsumer] = []
 _started_in: int | None = None
@@ -48,13 +49,16 @@ def _backoff(failures: int) -> float:
     return min(MAX_BACKOFF, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
 
 
-def consume_error(error: Any) -> None:
+def consume_error(error: Any) -> bool:
     """A consume error (``KafkaError``) the consumer polled: logged and passed over (the
-    client retries on its own: a broker away, a topic recreated, a partition at its end),
-    or raised when fatal, so the consumer is made anew."""
+    client retries on its own: a broker away, a partition at its end), or raised when
+    fatal, so the consumer is made anew. True if it says the subscribed topic is gone."""
+    from confluent_kafka import KafkaError
+
     if error.fatal():
         raise RuntimeError(f"fatal Kafka consumer error: {error}")
     logger.debug("Kafka consume error: %s", error)
+    return bool(error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
 def decode(value: bytes | None) -> list[dict[str, Any]]:
@@ -96,19 +100,31 @@ def crashes_before(msg: Any) -> int:
     return 0
 
 
-def began(topic: str, partition: int, offset: int) -> int:
-    """Count a start of the message at ``offset`` and return its starts so far; rows of
-    the partition's earlier offsets, done with, go in the same statement."""
+def timestamp(msg: Any) -> int | None:
+    """The message's timestamp (ms), which tells two messages at one offset apart: a
+    broker that lost its log numbers the new one from 0 again. None if it has none."""
+    kind, value = msg.timestamp()
+    return int(value) if kind and value >= 0 else None
+
+
+def began(topic: str, partition: int, offset: int, stamp: int | None = None) -> int:
+    """Count a start of the message at ``offset`` (with timestamp ``stamp``) and return
+    its starts so far; rows of the partition's earlier offsets, done with, go in the same
+    statement. A row of that offset with another timestamp was another message's, of a
+    log the broker lost: its count starts over, so a message is never failed at the
+    delivery limit for the crashes of the one that had its offset before."""
     from .models import StreamDelivery
 
     table = connections[settings.DATABASE].ops.quote_name(StreamDelivery._meta.db_table)
     with connections[settings.DATABASE].cursor() as cursor:
         cursor.execute(
             f'WITH done AS (DELETE FROM {table} WHERE topic = %s AND partition = %s AND "offset" < %s) '
-            f'INSERT INTO {table} (topic, partition, "offset", attempts) VALUES (%s, %s, %s, 1) '
-            f'ON CONFLICT (topic, partition, "offset") DO UPDATE SET attempts = {table}.attempts + 1, '
+            f'INSERT INTO {table} (topic, partition, "offset", message_timestamp, attempts) VALUES (%s, %s, %s, %s, 1) '
+            f'ON CONFLICT (topic, partition, "offset") DO UPDATE SET attempts = CASE WHEN '
+            f"{table}.message_timestamp IS DISTINCT FROM EXCLUDED.message_timestamp THEN 1 "
+            f"ELSE {table}.attempts + 1 END, message_timestamp = EXCLUDED.message_timestamp, "
             "started_at = now() RETURNING attempts",
-            [topic, partition, offset, topic, partition, offset],
+            [topic, partition, offset, topic, partition, offset, stamp],
         )
         row = cursor.fetchone()
     return int(row[0]) if row else 1
@@ -136,6 +152,8 @@ class DeliveryConsumer(threading.Thread):
         # (partition, offset) this consumer itself goes back to -> the starts it counted
         self._again: dict[tuple[int, int], int] = {}
         self._starts = 1  # of the message in hand
+        self._reread: dict[tuple[str, int], int] = {}  # partition -> the offset past its end it was reread from
+        self.topic_lost = False  # the topic was missing at a join: join again once it is back
 
     def _config(self) -> dict[str, Any]:
         session = int(float(settings.KAFKA_SESSION_TIMEOUT) * 1000)
@@ -158,6 +176,9 @@ class DeliveryConsumer(threading.Thread):
             # data arrives; some Kafka-protocol brokers (Tansu) answer only when it times out,
             # which then is the latency of every message at light load (librdkafka's 500 ms).
             "fetch.wait.max.ms": 100,
+            # A topic the broker lost (and the relay created again) is seen within this;
+            # librdkafka's default of 5 minutes would leave its partitions unassigned.
+            "topic.metadata.refresh.interval.ms": 10_000,
             "error_cb": lambda err: logger.debug("Kafka consumer error: %s", err),
         }
 
@@ -168,7 +189,7 @@ class DeliveryConsumer(threading.Thread):
             try:
                 kafka.ensure_topics()
                 self.consumer = Consumer(self._config())
-                self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked)
+                self._subscribe()
                 self._loop()
             except Exception:
                 logger.exception("Kafka consumer of %s stopped; starting again", self.topic)
@@ -177,10 +198,55 @@ class DeliveryConsumer(threading.Thread):
             finally:
                 self._close()
 
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked)
+
+    def _rejoin_when_back(self) -> None:
+        """Once the lost topic exists again (created by this call, or by the relay),
+        subscribe to it anew.
+
+        A member that joined while the topic was missing (a broker that lost its log)
+        was given no partitions, and librdkafka does not always join again when the
+        topic comes back: no error reaches the application, the member stays with none,
+        and every notification published to the topic waits. A join of its own costs
+        one more rebalance, once."""
+        from confluent_kafka import KafkaException
+
+        try:
+            kafka.ensure_topics(again=True)
+        except (KafkaException, kafka.PublishError) as exc:
+            logger.debug("Kafka topic %s not created: %r", self.topic, exc)
+        if not self._topic_exists(self.consumer):
+            return
+        logger.warning("Kafka topic %s is back: joining its group again", self.topic)
+        self.topic_lost = False
+        self.consumer.unsubscribe()
+        self._subscribe()
+
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        logger.info(
+            "Kafka consumer of %s (process %d) assigned partitions %s", self.topic, os.getpid(), _numbers(partitions)
+        )
+        if not partitions and not self.topic_lost and not self._topic_exists(consumer):
+            # Joined while the topic is missing: librdkafka does not always join again
+            # when it comes back (no error reaches the application either).
+            logger.warning("Kafka topic %s is missing (a broker that lost its log)", self.topic)
+            self.topic_lost = True
         self.ready.set()
 
+    def _topic_exists(self, consumer: Any) -> bool:
+        from confluent_kafka import KafkaException
+
+        try:
+            entry = consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        except KafkaException:
+            return True  # cannot tell now: nothing to mend
+        return entry is not None and entry.error is None and bool(entry.partitions)
+
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
+        logger.info(
+            "Kafka consumer of %s (process %d) gave up partitions %s", self.topic, os.getpid(), _numbers(partitions)
+        )
         # Their next owner counts their starts; if they come back here, so does this one.
         gone = {tp.partition for tp in partitions}
         self._again = {where: starts for where, starts in self._again.items() if where[0] not in gone}
@@ -195,6 +261,7 @@ class DeliveryConsumer(threading.Thread):
 
     def _loop(self) -> None:
         paused: dict[Any, tuple[float, int]] = {}  # partition -> (resume at, offset)
+        checked = time.monotonic()
         while not self.stopping.is_set():
             now = time.monotonic()
             for tp, (at, offset) in list(paused.items()):
@@ -203,11 +270,18 @@ class DeliveryConsumer(threading.Thread):
                     self._resume(tp, offset)
             msg = self.consumer.poll(POLL_SECONDS)
             if msg is None:
+                if time.monotonic() - checked >= END_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    if self.topic_lost:
+                        self._rejoin_when_back()
+                    self._reread_lost_logs({(tp.topic, tp.partition) for tp in paused})
                 continue
             if any(tp.topic == msg.topic() and tp.partition == msg.partition() for tp in paused):
                 continue  # fetched before the pause: read again from its offset on resume
             if msg.error():
-                consume_error(msg.error())
+                if consume_error(msg.error()) and not self.topic_lost:
+                    logger.warning("Kafka topic %s is gone (a broker that lost its log)", self.topic)
+                    self.topic_lost = True
                 continue
             try:
                 self.handle(msg)
@@ -228,6 +302,47 @@ class DeliveryConsumer(threading.Thread):
                 self._again[(msg.partition(), msg.offset())] = self._starts
                 continue
             self._commit(msg)
+
+    def _reread_lost_logs(self, paused: set[tuple[str, int]]) -> None:
+        """Read from its start a partition whose log ends before this consumer's position
+        or the group's committed offset.
+
+        That is a broker that lost its log (and numbers the new one from 0 again), with
+        the group's offset of the old one kept or committed again by a member that had
+        not yet noticed. Kafka answers a fetch past the end OFFSET_OUT_OF_RANGE, and
+        ``auto.offset.reset`` starts the partition over; a broker that answers it with
+        no messages instead (Tansu) would leave the partition unread until its new log
+        grew past the old offset, and every notification published to it meanwhile
+        waiting. Reading a partition again from its start is harmless: the claims."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        try:
+            assignment = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in paused]
+            if not assignment:
+                return
+            positions = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(assignment)}
+            committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(assignment, timeout=5)}
+            for tp in assignment:
+                where = (tp.topic, tp.partition)
+                at = max(positions.get(where, -1), committed.get(where, -1))
+                if at <= 0:
+                    continue
+                _, end = self.consumer.get_watermark_offsets(tp, cached=True)  # from this consumer's fetches
+                if end < 0:
+                    _, end = self.consumer.get_watermark_offsets(tp, timeout=5)
+                if 0 <= end < at and self._reread.get(where) != at:
+                    logger.warning(
+                        "Kafka partition %s[%d]: at offset %d, past the end of its log (%d): the broker lost its "
+                        "log; reading the partition again from its start",
+                        tp.topic,
+                        tp.partition,
+                        at,
+                        end,
+                    )
+                    self.consumer.seek(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
+                    self._reread[where] = at  # once: the committed offset stays until the first commit
+        except Exception as exc:  # a broker away now: the next check looks again
+            logger.debug("Kafka log ends not checked: %r", exc)
 
     def _resume(self, tp: Any, offset: int) -> None:
         from confluent_kafka import TopicPartition
@@ -290,7 +405,7 @@ class DeliveryConsumer(threading.Thread):
 
     def _count_start(self, msg: Any) -> int:
         try:
-            starts = began(msg.topic(), msg.partition(), msg.offset())
+            starts = began(msg.topic(), msg.partition(), msg.offset(), timestamp(msg))
         except Exception as exc:
             self.failures += 1
             raise Retry(_backoff(self.failures), f"its start not counted ({exc!r})") from exc
@@ -415,6 +530,10 @@ class DeliveryConsumer(threading.Thread):
             kafka.publish_dead(msg.value(), headers, key=f"{msg.topic()}[{msg.partition()}]".encode())
         except Exception as exc:
             raise Retry(_backoff(self.failures + 1), f"not copied to the dead-letter topic ({exc!r})") from exc
+
+
+def _numbers(partitions: list[Any]) -> list[int]:
+    return sorted(tp.partition for tp in partitions)
 
 
 def start() -> list[DeliveryConsumer]:

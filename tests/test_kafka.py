@@ -93,6 +93,10 @@ class Read:
     _offset: int
     _value: bytes
     _headers: list[tuple[str, bytes]] | None = None
+    _timestamp: int | None = None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, -1) if self._timestamp is None else (1, self._timestamp)  # TIMESTAMP_CREATE_TIME
 
     def topic(self) -> str:
         return self._topic
@@ -219,7 +223,7 @@ def test_a_poison_notification_fails_at_the_delivery_limit_and_the_rest_of_its_b
     assert b"crashed its worker" in dict(dead.headers())["reason"]
     assert worker.output().count("exited with 'signal 9 (SIGKILL)'") == 1  # the pool lost one process
     assert "killed by signal 9 before reporting" in worker.output()  # the replays' crashes, in the sandbox
-    assert "Kafka consumer of" not in worker.output()  # and no consumer left its group for one
+    assert "stopped; starting again" not in worker.output()  # and no consumer left its group for one
 
 
 def test_an_undecodable_message_goes_to_the_dead_topic_and_the_next_one_is_delivered(on_kafka: dict[str, str]) -> None:
@@ -290,6 +294,60 @@ def test_a_single_split_from_a_replayed_batch_goes_on_counting_its_crashes(on_ka
     assert "crashed its worker 10 times" in failed.last_error
     [dead] = read_topic(on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_DEAD_TOPIC"], expect=1)
     assert [p["key"] for p in streams.decode(dead.value())] == [n.key]
+
+
+def test_a_message_at_the_offset_of_a_lost_log_counts_only_its_own_starts(on_kafka: dict[str, str]) -> None:
+    """Kafka fault run: a broker that lost its log numbers the new one from 0 again. The
+    start count of the poison message that had offset 5 before (past the delivery limit)
+    must not end the good notification that has offset 5 now failed as crashed_worker."""
+    from django.core import mail
+
+    n = notify(**notification_kwargs(user_id="one"))
+    [payload] = [m.payload for m in OutboxMessage.objects.claim_pending(10, "default")]
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    StreamDelivery.objects.create(topic=topic, partition=0, offset=5, attempts=11, message_timestamp=1_000)
+
+    streams.DeliveryConsumer(topic).handle(Read(topic, 0, 5, kafka.encode([payload]), None, 2_000))
+    assert Notification.objects.get(pk=n.pk).status == "sent"
+    assert [m.extra_headers["X-Notification-Key"] for m in mail.outbox] == [n.key]
+    row = StreamDelivery.objects.get(topic=topic, partition=0, offset=5)
+    assert (row.attempts, row.message_timestamp) == (1, 2_000)
+    # The same message started again is a replay after a crash: counted on.
+    assert streams.began(topic, 0, 5, 2_000) == 2
+
+
+def test_a_group_offset_past_the_end_of_the_log_is_read_from_the_start(on_kafka: dict[str, str]) -> None:
+    """Kafka fault run: after the broker lost its log, a member that had not yet noticed
+    committed an offset of the old log. The new log is shorter, and Tansu answers a fetch
+    past its end with no messages (Kafka answers OFFSET_OUT_OF_RANGE): the partition's
+    notifications waited unread, and recovery republished them behind the same offset."""
+    from confluent_kafka import Consumer, TopicPartition
+    from django.core import mail
+
+    topic = on_kafka["NOTIFICATIONS_KAFKA_TOPIC"]
+    bootstrap, group = on_kafka["KAFKA_BOOTSTRAP_SERVERS"], on_kafka["NOTIFICATIONS_KAFKA_GROUP"]
+    kafka.ensure_topics()
+    old = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        old.commit(offsets=[TopicPartition(topic, p, 50) for p in range(4)], asynchronous=False)
+    finally:
+        old.close()
+    made = [notify(**notification_kwargs(user_id=f"user-{i}")) for i in range(4)]
+    assert relay.drain() == 4
+    consumer = streams.DeliveryConsumer(topic)
+    consumer.start()
+    try:
+        wait_for(
+            lambda: Notification.objects.filter(pk__in=[n.pk for n in made], status="sent").count() == 4,
+            timeout=60,
+            what=lambda: list(Notification.objects.filter(pk__in=[n.pk for n in made]).values("key", "status")),
+        )
+    finally:
+        consumer.stopping.set()
+        consumer.join(15)
+    assert sorted(m.extra_headers["X-Notification-Key"] for m in mail.outbox) == sorted(n.key for n in made)
+    used = {kafka.partition_for(f"user-{i}", 4) for i in range(4)}
+    assert all(0 < offset < 50 for p, offset in committed(bootstrap, group, topic).items() if p in used)
 
 
 def test_a_consumer_stuck_in_a_message_gives_its_partitions_up_after_the_poll_bound(on_kafka: dict[str, str]) -> None:
