@@ -49,16 +49,14 @@ def _backoff(failures: int) -> float:
     return min(MAX_BACKOFF, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
 
 
-def consume_error(error: Any) -> bool:
+def consume_error(error: Any) -> None:
     """A consume error (``KafkaError``) the consumer polled: logged and passed over (the
-    client retries on its own: a broker away, a partition at its end), or raised when
-    fatal, so the consumer is made anew. True if it says the subscribed topic is gone."""
-    from confluent_kafka import KafkaError
-
+    client retries on its own: a broker away, a partition at its end; a topic gone is
+    mended at the join that follows, ``DeliveryConsumer._assigned``), or raised when
+    fatal, so the consumer is made anew."""
     if error.fatal():
         raise RuntimeError(f"fatal Kafka consumer error: {error}")
     logger.debug("Kafka consume error: %s", error)
-    return bool(error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
 def decode(value: bytes | None) -> list[dict[str, Any]]:
@@ -279,9 +277,7 @@ class DeliveryConsumer(threading.Thread):
             if any(tp.topic == msg.topic() and tp.partition == msg.partition() for tp in paused):
                 continue  # fetched before the pause: read again from its offset on resume
             if msg.error():
-                if consume_error(msg.error()) and not self.topic_lost:
-                    logger.warning("Kafka topic %s is gone (a broker that lost its log)", self.topic)
-                    self.topic_lost = True
+                consume_error(msg.error())
                 continue
             try:
                 self.handle(msg)
