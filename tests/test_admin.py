@@ -744,6 +744,29 @@ def test_admin_probe_reports_what_an_unchecked_action_changed(monkeypatch: pytes
     assert report["actions"]["delete_selected"]["changes"] == []
 
 
+@pytest.mark.django_db
+def test_admin_probe_never_selects_the_keys_it_is_told_to_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: the chaos run's probe selected a scheduled notification its calling service
+    cancelled meanwhile, and reported the caller's cancel as a view-only user's change.
+    Keys it is told to skip are never selected, so no action (even unchecked) touches them."""
+    from notifications.admin import NotificationAdmin
+    from notifications.chaos.admin_probe import probe
+    from notifications.chaos.caller import CANCELLED_PREFIX
+
+    monkeypatch.setattr(NotificationAdmin, "has_cancel_permission", lambda self, request: True)
+    service, rest = CANCELLED_PREFIX.split(":", 1)
+    theirs = scheduled(service=service, notification_id=f"{rest}7")
+    ours = scheduled()
+    report = probe(skip=(CANCELLED_PREFIX,))
+    assert theirs.key.startswith(CANCELLED_PREFIX)
+    assert report["selected"] == {"failed": 0, "ambiguous": 0, "scheduled": 1}
+    assert report["actions"]["cancel_selected"]["changes"] == [
+        f"{ours.key}: status scheduled, sent-email none, 1 outbox row(s) -> "
+        "status cancelled, sent-email cancelled, 0 outbox row(s)"
+    ]
+    assert state(theirs) == ("scheduled", None, 1)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_admin_probe_command_prints_json_for_the_database_it_is_pointed_at() -> None:
     """Finding: admin actions had no permission check. ``python -m

@@ -28,11 +28,13 @@ LIMIT = 20
 Snapshot = dict[str, tuple[str, str | None, int]]
 
 
-def probe(*, username: str = PROBE_USER, limit: int = LIMIT) -> dict[str, Any]:
+def probe(*, username: str = PROBE_USER, limit: int = LIMIT, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Create (or reset) ``username`` as a staff user holding only the view permission on
     Notification, log it in, and POST every Notification admin action (the site's
     ``delete_selected`` too) on up to ``limit`` failed, ``limit`` ambiguous and ``limit``
     scheduled notifications, once as the action menu sends it and once with a confirmation.
+    Keys starting with one of ``skip`` are never selected: a caller cancelling its own
+    notifications meanwhile makes the change the probe looks for, and no action made it.
 
     Returns a JSON-ready report: the actions the changelist offered the user, how many
     notifications were selected, and per action the changes seen in the selected rows
@@ -58,10 +60,10 @@ def probe(*, username: str = PROBE_USER, limit: int = LIMIT) -> dict[str, Any]:
             # again. (override_settings cannot: it reads the empty key back on exit.)
             settings.SECRET_KEY = secrets.token_urlsafe(50)
             stack.callback(setattr, settings, "SECRET_KEY", "")
-        return _probe(username, limit)
+        return _probe(username, limit, skip)
 
 
-def _probe(username: str, limit: int) -> dict[str, Any]:
+def _probe(username: str, limit: int, skip: tuple[str, ...]) -> dict[str, Any]:
     from django.contrib import admin
     from django.test import Client
     from django.urls import reverse
@@ -77,11 +79,13 @@ def _probe(username: str, limit: int) -> dict[str, Any]:
 
     page = client.get(changelist)
     offered = _offered(page)
-    failed = list(Notification.objects.using(db).filter(status=Status.FAILED).values_list("pk", flat=True)[:limit])
-    ambiguous = list(
-        Notification.objects.using(db).filter(status=Status.AMBIGUOUS).values_list("pk", flat=True)[:limit]
+    candidates = Notification.objects.using(db)
+    for prefix in skip:
+        candidates = candidates.exclude(key__startswith=prefix)
+    failed, ambiguous, later = (
+        list(candidates.filter(status=status).values_list("pk", flat=True)[:limit])
+        for status in (Status.FAILED, Status.AMBIGUOUS, Status.SCHEDULED)
     )
-    later = list(Notification.objects.using(db).filter(status=Status.SCHEDULED).values_list("pk", flat=True)[:limit])
     selected = failed + ambiguous + later
 
     model_admin = admin.site._registry[Notification]
@@ -179,12 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--username", default=PROBE_USER, help=f"The probe's user (default {PROBE_USER}).")
     parser.add_argument("--limit", type=int, default=LIMIT, help=f"Notifications of each status (default {LIMIT}).")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="Never select keys starting with PREFIX (ones their caller cancels itself); repeatable.",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
     import django
 
     django.setup()
-    report = probe(username=args.username, limit=args.limit)
+    report = probe(username=args.username, limit=args.limit, skip=tuple(args.skip))
     print(json.dumps(report, indent=2, sort_keys=True))
     return 1 if report["changed"] else 0
 

@@ -42,6 +42,9 @@ FIXED_SHARE = 0.12
 TEMPLATE = "chaos/notice"
 # Kinds whose call committed a notification the run must see settled.
 TRAFFIC_KINDS = ("scheduled", "expiring", "cancelled", "templated", "high", "burst")
+# The keys this caller cancels itself: what the admin probe must not select, or it would
+# see the caller's cancel as a change its actions made.
+CANCELLED_PREFIX = "chaos:cancelled-"
 
 
 def parse_mix(text: str) -> dict[str, float]:

@@ -326,10 +326,11 @@ def admin_probe(run: ChaosRun, rng: random.Random) -> str:
     import json
     import sys
 
+    from .caller import CANCELLED_PREFIX
     from .run import ROOT
 
     done = subprocess.run(
-        [sys.executable, "-m", "notifications.chaos.admin_probe"],
+        [sys.executable, "-m", "notifications.chaos.admin_probe", "--skip", CANCELLED_PREFIX],
         cwd=ROOT,
         env=run.env(),
         capture_output=True,
