@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
 .PHONY: run clean-dev test lint chaos chaos-short chaos-kafka-short bench bench-short bench-backlog bench-schedule bench-priority \
-	bench-retention bench-dashboard bench-ratelimit bench-mime
+	bench-retention bench-dashboard bench-ratelimit bench-mime bench-writes
 
 # BROKER=kafka: deliveries over Kafka (a local broker, data in .devstack/kafka, unless
 # KAFKA_BOOTSTRAP_SERVERS names one); Celery's own tasks stay on RabbitMQ.
@@ -85,6 +85,11 @@ bench-ratelimit: $(STAMP)
 # for ASCII, HTML and non-ASCII emails; no service needed.
 bench-mime: $(STAMP)
 	$(PYTHON) -m project.bench.mime $(BENCH_ARGS)
+
+# What the relay's and the worker's writes cost PostgreSQL per email (CPU, WAL, HOT updates),
+# with no broker or mail server; run it at two commits to compare a change of the write path.
+bench-writes: $(STAMP)
+	$(PYTHON) -m project.bench.writes $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check notifications project tests
