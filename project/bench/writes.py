@@ -9,7 +9,8 @@ alone:
 
 - the CPU of the PostgreSQL backend that ran them, per email (its ``/proc`` ticks);
 - the WAL written per email;
-- per table, the updates and how many of them were HOT (no index touched).
+- per table, the updates and how many of them were HOT (no index touched), and the size of
+  its indexes at the end.
 
 Each run starts from a table of N fresh notifications, vacuumed. Run it at two commits to
 compare a change of the write path; the machine's drift is far smaller here than in the
@@ -134,6 +135,8 @@ def one_run(n: int) -> dict[str, Any]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s), pg_stat_force_next_flush()", [wal_before])
         wal = int(cursor.fetchone()[0])
+        cursor.execute("SELECT relname, pg_indexes_size(oid) FROM pg_class WHERE relname = ANY(%s)", [list(TABLES)])
+        index_bytes = dict(cursor.fetchall())
     sent = SentEmail.objects.filter(state="sent").count()
     if sent != n:
         raise SystemExit(f"only {sent} of {n} claims ended sent")
@@ -155,6 +158,7 @@ def one_run(n: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "pg_cpu_us_per_email": round(ticks / hz / n * 1e6, 1),
         "wal_bytes_per_email": round(wal / n),
+        "index_bytes_per_email": {t.removeprefix("notifications_"): round(index_bytes[t] / n) for t in TABLES},
         "updates_per_email": {t.removeprefix("notifications_"): round(delta[t][0] / n, 2) for t in TABLES},
         "hot_share": {t.removeprefix("notifications_"): round(delta[t][1] / max(1, delta[t][0]), 3) for t in TABLES},
     }
