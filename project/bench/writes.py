@@ -13,8 +13,9 @@ alone:
   its indexes at the end.
 
 Each run starts from a table of N fresh notifications, vacuumed. Run it at two commits to
-compare a change of the write path; the machine's drift is far smaller here than in the
-end-to-end benchmark, because nothing else runs.
+compare a change of the write path, alternating: the WAL, the update counts and the index
+sizes are the same from run to run, but the CPU drifts with the machine (here by a third
+within ten minutes), so only CPU figures from runs side by side compare.
 
     python -m project.bench.writes --n 20000 --runs 3
 """
